@@ -1,0 +1,264 @@
+"""Benchmark arms (ways of answering a question) and their registry.
+
+An arm is a small class: :meth:`Arm.prepare` is called once per run with the task's chunk pool and
+the model (build an index, write a memory, ...), then :meth:`Arm.answer` once per item. The
+built-in arms differ only in which passages go into the shared prompt (:mod:`.prompts`):
+
+- ``none``: the question alone (closed book).
+- ``rag_bm25``: the top-``k`` pool chunks by BM25 (bm25s).
+- ``rag_dense``: the top-``k`` pool chunks by cosine similarity of all-MiniLM-L6-v2 embeddings.
+- ``long_context``: the item's whole source in document order (for SQuAD, all paragraphs of the
+  question's own article), only where it fits the model's window.
+
+A prompt that does not fit (prompt tokens + ``max_new_tokens`` > ``lm.max_context``) is never cut:
+:meth:`Arm.generate_answer` returns a skipped :class:`ArmOutput` with the reason instead.
+
+Adding an arm in another module::
+
+    @register_arm("my_arm")
+    class MyArm(Arm):
+        def prepare(self, pool, lm, *, items, task): ...
+        def answer(self, item): return self.generate_answer(item, passages=[...])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import ContextOverflowError
+from ..registry import Registry
+from .prompts import build_messages, postprocess_answer
+from .retrieval import BM25Retriever, DenseRetriever, Retriever
+from .tasks import Chunk, QAItem, Task
+
+__all__ = [
+    "ArmOutput",
+    "Arm",
+    "RetrievalArm",
+    "register_arm",
+    "get_arm",
+    "list_arms",
+    "SKIP_CONTEXT_OVERFLOW",
+]
+
+SKIP_CONTEXT_OVERFLOW = "context_overflow"
+"""Skip reason: the prompt plus ``max_new_tokens`` does not fit the model's window."""
+
+
+@dataclass(frozen=True)
+class ArmOutput:
+    """What an arm produced for one item.
+
+    Attributes:
+        text: Post-processed answer (what is scored).
+        raw_text: The model's raw generation.
+        ttft_s: Time to first token in seconds (None if skipped).
+        total_s: Generation time in seconds (None if skipped).
+        prompt_tokens: Tokens prefilled (also set for skipped items when known).
+        new_tokens: Tokens generated.
+        prefix_tokens: Tokens a memory supplied as a KV prefix (0 for the built-in arms).
+        retrieved: ``(chunk_id, score)`` pairs, best first (retrieval arms only).
+        skip_reason: Short reason key (e.g. ``"context_overflow"``) if the item was not answered.
+        skip_detail: Human-readable explanation of the skip.
+    """
+
+    text: str = ""
+    raw_text: str = ""
+    ttft_s: float | None = None
+    total_s: float | None = None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefix_tokens: int = 0
+    retrieved: tuple[tuple[str, float], ...] = ()
+    skip_reason: str | None = None
+    skip_detail: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the item was not answered."""
+        return self.skip_reason is not None
+
+
+class Arm:
+    """Base class of an arm.
+
+    Args:
+        k: Passages retrieved per question (retrieval arms).
+        max_new_tokens: Generation cap.
+        progress: Show progress bars while preparing.
+    """
+
+    name: ClassVar[str] = ""
+    uses_retrieval: ClassVar[bool] = False
+    """Whether the arm retrieves from the pool (then ``hit@k``/``ndcg@k`` are scored)."""
+
+    def __init__(self, *, k: int = 3, max_new_tokens: int = 32, progress: bool = False) -> None:
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+        self.lm: Any = None
+        self.task: Task | None = None
+
+    def prepare(self, pool: Sequence[Chunk], lm: Any, *, items: Sequence[QAItem], task: Task) -> None:
+        """Called once per run before any :meth:`answer`.
+
+        Args:
+            pool: The chunks this run's questions are asked against.
+            lm: The ``LanguageModel``.
+            items: The selected items (an arm must not peek at their answers).
+            task: The task (e.g. for :meth:`Task.source_of`).
+        """
+        self.lm = lm
+        self.task = task
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        """Answer one item (default: the question alone)."""
+        return self.generate_answer(item)
+
+    def bytes_stored(self) -> int:
+        """Bytes of whatever the arm stored for the run (index, memory); 0 if none."""
+        return 0
+
+    def generate_answer(
+        self,
+        item: QAItem,
+        passages: Sequence[str] = (),
+        retrieved: tuple[tuple[str, float], ...] = (),
+        **generate_kwargs: Any,
+    ) -> ArmOutput:
+        """Build the shared prompt, check that it fits, generate greedily and post-process.
+
+        Args:
+            item: The item.
+            passages: Context passages for the prompt.
+            retrieved: Retrieval results to record.
+            **generate_kwargs: Passed on to ``lm.generate`` (e.g. ``memory=`` for memory arms).
+
+        Returns:
+            The answer, or a skipped output when the prompt does not fit the window.
+        """
+        messages = build_messages(item.question, passages)
+        limit = int(self.lm.max_context)
+        try:
+            ids = self.lm.chat_ids(messages)
+        except ContextOverflowError as e:
+            return self._overflow(e.tokens, limit, retrieved)
+        n_prompt = int(ids.shape[-1])
+        if n_prompt + self.max_new_tokens > limit:
+            return self._overflow(n_prompt, limit, retrieved)
+        try:
+            gen = self.lm.generate(ids, max_new_tokens=self.max_new_tokens, **generate_kwargs)
+        except ContextOverflowError as e:
+            return self._overflow(e.tokens, limit, retrieved)
+        return ArmOutput(
+            text=postprocess_answer(gen.text),
+            raw_text=gen.text,
+            ttft_s=float(gen.ttft_s),
+            total_s=float(gen.total_s),
+            prompt_tokens=int(gen.prompt_tokens),
+            new_tokens=int(gen.new_tokens),
+            prefix_tokens=int(getattr(gen, "prefix_tokens", 0)),
+            retrieved=retrieved,
+        )
+
+    def _overflow(self, n_prompt: int, limit: int, retrieved: tuple[tuple[str, float], ...]) -> ArmOutput:
+        detail = f"{n_prompt} prompt tokens + {self.max_new_tokens} new tokens > window of {limit} tokens"
+        return ArmOutput(prompt_tokens=n_prompt, retrieved=retrieved, skip_reason=SKIP_CONTEXT_OVERFLOW,
+                         skip_detail=detail)
+
+
+class RetrievalArm(Arm):
+    """An arm that puts the top-``k`` retrieved pool chunks into the prompt."""
+
+    uses_retrieval = True
+
+    def make_retriever(self) -> Retriever:
+        """The retriever to index the pool with."""
+        raise NotImplementedError
+
+    def prepare(self, pool: Sequence[Chunk], lm: Any, *, items: Sequence[QAItem], task: Task) -> None:
+        """Index the pool."""
+        super().prepare(pool, lm, items=items, task=task)
+        self.chunks = {c.id: c for c in pool}
+        self.retriever = self.make_retriever()
+        self.retriever.index(pool, progress=self.progress)
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        """Retrieve ``k`` chunks for the question and answer from them."""
+        hits = tuple(self.retriever.search(item.question, self.k))
+        return self.generate_answer(item, [self.chunks[cid].text for cid, _ in hits], hits)
+
+    def bytes_stored(self) -> int:
+        """Size of the index."""
+        return self.retriever.nbytes
+
+
+_ARMS: Registry[type[Arm]] = Registry("arm")
+A = TypeVar("A", bound=type[Arm])
+
+
+def register_arm(name: str, *, replace: bool = False) -> Callable[[A], A]:
+    """Class decorator registering an :class:`Arm` subclass under ``name``.
+
+    Args:
+        name: Lower-case snake_case registry key.
+        replace: Allow replacing an arm registered under the same name.
+
+    Raises:
+        ValueError: If the name is taken by another class or is not lower-case snake_case.
+    """
+
+    def deco(cls: A) -> A:
+        _ARMS.register(name, cls, replace=replace)
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_arm(name: str) -> type[Arm]:
+    """The arm class registered as ``name``.
+
+    Raises:
+        UnknownNameError: If no arm has that name (the message suggests the closest).
+    """
+    return _ARMS.get(name)
+
+
+def list_arms() -> list[str]:
+    """Names of all registered arms, sorted."""
+    return _ARMS.names()
+
+
+@register_arm("none")
+class NoContextArm(Arm):
+    """Closed book: the question alone."""
+
+
+@register_arm("rag_bm25")
+class BM25Arm(RetrievalArm):
+    """Top-``k`` chunks by BM25."""
+
+    def make_retriever(self) -> Retriever:
+        """A bm25s retriever."""
+        return BM25Retriever()
+
+
+@register_arm("rag_dense")
+class DenseArm(RetrievalArm):
+    """Top-``k`` chunks by MiniLM cosine similarity (encoder on the model's device)."""
+
+    def make_retriever(self) -> Retriever:
+        """A MiniLM retriever."""
+        return DenseRetriever(device=str(getattr(self.lm, "device", "cpu")))
+
+
+@register_arm("long_context")
+class LongContextArm(Arm):
+    """The item's whole source in the prompt, in document order; skipped where it does not fit."""
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        """Answer from every chunk of the item's source."""
+        return self.generate_answer(item, [c.text for c in self.task.source_of(item)])

@@ -1,0 +1,86 @@
+"""The one prompt layout and answer post-processing shared by every benchmark arm.
+
+Every arm builds its chat messages with :func:`build_messages`, so arms differ only in *which*
+passages they put in the prompt (none, retrieved, or the whole source)::
+
+    system: SYSTEM_PROMPT
+    user:   Context:
+            [1] <passage 1>
+            [2] <passage 2>
+
+            Question: <question>
+
+With no passages the ``Context`` block is left out. The model's chat template is applied by
+``lm.chat_ids`` and decoding is greedy with a ``max_new_tokens`` cap.
+
+:func:`postprocess_answer` turns the raw generation into the short answer that is scored (first
+non-empty line, common "Answer:" style prefixes and wrapping quotes removed); the raw text is kept in
+``items.jsonl``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["SYSTEM_PROMPT", "build_messages", "format_passages", "postprocess_answer"]
+
+SYSTEM_PROMPT = (
+    "You answer questions. Reply with the answer only: a short phrase of a few words, "
+    "no full sentence and no explanation. Use the context passages if they are given."
+)
+
+_PREFIX = re.compile(
+    r"^\s*(?:final answer|short answer|the answer is|answer|a)\s*:\s*|^\s*the answer is\s+",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'`“”‘’*"
+
+
+def format_passages(passages: Sequence[str]) -> str:
+    """Number passages as ``[1] ...``, one per paragraph.
+
+    Args:
+        passages: Passage texts, in prompt order.
+
+    Returns:
+        The ``Context`` block body.
+    """
+    return "\n".join(f"[{i}] {' '.join(p.split())}" for i, p in enumerate(passages, start=1))
+
+
+def build_messages(question: str, passages: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Chat messages for one question.
+
+    Args:
+        question: The question.
+        passages: Context passages (empty for the closed-book prompt).
+
+    Returns:
+        ``[{"role": "system", ...}, {"role": "user", ...}]``.
+    """
+    body = f"Question: {question.strip()}"
+    if passages:
+        body = f"Context:\n{format_passages(passages)}\n\n{body}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": body}]
+
+
+def postprocess_answer(raw: str) -> str:
+    """Shorten a raw generation to the answer that is scored.
+
+    Keeps the first non-empty line, removes a leading "Answer:" (or similar) prefix, wrapping
+    quotes/asterisks and a trailing full stop.
+
+    Args:
+        raw: Decoded new tokens.
+
+    Returns:
+        The cleaned answer ("" if the generation was blank).
+    """
+    line = next((ln.strip() for ln in raw.splitlines() if ln.strip()), "")
+    previous = None
+    while previous != line:
+        previous = line
+        line = _PREFIX.sub("", line, count=1).strip()
+        line = line.strip(_QUOTES).strip()
+    return line[:-1].rstrip() if line.endswith(".") else line

@@ -1,0 +1,308 @@
+"""Run a task with several arms on one model and write ``results.json`` + ``items.jsonl``.
+
+:func:`run_benchmark` is the whole pipeline:
+
+1. look up the task and arms (unknown names raise :class:`~nativemem.errors.UnknownNameError`
+   suggesting the closest), load the data and select the first ``limit`` items in seeded order;
+2. build the chunk pool from the selected items;
+3. for each arm: ``prepare`` once, ``answer`` every item, score the post-processed answers (EM, F1,
+   contains; plus hit@k, nDCG@k and Recall@k for retrieval arms on items with a known gold chunk)
+   and measure cost;
+4. compare every pair of arms on every metric they share, over the items both scored;
+5. write both files to ``out`` and return the results mapping.
+
+Items whose prompt does not fit the model's window are skipped for that arm and counted; metrics
+are means over the scored items only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .arms import Arm, ArmOutput, get_arm
+from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
+from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
+from .stats import bootstrap_mean_ci, compare_paired
+from .tasks import QAItem, get_task
+
+__all__ = ["run_benchmark", "peak_rss_bytes"]
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process so far, in bytes (None if it cannot be measured)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+    except ImportError:  # Windows
+        try:
+            import psutil
+        except ImportError:
+            return None
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+
+
+def _library_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("nativemem")
+    except PackageNotFoundError:
+        return str(getattr(sys.modules.get("nativemem"), "__version__", "unknown"))
+
+
+def _model_info(lm: Any) -> dict[str, Any]:
+    fingerprint = getattr(lm, "fingerprint", None)
+    return fingerprint.to_dict() if fingerprint is not None else {"name": getattr(lm, "name", "unknown")}
+
+
+def _cuda_device(lm: Any):
+    import torch
+
+    device = getattr(lm, "device", None)
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.device(device)
+    return None
+
+
+def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: int) -> list[dict[str, float] | None]:
+    """Per-item metrics (None for skipped items)."""
+    scores: list[dict[str, float] | None] = []
+    qrels: dict[str, dict[str, int]] = {}
+    run: dict[str, dict[str, float]] = {}
+    for item, out in zip(items, outputs):
+        if out.skipped:
+            scores.append(None)
+            continue
+        s = answer_scores(out.text, item.answers)
+        if arm.uses_retrieval and item.gold_chunk_ids:
+            s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out.retrieved], item.gold_chunk_ids, k)
+            qrels[item.id] = dict.fromkeys(item.gold_chunk_ids, 1)
+            run[item.id] = {cid: score for cid, score in out.retrieved}
+        scores.append(s)
+    if qrels:
+        per_query = per_query_retrieval(qrels, run, k)
+        for item, s in zip(items, scores):
+            if s is not None and item.id in per_query:
+                s.update(per_query[item.id])
+    return scores
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(statistics.fmean(values)) if values else None
+
+
+def _summarise(
+    outputs: Sequence[ArmOutput], scores: Sequence[dict[str, float] | None], cost: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """The per-arm block of results.json."""
+    scored = [o for o in outputs if not o.skipped]
+    names: list[str] = list(ANSWER_METRICS)
+    for s in scores:
+        for name in s or ():
+            if name not in names:
+                names.append(name)
+    metrics, ci95 = {}, {}
+    for name in names:
+        values = [s[name] for s in scores if s is not None and name in s]
+        metrics[name] = _mean(values)
+        ci95[name] = list(bootstrap_mean_ci(values, seed=seed)) if values else None
+    cost.update(
+        ttft_median_s=_median([o.ttft_s for o in scored if o.ttft_s is not None]),
+        prompt_tokens_mean=_mean([o.prompt_tokens for o in scored]),
+        prompt_tokens_median=_median([o.prompt_tokens for o in scored]),
+        new_tokens_mean=_mean([o.new_tokens for o in scored]),
+        generate_s_total=float(sum(o.total_s or 0.0 for o in scored)),
+    )
+    reasons = Counter(o.skip_reason for o in outputs if o.skipped)
+    return {
+        "n": len(outputs),
+        "scored": len(scored),
+        "skipped": len(outputs) - len(scored),
+        "skipped_reasons": dict(sorted(reasons.items())),
+        "metrics": metrics,
+        "ci95": ci95,
+        "cost": dict(sorted(cost.items())),
+    }
+
+
+def _has(scores: Sequence[dict[str, float] | None], metric: str) -> bool:
+    return any(s is not None and metric in s for s in scores)
+
+
+def _compare(
+    arm_names: Sequence[str], scores: dict[str, list[dict[str, float] | None]], seed: int
+) -> list[dict[str, Any]]:
+    """Paired comparisons of every pair of arms on every metric both have."""
+    comparisons = []
+    for a, b in combinations(arm_names, 2):
+        metric_names = []
+        for name in (*ANSWER_METRICS, *sorted({m for s in scores[a] + scores[b] if s for m in s})):
+            if name not in metric_names:
+                metric_names.append(name)
+        for metric in metric_names:
+            pairs = [
+                (sa[metric], sb[metric])
+                for sa, sb in zip(scores[a], scores[b])
+                if sa is not None and sb is not None and metric in sa and metric in sb
+            ]
+            if metric not in ANSWER_METRICS and not (_has(scores[a], metric) and _has(scores[b], metric)):
+                continue  # the metric does not exist for one of the arms (e.g. hit@k for `none`)
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            comp = compare_paired(xs, ys, binary=is_binary_metric(metric), seed=seed)
+            comparisons.append({"a": a, "b": b, "metric": metric, **comp})
+    return comparisons
+
+
+def _resolve_arms(arms: Sequence[str]) -> list[tuple[str, type[Arm]]]:
+    if isinstance(arms, str):
+        arms = [arms]
+    if not arms:
+        raise InputError("at least one arm is needed")
+    names = list(dict.fromkeys(arms))  # de-duplicate, keep order
+    return [(name, get_arm(name)) for name in names]
+
+
+def run_benchmark(
+    task: str,
+    lm: Any,
+    *,
+    arms: Sequence[str],
+    limit: int | None,
+    out: str | Path,
+    seed: int = 0,
+    data: str | Path | None = None,
+    k: int = 3,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    **task_options: Any,
+) -> dict[str, Any]:
+    """Run ``task`` with every arm in ``arms`` on ``lm`` and write the results to ``out``.
+
+    Args:
+        task: Registered task name (see :func:`~nativemem.bench.list_tasks`).
+        lm: A ``nativemem`` ``LanguageModel``.
+        arms: Registered arm names (see :func:`~nativemem.bench.list_arms`), run in this order.
+        limit: Number of items (the first ``limit`` in seeded order), or None for all.
+        out: Output folder for ``results.json`` and ``items.jsonl`` (created if needed).
+        seed: Seed of the item order and of the bootstrap.
+        data: The user's own data file in the task's format; None for the task's default file.
+        k: Passages retrieved per question by retrieval arms (also the cut-off of hit/nDCG/Recall).
+        max_new_tokens: Generation cap per answer.
+        progress: Show progress bars.
+        **task_options: Task-specific options (e.g. ``evidence_dir`` for ``triviaqa``).
+
+    Returns:
+        The results mapping, as written to ``results.json``.
+
+    Raises:
+        UnknownNameError: For an unknown task or arm (the message suggests the closest name).
+        DataError: If the data file is missing or malformed.
+        InputError: For non-positive ``limit``, ``k`` or ``max_new_tokens``, or no arms.
+    """
+    from tqdm.auto import tqdm
+
+    task_cls = get_task(task)
+    arm_classes = _resolve_arms(arms)
+    for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("limit", limit)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    task_obj = task_cls(data=data, **task_options)
+    items = task_obj.select(limit, seed)
+    pool = task_obj.pool_for(items)
+    cuda = _cuda_device(lm)
+
+    records: list[dict[str, Any]] = []
+    arm_results: dict[str, Any] = {}
+    all_scores: dict[str, list[dict[str, float] | None]] = {}
+    for name, cls in arm_classes:
+        if cuda is not None:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(cuda)
+        arm = cls(k=k, max_new_tokens=max_new_tokens, progress=progress)
+        start = time.perf_counter()
+        arm.prepare(pool, lm, items=items, task=task_obj)
+        prepare_s = time.perf_counter() - start
+        outputs = [arm.answer(item) for item in tqdm(items, desc=f"{task}/{name}", disable=not progress)]
+        cost: dict[str, Any] = {
+            "prepare_s": prepare_s,
+            "wall_s": time.perf_counter() - start,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "bytes_stored": int(arm.bytes_stored()),
+        }
+        if cuda is not None:
+            cost["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(cuda))
+        scores = _score(arm, items, outputs, k)
+        all_scores[name] = scores
+        arm_results[name] = _summarise(outputs, scores, cost, seed)
+        for rank, (item, output, s) in enumerate(zip(items, outputs, scores)):
+            records.append({
+                "arm": name,
+                "rank": rank,
+                "item_id": item.id,
+                "question": item.question,
+                "answers": item.answers,
+                "gold_chunk_ids": item.gold_chunk_ids,
+                "output": output.text,
+                "raw_output": output.raw_text,
+                "skipped": output.skipped,
+                "skip_reason": output.skip_reason,
+                "skip_detail": output.skip_detail,
+                "metrics": s,
+                "ttft_s": output.ttft_s,
+                "total_s": output.total_s,
+                "prompt_tokens": output.prompt_tokens,
+                "new_tokens": output.new_tokens,
+                "prefix_tokens": output.prefix_tokens,
+                "retrieved": [cid for cid, _ in output.retrieved],
+                "retrieved_scores": [score for _, score in output.retrieved],
+                "meta": item.meta,
+            })
+
+    arm_names = [name for name, _ in arm_classes]
+    metric_names = sorted({m for block in arm_results.values() for m in block["metrics"]})
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "task": task,
+        "task_version": task_cls.version,
+        "model": _model_info(lm),
+        "model_name": str(getattr(lm, "name", "unknown")),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n": len(items),
+        "seed": seed,
+        "config": {
+            "arms": arm_names,
+            "limit": limit,
+            "k": k,
+            "max_new_tokens": max_new_tokens,
+            "data": str(task_obj.path.resolve()),
+            "task_options": task_obj.options(),
+            "pool_size": len(pool),
+            "max_context": int(getattr(lm, "max_context", 0)) or None,
+            "decoding": "greedy",
+            "version": _library_version(),
+        },
+        "higher_is_better": dict.fromkeys(metric_names, True),
+        "arms": arm_results,
+        "comparisons": _compare(arm_names, all_scores, seed),
+    }
+    results = to_jsonable(results)
+    write_results(out, results)
+    write_items(out, records)
+    return results

@@ -1,0 +1,247 @@
+"""Benchmark tasks: the item/chunk data model, the :class:`Task` base class and the task registry.
+
+A task turns a data file into
+
+- **items**: questions with every accepted answer, the ids of their gold chunks (when known) and
+  the ids of the chunks that make up their *source* (used by the ``long_context`` arm), and
+- a **pool** of chunks that every retrieval arm searches.
+
+:meth:`Task.select` applies ``limit`` the same way for every task: the items are shuffled with
+``random.Random(seed)`` and the first ``limit`` are kept, in that order. The pool is then built from
+the selected items only (:meth:`Task.pool_for`).
+
+Adding a task::
+
+    @register_task("mytask")
+    class MyTask(Task):
+        default_path = "mytask/file.json"
+        def load(self, path): ...
+
+Default data paths are relative to the data root: ``$NATIVEMEM_DATA`` when set, else
+``../shared/data`` relative to the working directory (or to the repository root).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from ...errors import DataError, InputError
+from ...registry import Registry
+
+__all__ = [
+    "Chunk",
+    "QAItem",
+    "TaskData",
+    "Task",
+    "register_task",
+    "get_task",
+    "list_tasks",
+    "data_root",
+    "DATA_ENV",
+]
+
+DATA_ENV = "NATIVEMEM_DATA"
+"""Environment variable that overrides the data root."""
+
+_REPO_ROOT = Path(__file__).resolve().parents[4]
+
+
+def data_root() -> Path:
+    """Folder that default data paths are relative to.
+
+    Returns:
+        ``$NATIVEMEM_DATA`` if set; else ``./../shared/data`` if it exists; else
+        ``<repo root>/../shared/data``.
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    cwd_root = Path.cwd() / ".." / "shared" / "data"
+    if cwd_root.is_dir():
+        return cwd_root
+    return _REPO_ROOT / ".." / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One retrievable passage of the pool.
+
+    Attributes:
+        id: Unique id within the pool (e.g. ``"3:12"`` for SQuAD article 3, paragraph 12).
+        text: Passage text, as shown in prompts.
+        title: Title of the document it comes from ("" if none).
+        doc_id: Id of the document it comes from.
+    """
+
+    id: str
+    text: str
+    title: str = ""
+    doc_id: str = ""
+
+    @property
+    def search_text(self) -> str:
+        """Text indexed by retrievers: the title (if any) and the passage."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question of a QA task.
+
+    Attributes:
+        id: Unique item id.
+        question: The question text.
+        answers: Every accepted answer (metrics take the max over them).
+        gold_chunk_ids: Pool chunks that contain the answer, if known (empty otherwise).
+        source_chunk_ids: Chunks forming the item's whole source, in document order.
+        meta: Extra task-specific fields (title, ...), written to ``items.jsonl``.
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_chunk_ids: tuple[str, ...] = ()
+    source_chunk_ids: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Everything a task read from its file.
+
+    Attributes:
+        items: All answerable items, in file order.
+        chunks: All chunks, keyed by id, in file order.
+        skipped: Number of file records that were not usable as items (e.g. unanswerable).
+    """
+
+    items: tuple[QAItem, ...]
+    chunks: dict[str, Chunk]
+    skipped: int = 0
+
+
+class Task(ABC):
+    """Base class of a benchmark task.
+
+    Subclasses set ``name`` (through :func:`register_task`), ``version`` and ``default_path`` and
+    implement :meth:`load`. The default :meth:`pool_for` returns every chunk of every selected
+    item's source, which is what SQuAD and TriviaQA need.
+
+    Args:
+        data: The user's own file in the task's format; None for the default file.
+        **options: Task-specific options; unknown ones raise ``TypeError`` in the subclass.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    default_path: ClassVar[str] = ""
+
+    def __init__(self, data: str | Path | None = None, **options: Any) -> None:
+        if options:
+            raise TypeError(f"task {self.name!r} got unknown options: {', '.join(sorted(options))}")
+        self.path = Path(data).expanduser() if data is not None else data_root() / self.default_path
+        self._data: TaskData | None = None
+
+    @abstractmethod
+    def load(self, path: Path) -> TaskData:
+        """Read and validate the task's file.
+
+        Args:
+            path: The data file.
+
+        Raises:
+            DataError: If the file is missing or malformed (message names the file and the problem).
+        """
+
+    @property
+    def data(self) -> TaskData:
+        """The loaded data (read on first access)."""
+        if self._data is None:
+            if not self.path.exists():
+                raise DataError(f"{self.path}: data file not found for task {self.name!r}")
+            self._data = self.load(self.path)
+            if not self._data.items:
+                raise DataError(f"{self.path}: no usable items for task {self.name!r}")
+        return self._data
+
+    def options(self) -> dict[str, Any]:
+        """Task options to record in ``results.json`` (none by default)."""
+        return {}
+
+    def select(self, limit: int | None, seed: int) -> list[QAItem]:
+        """The first ``limit`` items in the seeded order (all items, shuffled, if ``limit`` is None).
+
+        Args:
+            limit: Number of items to keep, or None for all.
+            seed: Seed of ``random.Random`` used for the shuffle.
+
+        Returns:
+            The selected items, in seeded order.
+        """
+        if limit is not None and limit < 1:
+            raise InputError(f"limit must be a positive number of items, got {limit}")
+        items = list(self.data.items)
+        random.Random(seed).shuffle(items)
+        return items if limit is None else items[:limit]
+
+    def pool_for(self, items: Sequence[QAItem]) -> list[Chunk]:
+        """The retrieval pool for the selected items: the chunks of all their sources.
+
+        Args:
+            items: Selected items.
+
+        Returns:
+            Unique chunks in file order.
+        """
+        wanted = {cid for item in items for cid in item.source_chunk_ids}
+        return [chunk for cid, chunk in self.data.chunks.items() if cid in wanted]
+
+    def source_of(self, item: QAItem) -> list[Chunk]:
+        """The chunks of an item's whole source, in document order."""
+        return [self.data.chunks[cid] for cid in item.source_chunk_ids]
+
+
+_TASKS: Registry[type[Task]] = Registry("task")
+T = TypeVar("T", bound=type[Task])
+
+
+def register_task(name: str, *, replace: bool = False) -> Callable[[T], T]:
+    """Class decorator registering a :class:`Task` subclass under ``name``.
+
+    Args:
+        name: Lower-case snake_case registry key.
+        replace: Allow replacing a task registered under the same name.
+
+    Raises:
+        ValueError: If the name is taken by another class or is not lower-case snake_case.
+    """
+
+    def deco(cls: T) -> T:
+        _TASKS.register(name, cls, replace=replace)
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_task(name: str) -> type[Task]:
+    """The task class registered as ``name``.
+
+    Raises:
+        UnknownNameError: If no task has that name (the message suggests the closest).
+    """
+    return _TASKS.get(name)
+
+
+def list_tasks() -> list[str]:
+    """Names of all registered tasks, sorted."""
+    return _TASKS.names()
+
+
+from . import squad, triviaqa  # noqa: E402,F401  (registers the built-in tasks)

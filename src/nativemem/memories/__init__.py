@@ -1,0 +1,16 @@
+"""Memory kinds. Each kind is a subpackage that ends with one ``register_memory`` call."""
+
+from .base import (
+    Hit,
+    Injection,
+    Memory,
+    MemoryConfig,
+    Receipt,
+    get_memory_class,
+    memory_kinds,
+    open_memory,
+    register_memory,
+)
+
+__all__ = ["Memory", "MemoryConfig", "Receipt", "Hit", "Injection", "register_memory", "memory_kinds",
+           "get_memory_class", "open_memory"]

@@ -1,0 +1,238 @@
+"""LanguageModel: a loaded causal LM, its tokenizer and fingerprint, and memory-aware generation.
+
+Generation is greedy by default and always runs inside the memory's ``active()`` scope when a memory
+is given, so hooks exist only for the duration of one call. A memory may also hand back an
+:class:`~nativemem.memories.base.Injection` (a KV prefix that stands for tokens placed before the
+prompt); ``generate`` then feeds only the prompt and lets the cache stand for the prefix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .errors import ContextOverflowError, InputError
+from .fingerprint import Fingerprint, config_hash, tokenizer_hash
+from .text import check_text
+
+__all__ = ["LanguageModel", "Generation"]
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
+
+
+@dataclass
+class Generation:
+    """One generated answer and what it cost."""
+
+    text: str
+    ttft_s: float  # time from the call to the first new token
+    total_s: float
+    prompt_tokens: int  # tokens prefilled in this call (a reused KV prefix is not counted)
+    new_tokens: int
+    prefix_tokens: int = 0  # tokens supplied by a memory's KV prefix
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+class _FirstTokenTimer(BaseStreamer):
+    """Records when generate() emits its first new token (the first put() carries the prompt)."""
+
+    def __init__(self, start: float, on_token=None):
+        self.start, self.first, self._seen_prompt, self.on_token = start, None, False, on_token
+
+    def put(self, value):
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        if self.first is None:
+            self.first = time.perf_counter()
+        if self.on_token is not None:
+            self.on_token(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+class LanguageModel:
+    """A causal LM with its tokenizer and fingerprint.
+
+    Args:
+        model: a transformers causal LM (eval mode is set here).
+        tokenizer: its tokenizer; a chat template is used when it has one.
+        fingerprint: computed from model and tokenizer when not given (in-process models).
+        name: model name for a computed fingerprint.
+    """
+
+    def __init__(self, model, tokenizer, *, fingerprint: Fingerprint | None = None, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if fingerprint is None:
+            fingerprint = Fingerprint(
+                name=name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+                revision="weights:" + _weights_digest(model), config_hash=config_hash(model.config),
+                tokenizer_hash=tokenizer_hash(tokenizer), dtype=str(model.dtype).removeprefix("torch."),
+                hidden_size=int(model.config.hidden_size), num_layers=int(model.config.num_hidden_layers))
+        self.fingerprint = fingerprint
+
+    # ---------------------------------------------------------------------------- properties
+    @property
+    def name(self) -> str:
+        return self.fingerprint.name
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def max_context(self) -> int:
+        """The model's context window in tokens."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---------------------------------------------------------------------------- tokens
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str) -> torch.LongTensor:
+        """Token ids of ``text`` without special tokens: (1, T)."""
+        return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
+
+    def chat_ids(self, messages: list[dict[str, str]] | str, *, system: str | None = None) -> torch.LongTensor:
+        """Chat-formatted prompt ids with the generation prompt added: (1, T)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        else:  # base models: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return torch.tensor([list(ids)], device=self.device)
+
+    # ---------------------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.LongTensor, *, memory=None, user_id: str | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of one forward pass, inside the memory's scope when given."""
+        if memory is None:
+            return self.model(input_ids=input_ids.to(self.device)).logits
+        with memory.active(lm=self, user_id=user_id) as inj:
+            return self.model(input_ids=input_ids.to(self.device), **inj.forward_kwargs(input_ids)).logits
+
+    @torch.inference_mode()
+    def nll(self, text: str, *, memory=None, user_id: str | None = None) -> torch.Tensor:
+        """Per-token negative log-likelihood of ``text`` (T-1,), float32; BOS prepended when the model has one."""
+        check_text(text)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        if len(ids) > self.max_context:
+            raise ContextOverflowError(len(ids), self.max_context, what="text")
+        x = torch.tensor([ids], device=self.device)
+        logits = self.logits(x, memory=memory, user_id=user_id).float()
+        return torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="none").cpu()
+
+    # ---------------------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.LongTensor, *, max_new_tokens: int = 64, memory=None,
+                 user_id: str | None = None, query: str | None = None, on_token=None) -> Generation:
+        """Greedy generation from prompt ids (1, T).
+
+        Args:
+            input_ids: the chat-formatted prompt, (1, T).
+            max_new_tokens: cap on new tokens.
+            memory: a Memory; its ``active()`` scope wraps the whole call.
+            user_id: whose memories may be used.
+            query: text the memory retrieves with (defaults to the decoded prompt).
+            on_token: called with each new token id list as it is produced (streaming).
+
+        Raises:
+            ContextOverflowError: prompt (plus any memory prefix) and max_new_tokens exceed the window.
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = input_ids.to(self.device)
+        start = time.perf_counter()
+        if memory is None:
+            return self._generate(input_ids, max_new_tokens, start, None, on_token)
+        if query is None:
+            query = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
+        with memory.active(lm=self, user_id=user_id, query=query) as inj:
+            return self._generate(input_ids, max_new_tokens, start, inj, on_token)
+
+    def _generate(self, input_ids, max_new_tokens, start, inj, on_token) -> Generation:
+        prefix_len = 0 if inj is None else inj.prefix_length
+        total = prefix_len + input_ids.shape[1] + max_new_tokens
+        if total > self.max_context:
+            raise ContextOverflowError(total, self.max_context, what="prompt plus max_new_tokens")
+        timer = _FirstTokenTimer(start, on_token)
+        kwargs = {} if inj is None else inj.generate_kwargs(input_ids)
+        full_ids = kwargs.pop("input_ids", input_ids)
+        out = self.model.generate(
+            input_ids=full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, temperature=None, top_p=None, top_k=None, streamer=timer,
+            eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
+            **kwargs)
+        end = time.perf_counter()
+        new = out[0, full_ids.shape[1]:].tolist()
+        while new and new[-1] in self.eos_token_ids:
+            new.pop()
+        return Generation(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            ttft_s=(timer.first or end) - start, total_s=end - start, prompt_tokens=int(input_ids.shape[1]),
+            new_tokens=len(new), prefix_tokens=prefix_len, token_ids=new)
+
+    def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,
+             system: str | None = DEFAULT_SYSTEM, max_new_tokens: int = 64) -> str:
+        """Answer one question (optionally with context passages pasted in, or with a memory)."""
+        check_text(question, what="question")
+        content = question
+        if context:
+            passages = "\n\n".join(check_text(c, what="context passage") for c in context)
+            content = f"Context:\n{passages}\n\nQuestion: {question}"
+        ids = self.chat_ids(content, system=system)
+        return self.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id,
+                             query=question).text
+
+    # ---------------------------------------------------------------------------- misc
+    def find_modules(self, pattern: str) -> list[str]:
+        """Names of modules matching a glob pattern (debugging aid)."""
+        return [n for n, _ in self.model.named_modules() if fnmatch.fnmatch(n, pattern)]
+
+    def __repr__(self) -> str:
+        fp = self.fingerprint
+        return f"LanguageModel({fp.name!r}, layers={fp.num_layers}, hidden={fp.hidden_size}, dtype={fp.dtype})"
+
+
+def _weights_digest(model) -> str:
+    """Digest of the weights of an in-process model (sampled for large models)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().reshape(-1)
+        if t.numel() > 4096:
+            t = t[:: max(1, t.numel() // 4096)]
+        h.update(name.encode())
+        h.update(t.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

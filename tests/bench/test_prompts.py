@@ -1,0 +1,25 @@
+"""Shared prompt layout and answer post-processing."""
+
+from __future__ import annotations
+
+from nativemem.bench.prompts import SYSTEM_PROMPT, build_messages, postprocess_answer
+
+
+def test_messages_without_context():
+    msgs = build_messages("Who?")
+    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert msgs[1]["content"] == "Question: Who?"
+
+
+def test_messages_number_passages_before_question():
+    body = build_messages("Who?", ["first  passage\ntext", "second"])[1]["content"]
+    assert body.index("[1] first passage text") < body.index("[2] second") < body.index("Question: Who?")
+
+
+def test_postprocess_answer():
+    assert postprocess_answer("Answer: Paris.\nBecause it is the capital.") == "Paris"
+    assert postprocess_answer('\n\n  "Jane Doe"  ') == "Jane Doe"
+    assert postprocess_answer("The answer is 42") == "42"
+    assert postprocess_answer("A-10 Warthog") == "A-10 Warthog"
+    assert postprocess_answer("**Paris.**") == "Paris"
+    assert postprocess_answer("   ") == ""

@@ -1,0 +1,159 @@
+"""End-to-end runs with the tiny random model: files, schema, skips, comparisons, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nativemem.bench import ArmOutput, report, run_benchmark
+from nativemem.bench.results import ITEMS_NAME, RESULTS_NAME, load_results, read_items
+from nativemem.errors import DataError, InputError, UnknownNameError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model):
+    """One run shared by the schema tests: 4 items, three arms."""
+    from conftest import SQUAD
+
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "squad.json"
+    data.write_text(json.dumps(SQUAD))
+    out = root / "run"
+    run_benchmark("squad", tiny_model, arms=["none", "rag_bm25", "long_context"], limit=4, out=out, data=data,
+                  max_new_tokens=4, progress=False)
+    return out
+
+
+def test_results_schema(run_dir, tiny_model):
+    res = json.loads((run_dir / RESULTS_NAME).read_text())
+    for key in ("task", "model", "created", "n", "seed", "arms", "comparisons", "config"):
+        assert key in res
+    assert res["task"] == "squad" and res["n"] == 4 and res["seed"] == 0
+    assert res["model"] == json.loads(json.dumps(tiny_model.fingerprint.to_dict()))
+    cfg = res["config"]
+    assert cfg["limit"] == 4 and cfg["k"] == 3 and cfg["max_new_tokens"] == 4
+    assert cfg["arms"] == ["none", "rag_bm25", "long_context"] and cfg["data"].endswith("squad.json")
+    assert cfg["version"]
+    for arm in cfg["arms"]:
+        block = res["arms"][arm]
+        assert block["n"] == 4 and block["skipped"] == 0 and block["skipped_reasons"] == {}
+        for metric in ("em", "f1", "contains"):
+            assert 0.0 <= block["metrics"][metric] <= 1.0
+            low, high = block["ci95"][metric]
+            assert low <= block["metrics"][metric] <= high
+        for key in ("ttft_median_s", "prompt_tokens_mean", "prompt_tokens_median", "peak_rss_bytes", "wall_s",
+                    "bytes_stored"):
+            assert block["cost"][key] is not None
+    assert res["arms"]["none"]["cost"]["bytes_stored"] == 0
+    assert res["arms"]["rag_bm25"]["cost"]["bytes_stored"] > 0
+    # retrieval metrics only for the retrieval arm; the tiny pool is retrieved from perfectly
+    assert "hit@3" in res["arms"]["rag_bm25"]["metrics"] and "hit@3" not in res["arms"]["none"]["metrics"]
+    assert "ndcg@3" in res["arms"]["rag_bm25"]["metrics"]
+    # prompts with context are longer than the question alone
+    cost = {a: res["arms"][a]["cost"]["prompt_tokens_mean"] for a in cfg["arms"]}
+    assert cost["none"] < cost["rag_bm25"] and cost["none"] < cost["long_context"]
+
+
+def test_comparisons_cover_every_pair_and_metric(run_dir):
+    res = load_results(run_dir)
+    pairs = {(c["a"], c["b"], c["metric"]) for c in res["comparisons"]}
+    for a, b in (("none", "rag_bm25"), ("none", "long_context"), ("rag_bm25", "long_context")):
+        for metric in ("em", "f1", "contains"):
+            assert (a, b, metric) in pairs
+    assert not any(c["metric"].startswith("hit@") for c in res["comparisons"])  # only one arm has it
+    for c in res["comparisons"]:
+        assert c["n"] == 4 and 0.0 <= c["p_value"] <= 1.0 and len(c["ci95"]) == 2
+
+
+def test_items_jsonl(run_dir):
+    records = read_items(run_dir)
+    assert len(records) == 12
+    first = records[0]
+    for key in ("arm", "item_id", "question", "answers", "output", "raw_output", "metrics", "ttft_s",
+                "prompt_tokens", "skipped", "retrieved"):
+        assert key in first
+    bm25 = [r for r in records if r["arm"] == "rag_bm25"]
+    assert all(len(r["retrieved"]) == 3 for r in bm25)
+    # items appear in the seeded order, the same for each arm
+    order = [r["item_id"] for r in records if r["arm"] == "none"]
+    assert order == [r["item_id"] for r in bm25]
+
+
+def test_report_writes_markdown_and_png(run_dir, tmp_path):
+    text = report([run_dir], out=tmp_path)
+    assert (tmp_path / "report.md").read_text() == text
+    assert "| squad | tiny-llama | rag_bm25 | 4 |" in text
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert all(f"]({p.name})" in text for p in pngs)
+
+
+def test_report_rejects_folder_without_results(tmp_path):
+    with pytest.raises(DataError, match="no results file"):
+        report([tmp_path])
+
+
+def test_prompts_that_do_not_fit_are_skipped_and_counted(squad_file, tmp_path):
+    from testing import tiny_lm
+
+    lm = tiny_lm(max_context=70)  # fits the question alone, not the whole article
+    res = run_benchmark("squad", lm, arms=["none", "long_context"], limit=3, out=tmp_path, data=squad_file,
+                        max_new_tokens=4, progress=False)
+    long_ctx = res["arms"]["long_context"]
+    assert long_ctx["skipped"] == 3 and long_ctx["skipped_reasons"] == {"context_overflow": 3}
+    assert long_ctx["scored"] == 0 and long_ctx["metrics"]["em"] is None
+    assert res["arms"]["none"]["skipped"] == 0
+    skipped = [r for r in read_items(tmp_path) if r["arm"] == "long_context"]
+    assert all(r["skipped"] and "window of 70 tokens" in r["skip_detail"] for r in skipped)
+    assert all(r["prompt_tokens"] + 4 > 70 for r in skipped)
+    em = next(c for c in res["comparisons"] if c["metric"] == "em")
+    assert em["n"] == 0 and em["p_value"] is None  # paired only over items both arms scored
+
+
+def test_paired_n_counts_items_scored_by_both(squad_file, tmp_path, monkeypatch):
+    from nativemem.bench.arms import NoContextArm
+
+    def flaky(self, item):  # skip one chosen item
+        if item.id == "b1":
+            return ArmOutput(skip_reason="test_reason", skip_detail="skipped on purpose")
+        return NoContextArm.answer(self, item)
+
+    from nativemem.bench import register_arm
+
+    register_arm("flaky_test", replace=True)(type("FlakyArm", (NoContextArm,), {"answer": flaky}))
+    from testing import tiny_lm
+
+    res = run_benchmark("squad", tiny_lm(), arms=["none", "flaky_test"], limit=None, out=tmp_path,
+                        data=squad_file, max_new_tokens=2, progress=False)
+    assert res["arms"]["flaky_test"]["skipped_reasons"] == {"test_reason": 1}
+    assert all(c["n"] == 5 for c in res["comparisons"])  # 6 items, one skipped by flaky_test
+
+
+def test_unknown_arm_and_bad_arguments(squad_file, tmp_path, tiny_model):
+    with pytest.raises(UnknownNameError, match="Did you mean 'long_context'"):
+        run_benchmark("squad", tiny_model, arms=["none", "long_contxt"], limit=1, out=tmp_path, data=squad_file)
+    with pytest.raises(UnknownNameError, match="squad"):
+        run_benchmark("squat", tiny_model, arms=["none"], limit=1, out=tmp_path, data=squad_file)
+    with pytest.raises(InputError):
+        run_benchmark("squad", tiny_model, arms=["none"], limit=1, out=tmp_path, data=squad_file, k=0)
+    with pytest.raises(DataError):
+        run_benchmark("squad", tiny_model, arms=["none"], limit=1, out=tmp_path, data=tmp_path / "missing.json")
+    assert not (tmp_path / RESULTS_NAME).exists() and not (tmp_path / ITEMS_NAME).exists()
+
+
+def test_triviaqa_end_to_end(tmp_path, tiny_model):
+    from test_tasks import TRIVIAQA_FILE
+
+    res = run_benchmark("triviaqa", tiny_model, arms=["none", "rag_bm25"], limit=None, out=tmp_path,
+                        data=TRIVIAQA_FILE, max_new_tokens=2, progress=False, max_chunk_words=40)
+    assert res["n"] == 2 and res["config"]["task_options"]["max_chunk_words"] == 40
+    assert "hit@3" not in res["arms"]["rag_bm25"]["metrics"]  # no gold paragraphs in TriviaQA
+
+
+def test_dense_arm_with_real_minilm(squad_file, tmp_path, tiny_model):
+    res = run_benchmark("squad", tiny_model, arms=["rag_dense"], limit=3, out=tmp_path, data=squad_file, k=1,
+                        max_new_tokens=2, progress=False)
+    block = res["arms"]["rag_dense"]
+    assert block["cost"]["bytes_stored"] == 6 * 384 * 4  # 6 paragraphs x 384-d float32... of the pool
+    assert 0.0 <= block["metrics"]["hit@1"] <= 1.0

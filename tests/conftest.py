@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests import helpers from tests/testing.py (tiny models built in-process)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import testing`
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("NATIVEMEM_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"evaluation data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    """The real default model (SmolLM2-135M-Instruct), loaded once per session."""
+    import nativemem as nm
+
+    return nm.load_model()
+
+
+@pytest.fixture
+def tiny():
+    from testing import tiny_lm
+
+    return tiny_lm()

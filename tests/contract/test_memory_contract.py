@@ -1,0 +1,129 @@
+"""The memory contract, run against every registered memory kind.
+
+A new kind only has to register itself (and, if its defaults do not suit a 2-layer model, add an entry
+to CONFIGS). Each test can fail for a real defect: a hook left behind, a memory that leaks into the
+disabled model, a save that loses state, a memory that opens on the wrong model.
+"""
+
+import json
+
+import pytest
+import torch
+from testing import tiny_lm
+
+import nativemem as nm
+from nativemem.errors import FingerprintMismatchError, InputError, MemoryFormatError
+from nativemem.hooks import count_hooks
+from nativemem.memories.base import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME
+
+# kind -> config overrides for tiny models
+CONFIGS: dict[str, dict] = {"steer_test": {"layer": 1}}
+TEXTS = ["Marie Curie was born in Warsaw in 1867.", "Paris is the capital of France."]
+PROMPT = "Where was Marie Curie born?"
+
+
+def kinds():
+    return nm.memory_kinds()
+
+
+def make(kind, lm, path):
+    mem = nm.open_memory(path, lm, kind=kind, **CONFIGS.get(kind, {}))
+    receipt = mem.add(TEXTS, user_id="alice")
+    assert not receipt.did_nothing and receipt.kind == kind
+    return mem
+
+
+@pytest.fixture
+def lm():
+    return tiny_lm()
+
+
+def ids(lm):
+    return lm.chat_ids(PROMPT)
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_disabled_or_outside_scope_is_bit_identical(kind, lm, tmp_path):
+    bare = lm.logits(ids(lm))
+    mem = make(kind, lm, tmp_path / "m")
+    assert torch.equal(lm.logits(ids(lm)), bare), "memory leaked outside active()"
+    with mem.disabled():
+        assert torch.equal(lm.logits(ids(lm), memory=mem, user_id="alice"), bare)
+        g = lm.generate(ids(lm), max_new_tokens=5, memory=mem, user_id="alice")
+    assert g.token_ids == lm.generate(ids(lm), max_new_tokens=5).token_ids
+    assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_enabled_memory_changes_the_model(kind, lm, tmp_path):
+    bare = lm.logits(ids(lm))
+    mem = make(kind, lm, tmp_path / "m")
+    assert not torch.equal(lm.logits(ids(lm), memory=mem, user_id="alice")[0, -1], bare[0, -1])
+    assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_exception_inside_active_leaves_no_hook(kind, lm, tmp_path):
+    bare = lm.logits(ids(lm))
+    mem = make(kind, lm, tmp_path / "m")
+    with pytest.raises(RuntimeError, match="inside"):
+        with mem.active(lm=lm, user_id="alice", query=PROMPT):
+            raise RuntimeError("inside")
+    assert count_hooks(lm.model) == 0
+    assert torch.equal(lm.logits(ids(lm)), bare)
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_save_open_round_trip_gives_same_outputs(kind, lm, tmp_path):
+    mem = make(kind, lm, tmp_path / "m")
+    before = lm.logits(ids(lm), memory=mem, user_id="alice")
+    gen = lm.generate(ids(lm), max_new_tokens=6, memory=mem, user_id="alice")
+    mem.save()
+    again = nm.open_memory(tmp_path / "m", lm)
+    assert type(again) is type(mem)
+    assert torch.equal(lm.logits(ids(lm), memory=again, user_id="alice"), before)
+    assert lm.generate(ids(lm), max_new_tokens=6, memory=again, user_id="alice").token_ids == gen.token_ids
+    assert again.stats() == mem.stats()
+    meta = json.loads((tmp_path / "m" / MEMORY_CONFIG_NAME).read_text())
+    assert meta["kind"] == kind and meta["fingerprint"]["name"] == lm.name
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_open_with_another_model_names_the_field(kind, lm, tmp_path):
+    make(kind, lm, tmp_path / "m").save()
+    with pytest.raises(FingerprintMismatchError, match="'num_layers'"):
+        nm.open_memory(tmp_path / "m", tiny_lm(num_hidden_layers=3))
+    with pytest.raises(FingerprintMismatchError, match="'revision'"):
+        nm.open_memory(tmp_path / "m", tiny_lm(seed=7))
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_corrupted_folder_is_a_clear_error(kind, lm, tmp_path):
+    make(kind, lm, tmp_path / "m").save()
+    weights = tmp_path / "m" / MEMORY_WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(MemoryFormatError, match="corrupted"):
+        nm.open_memory(tmp_path / "m", lm)
+    (tmp_path / "m" / MEMORY_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(MemoryFormatError, match="corrupted"):
+        nm.open_memory(tmp_path / "m", lm)
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_bad_input_and_noop_operations(kind, lm, tmp_path):
+    mem = make(kind, lm, tmp_path / "m")
+    for bad in ("", "   ", b"\xff\xfe", []):
+        with pytest.raises(InputError):
+            mem.add(bad)
+    assert mem.delete("no-such-id").did_nothing
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_bf16_model_keeps_its_dtype(kind, tmp_path):
+    lm16 = tiny_lm()
+    lm16.model.to(torch.bfloat16)
+    lm16 = nm.LanguageModel(lm16.model, lm16.tokenizer, name="tiny-bf16")
+    mem = make(kind, lm16, tmp_path / "m")
+    out = lm16.logits(ids(lm16), memory=mem, user_id="alice")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert next(lm16.model.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,42 @@
+"""Text checks reject unusable input with specific messages; chunking respects the budget."""
+
+import pytest
+
+from nativemem.errors import InputError
+from nativemem.text import check_text, chunk_text, split_sentences
+
+
+def words(s):
+    return len(s.split())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [("", "is empty"), ("  \n\t", "only whitespace"), (b"\xff\xfeabc", "not valid UTF-8"),
+     ("abc\x00def", "binary"), (123, "must be a string")],
+)
+def test_check_text_rejects(bad, message):
+    with pytest.raises(InputError, match=message):
+        check_text(bad)
+
+
+def test_check_text_size_limit_and_bytes():
+    assert check_text("héllo".encode()) == "héllo"
+    with pytest.raises(InputError, match="too large"):
+        check_text("x" * 11, max_chars=10)
+
+
+def test_sentences_and_chunks_keep_all_words_within_budget():
+    text = ("Marie Curie was born in Warsaw. She moved to Paris! Did she win prizes? Yes, two of them.\n\n"
+            "A new paragraph starts here. " + "word " * 30)
+    sents = split_sentences(text)
+    assert sents[0] == "Marie Curie was born in Warsaw." and sents[2] == "Did she win prizes?"
+    chunks = chunk_text(text, 8, words)
+    assert all(words(c) <= 8 for c in chunks)
+    assert " ".join(chunks).split() == text.split()
+    assert chunks[0] == "Marie Curie was born in Warsaw."
+
+
+def test_chunk_cuts_overlong_word():
+    chunks = chunk_text("a" * 50, 3, lambda s: (len(s) + 9) // 10)
+    assert "".join(chunks) == "a" * 50 and all(len(c) <= 30 for c in chunks)
