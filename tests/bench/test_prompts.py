@@ -23,3 +23,8 @@ def test_postprocess_answer():
     assert postprocess_answer("A-10 Warthog") == "A-10 Warthog"
     assert postprocess_answer("**Paris.**") == "Paris"
     assert postprocess_answer("   ") == ""
+    assert postprocess_answer("The answer to this question is: colonial rule.") == "colonial rule"
+    assert postprocess_answer("The answer to this question is:\n\nAnswer: Times Square\nmore") == "Times Square"
+    assert postprocess_answer("Answer is 42") == "42"
+    assert postprocess_answer("Answering machines") == "Answering machines"
+    assert postprocess_answer("A: B") == "B"

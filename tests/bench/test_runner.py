@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bench_fixtures import SQUAD, TRIVIAQA_FILE
 
 from nativemem.bench import ArmOutput, report, run_benchmark
 from nativemem.bench.results import ITEMS_NAME, RESULTS_NAME, load_results, read_items
@@ -14,8 +15,6 @@ from nativemem.errors import DataError, InputError, UnknownNameError
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model):
     """One run shared by the schema tests: 4 items, three arms."""
-    from conftest import SQUAD
-
     root = tmp_path_factory.mktemp("bench")
     data = root / "squad.json"
     data.write_text(json.dumps(SQUAD))
@@ -94,24 +93,35 @@ def test_report_rejects_folder_without_results(tmp_path):
         report([tmp_path])
 
 
-def test_prompts_that_do_not_fit_are_skipped_and_counted(squad_file, tmp_path):
+def test_prompts_that_do_not_fit_are_skipped_and_counted(squad_file, tmp_path, tiny_model):
     from testing import tiny_lm
 
-    lm = tiny_lm(max_context=70)  # fits the question alone, not the whole article
+    from nativemem.bench.prompts import build_messages
+    from nativemem.bench.tasks.squad import SquadTask
+
+    # a window that fits every question alone but no whole article (measured with the same tokenizer)
+    task = SquadTask(squad_file)
+    items = task.select(3, seed=0)
+    closed = max(tiny_model.chat_ids(build_messages(i.question)).shape[1] for i in items)
+    full = min(tiny_model.chat_ids(build_messages(i.question, [c.text for c in task.source_of(i)])).shape[1]
+               for i in items)
+    assert closed < full
+    window = closed + 4
+    lm = tiny_lm(max_context=window)
     res = run_benchmark("squad", lm, arms=["none", "long_context"], limit=3, out=tmp_path, data=squad_file,
                         max_new_tokens=4, progress=False)
     long_ctx = res["arms"]["long_context"]
     assert long_ctx["skipped"] == 3 and long_ctx["skipped_reasons"] == {"context_overflow": 3}
     assert long_ctx["scored"] == 0 and long_ctx["metrics"]["em"] is None
-    assert res["arms"]["none"]["skipped"] == 0
+    assert res["arms"]["none"]["skipped"] == 0 and res["arms"]["none"]["scored"] == 3
     skipped = [r for r in read_items(tmp_path) if r["arm"] == "long_context"]
-    assert all(r["skipped"] and "window of 70 tokens" in r["skip_detail"] for r in skipped)
-    assert all(r["prompt_tokens"] + 4 > 70 for r in skipped)
+    assert all(r["skipped"] and f"window of {window} tokens" in r["skip_detail"] for r in skipped)
+    assert all(r["prompt_tokens"] + 4 > window for r in skipped)
     em = next(c for c in res["comparisons"] if c["metric"] == "em")
     assert em["n"] == 0 and em["p_value"] is None  # paired only over items both arms scored
 
 
-def test_paired_n_counts_items_scored_by_both(squad_file, tmp_path, monkeypatch):
+def test_paired_n_counts_items_scored_by_both(squad_file, tmp_path, tiny_model):
     from nativemem.bench.arms import NoContextArm
 
     def flaky(self, item):  # skip one chosen item
@@ -120,12 +130,14 @@ def test_paired_n_counts_items_scored_by_both(squad_file, tmp_path, monkeypatch)
         return NoContextArm.answer(self, item)
 
     from nativemem.bench import register_arm
+    from nativemem.bench.arms import _ARMS
 
     register_arm("flaky_test", replace=True)(type("FlakyArm", (NoContextArm,), {"answer": flaky}))
-    from testing import tiny_lm
-
-    res = run_benchmark("squad", tiny_lm(), arms=["none", "flaky_test"], limit=None, out=tmp_path,
-                        data=squad_file, max_new_tokens=2, progress=False)
+    try:
+        res = run_benchmark("squad", tiny_model, arms=["none", "flaky_test"], limit=None, out=tmp_path,
+                            data=squad_file, max_new_tokens=2, progress=False)
+    finally:
+        _ARMS.unregister("flaky_test")
     assert res["arms"]["flaky_test"]["skipped_reasons"] == {"test_reason": 1}
     assert all(c["n"] == 5 for c in res["comparisons"])  # 6 items, one skipped by flaky_test
 
@@ -137,14 +149,14 @@ def test_unknown_arm_and_bad_arguments(squad_file, tmp_path, tiny_model):
         run_benchmark("squat", tiny_model, arms=["none"], limit=1, out=tmp_path, data=squad_file)
     with pytest.raises(InputError):
         run_benchmark("squad", tiny_model, arms=["none"], limit=1, out=tmp_path, data=squad_file, k=0)
+    with pytest.raises(InputError, match="evidence_dir"):
+        run_benchmark("triviaqa", tiny_model, arms=["none"], limit=1, out=tmp_path, data=TRIVIAQA_FILE, evidnce=1)
     with pytest.raises(DataError):
         run_benchmark("squad", tiny_model, arms=["none"], limit=1, out=tmp_path, data=tmp_path / "missing.json")
     assert not (tmp_path / RESULTS_NAME).exists() and not (tmp_path / ITEMS_NAME).exists()
 
 
 def test_triviaqa_end_to_end(tmp_path, tiny_model):
-    from test_tasks import TRIVIAQA_FILE
-
     res = run_benchmark("triviaqa", tiny_model, arms=["none", "rag_bm25"], limit=None, out=tmp_path,
                         data=TRIVIAQA_FILE, max_new_tokens=2, progress=False, max_chunk_words=40)
     assert res["n"] == 2 and res["config"]["task_options"]["max_chunk_words"] == 40
@@ -155,5 +167,5 @@ def test_dense_arm_with_real_minilm(squad_file, tmp_path, tiny_model):
     res = run_benchmark("squad", tiny_model, arms=["rag_dense"], limit=3, out=tmp_path, data=squad_file, k=1,
                         max_new_tokens=2, progress=False)
     block = res["arms"]["rag_dense"]
-    assert block["cost"]["bytes_stored"] == 6 * 384 * 4  # 6 paragraphs x 384-d float32... of the pool
+    assert block["cost"]["bytes_stored"] == res["config"]["pool_size"] * 384 * 4  # float32 MiniLM embeddings
     assert 0.0 <= block["metrics"]["hit@1"] <= 1.0

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from bench_fixtures import TRIVIAQA_FILE
 
 from nativemem.bench import get_arm, get_task, list_arms, list_tasks
 from nativemem.bench.tasks import DATA_ENV, data_root
 from nativemem.bench.tasks.squad import SquadTask
 from nativemem.bench.tasks.triviaqa import TriviaQATask, split_paragraphs
 from nativemem.errors import DataError, InputError, UnknownNameError
-
-TRIVIAQA_FILE = Path(__file__).parent / "data" / "triviaqa" / "qa" / "tiny-dev.json"
 
 
 def test_registries_list_builtins():
@@ -101,7 +100,7 @@ def test_data_root_env_override(monkeypatch, tmp_path):
 
 
 def test_unknown_task_option_is_an_error(squad_file):
-    with pytest.raises(TypeError, match="bogus"):
+    with pytest.raises(InputError, match="bogus"):
         SquadTask(squad_file, bogus=1)
 
 

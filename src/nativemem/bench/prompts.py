@@ -31,7 +31,8 @@ SYSTEM_PROMPT = (
 )
 
 _PREFIX = re.compile(
-    r"^\s*(?:final answer|short answer|the answer is|answer|a)\s*:\s*|^\s*the answer is\s+",
+    r"^(?:(?:the\s+)?(?:final\s+|short\s+)?answer(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\b\s*:?"
+    r"|(?:final\s+answer|short\s+answer|answer|a)\s*:)\s*",
     re.IGNORECASE,
 )
 _QUOTES = "\"'`“”‘’*"
@@ -68,8 +69,8 @@ def build_messages(question: str, passages: Sequence[str] = ()) -> list[dict[str
 def postprocess_answer(raw: str) -> str:
     """Shorten a raw generation to the answer that is scored.
 
-    Keeps the first non-empty line, removes a leading "Answer:" (or similar) prefix, wrapping
-    quotes/asterisks and a trailing full stop.
+    Keeps the first line that is not empty once a leading "Answer:" / "The answer is" (or similar)
+    prefix, wrapping quotes/asterisks and a trailing full stop are removed.
 
     Args:
         raw: Decoded new tokens.
@@ -77,10 +78,12 @@ def postprocess_answer(raw: str) -> str:
     Returns:
         The cleaned answer ("" if the generation was blank).
     """
-    line = next((ln.strip() for ln in raw.splitlines() if ln.strip()), "")
-    previous = None
-    while previous != line:
-        previous = line
-        line = _PREFIX.sub("", line, count=1).strip()
-        line = line.strip(_QUOTES).strip()
-    return line[:-1].rstrip() if line.endswith(".") else line
+    for line in raw.splitlines():
+        previous = None
+        while previous != line:
+            previous = line
+            line = _PREFIX.sub("", line.strip(), count=1)
+            line = line.strip().strip(_QUOTES).strip()
+        if line:  # a line that was only "Answer:" leaves nothing: the answer is on a later line
+            return line[:-1].rstrip() if line.endswith(".") else line
+    return ""

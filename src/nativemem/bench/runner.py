@@ -17,6 +17,7 @@ are means over the scored items only.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 from ..errors import InputError
 from .arms import Arm, ArmOutput, get_arm
 from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
+from .prompts import build_messages
 from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
 from .stats import bootstrap_mean_ci, compare_paired
 from .tasks import QAItem, get_task
@@ -53,6 +55,13 @@ def peak_rss_bytes() -> int | None:
         return int(getattr(info, "peak_wset", info.rss))
 
 
+def _warm_up(lm: Any) -> None:
+    """One untimed one-token generation, so the first arm's TTFT does not include one-time setup."""
+    ids = lm.chat_ids(build_messages("Is this a warm-up?"))
+    if ids.shape[-1] + 1 <= int(lm.max_context):
+        lm.generate(ids, max_new_tokens=1)
+
+
 def _library_version() -> str:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -67,7 +76,8 @@ def _model_info(lm: Any) -> dict[str, Any]:
     return fingerprint.to_dict() if fingerprint is not None else {"name": getattr(lm, "name", "unknown")}
 
 
-def _cuda_device(lm: Any):
+def _cuda_device(lm: Any) -> Any:
+    """The CUDA device the model runs on, or None (then no GPU memory is reported)."""
     import torch
 
     device = getattr(lm, "device", None)
@@ -169,6 +179,15 @@ def _compare(
     return comparisons
 
 
+def _check_task_options(task: str, task_cls: type, options: dict[str, Any]) -> None:
+    accepted = sorted(name for name, p in inspect.signature(task_cls).parameters.items()
+                      if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise InputError(f"task {task!r} has no option(s) {', '.join(unknown)}; "
+                         f"it accepts: {', '.join(accepted) or 'none'}")
+
+
 def _resolve_arms(arms: Sequence[str]) -> list[tuple[str, type[Arm]]]:
     if isinstance(arms, str):
         arms = [arms]
@@ -213,7 +232,8 @@ def run_benchmark(
     Raises:
         UnknownNameError: For an unknown task or arm (the message suggests the closest name).
         DataError: If the data file is missing or malformed.
-        InputError: For non-positive ``limit``, ``k`` or ``max_new_tokens``, or no arms.
+        InputError: For non-positive ``limit``, ``k`` or ``max_new_tokens``, no arms, or an option the
+            task does not have.
     """
     from tqdm.auto import tqdm
 
@@ -222,10 +242,12 @@ def run_benchmark(
     for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("limit", limit)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InputError(f"{name} must be a positive integer, got {value!r}")
+    _check_task_options(task, task_cls, task_options)
     task_obj = task_cls(data=data, **task_options)
     items = task_obj.select(limit, seed)
     pool = task_obj.pool_for(items)
     cuda = _cuda_device(lm)
+    _warm_up(lm)
 
     records: list[dict[str, Any]] = []
     arm_results: dict[str, Any] = {}

@@ -201,5 +201,9 @@ def report_cmd(dirs: Annotated[list[Path], typer.Argument(help="result folders w
     console.print(report(dirs, out=out), highlight=False, markup=False)
 
 
+from .memory_cmds import register as _register_memory_cmds  # noqa: E402
+
+_register_memory_cmds(app)
+
 if __name__ == "__main__":
     app()

@@ -135,7 +135,7 @@ class Task(ABC):
 
     Args:
         data: The user's own file in the task's format; None for the default file.
-        **options: Task-specific options; unknown ones raise ``TypeError`` in the subclass.
+        **options: Options of a subclass that does not declare any; passing one raises InputError.
     """
 
     name: ClassVar[str] = ""
@@ -144,7 +144,7 @@ class Task(ABC):
 
     def __init__(self, data: str | Path | None = None, **options: Any) -> None:
         if options:
-            raise TypeError(f"task {self.name!r} got unknown options: {', '.join(sorted(options))}")
+            raise InputError(f"task {self.name!r} has no option(s) {', '.join(sorted(options))}")
         self.path = Path(data).expanduser() if data is not None else data_root() / self.default_path
         self._data: TaskData | None = None
 
@@ -164,7 +164,7 @@ class Task(ABC):
         """The loaded data (read on first access)."""
         if self._data is None:
             if not self.path.exists():
-                raise DataError(f"{self.path}: data file not found for task {self.name!r}")
+                raise DataError(f"{self.path}: data file not found for task {self.name!r} (pass data=PATH to use your own file)")
             self._data = self.load(self.path)
             if not self._data.items:
                 raise DataError(f"{self.path}: no usable items for task {self.name!r}")
