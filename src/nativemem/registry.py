@@ -33,6 +33,16 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.what} {name!r} is already registered")
             self._items[name] = obj
 
+    def decorator(self, name: str, *, replace: bool = False):
+        """Class decorator: register the class under ``name`` and set its ``name`` attribute."""
+
+        def deco(cls):
+            self.register(name, cls, replace=replace)
+            cls.name = name
+            return cls
+
+        return deco
+
     def unregister(self, name: str) -> None:
         with self._lock:
             self._items.pop(name, None)

@@ -91,3 +91,12 @@ def test_cli_bench_and_report_on_real_squad(tmp_path, data_dir):
 def test_cli_info_shows_fingerprint():
     r = _cli("info")
     assert r.returncode == 0 and DEFAULT_MODEL_NAME in r.stdout and "gguf-sha256" in r.stdout
+
+
+def test_cli_reports_missing_and_malformed_data(tmp_path):
+    r = _cli("bench", "squad", "--data", str(tmp_path / "nope.json"), "--limit", "1")
+    assert r.returncode == 2 and "nope.json" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [{"title": "x", "paragraphs": [{"qas": 3}]}]')
+    r = _cli("bench", "squad", "--data", str(bad), "--limit", "1")
+    assert r.returncode == 2 and "bad.json" in r.stderr and "Traceback" not in r.stderr

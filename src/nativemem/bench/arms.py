@@ -210,12 +210,7 @@ def register_arm(name: str, *, replace: bool = False) -> Callable[[A], A]:
         ValueError: If the name is taken by another class or is not lower-case snake_case.
     """
 
-    def deco(cls: A) -> A:
-        _ARMS.register(name, cls, replace=replace)
-        cls.name = name
-        return cls
-
-    return deco
+    return _ARMS.decorator(name, replace=replace)
 
 
 def get_arm(name: str) -> type[Arm]:

@@ -176,13 +176,9 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
         console.print("arms:  " + ", ".join(list_arms()))
         return
     arm_names = _split_list(arms)
-    get_task(task)  # fail on unknown names before loading the model
-    for a in arm_names:
+    for a in arm_names:  # fail on unknown names and bad data before loading the model
         get_arm(a)
-    if data is not None and not data.exists():
-        from ..errors import DataError
-
-        raise DataError(f"data path not found: {data}")
+    get_task(task)(data=data)
     lm = _load(model, dtype, device)
     results = run_benchmark(task, lm, arms=arm_names, limit=limit, out=out, seed=seed, data=data, k=k,
                             max_new_tokens=max_new_tokens, progress=True)

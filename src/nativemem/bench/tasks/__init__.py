@@ -222,12 +222,7 @@ def register_task(name: str, *, replace: bool = False) -> Callable[[T], T]:
         ValueError: If the name is taken by another class or is not lower-case snake_case.
     """
 
-    def deco(cls: T) -> T:
-        _TASKS.register(name, cls, replace=replace)
-        cls.name = name
-        return cls
-
-    return deco
+    return _TASKS.decorator(name, replace=replace)
 
 
 def get_task(name: str) -> type[Task]:
