@@ -56,7 +56,7 @@ def test_demo_retrieves_the_right_document_for_every_question(real_lm):
 
 
 def _cli(*args, stdin=None):
-    return subprocess.run([*CLI, *args], capture_output=True, text=stdin is None, input=stdin, timeout=300)
+    return subprocess.run([*CLI, *args], capture_output=True, text=stdin is None, input=stdin, timeout=900)
 
 
 def test_cli_bad_input_gives_one_clear_error():
