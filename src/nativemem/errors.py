@@ -20,6 +20,7 @@ __all__ = [
     "ContextOverflowError",
     "SiteResolutionError",
     "MemoryFormatError",
+    "MemoryLockedError",
 ]
 
 
@@ -41,6 +42,10 @@ class ModelLoadError(NativememError):
 
 class MemoryFormatError(NativememError):
     """A memory folder is missing files, corrupted, or of an unknown format version."""
+
+
+class MemoryLockedError(NativememError):
+    """A memory folder is already open for writing in another process (embedded stores allow one)."""
 
 
 class ContextOverflowError(NativememError):

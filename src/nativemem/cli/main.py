@@ -197,9 +197,11 @@ def report_cmd(dirs: Annotated[list[Path], typer.Argument(help="result folders w
     console.print(report(dirs, out=out), highlight=False, markup=False)
 
 
+from .activation_cmds import register as _register_activation_cmds  # noqa: E402
 from .memory_cmds import register as _register_memory_cmds  # noqa: E402
 
 _register_memory_cmds(app)
+_register_activation_cmds(app)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,237 @@
+"""Benchmark arms of the activation memory.
+
+Every arm here shares one :class:`~nativemem.memories.activation.ActivationMemory` per run (built by the
+first arm that needs it, reused by the others in the same process): the whole pool is written to it, each
+pool chunk as one memory chunk whose ``source_id`` is the pool chunk id. The memory's retrieval transform
+is fitted first on a fit set disjoint from the pool (:func:`fit_texts`: the task's chunks outside the
+pool, seeded sample), as the research note demands (§8.5).
+
+- ``activation`` (``activation_tokens``, ``activation_hybrid``, ``activation_hybrid_tokens``): retrieve the
+  top-``k`` chunks of the whole pool with the pooled (token-level, hybrid) variant and inject their KV as a
+  prefix before the chat-formatted question (no passages in the prompt).
+- ``activation_oracle``: inject the gold chunk(s) of the item (no retrieval).
+- ``random_memory``: inject one random pool chunk that is not gold (seeded by the item id).
+- ``text_same_order``: the exact token sequence of the ``activation`` arm (BOS, the retrieved chunks in the
+  same order, then the chat prompt) given as plain text; its answers should match ``activation``'s (up to
+  the fp16 payload), which :func:`answer_agreement` checks on a finished run.
+
+Retrieval time is outside TTFT for these arms, as for ``rag_*`` (both retrieve before generating); payload
+loading, re-rotation and cache assembly are inside it. Tasks that set ``retrieval_scope = "source"``
+(``needle``) restrict retrieval to the item's own source chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ContextOverflowError
+from .arms import Arm, ArmOutput, register_arm
+from .prompts import build_messages, postprocess_answer
+from .tasks import Chunk, QAItem, Task
+
+__all__ = ["ActivationArm", "fit_texts", "answer_agreement", "BENCH_MEMORY_CONFIG", "shared_memory"]
+
+BENCH_MEMORY_CONFIG: dict[str, Any] = {"chunk_tokens": 1024, "max_prefix_tokens": 4096}
+"""Config of the benchmark memory: one pool chunk = one memory chunk; ``top_k`` is the arm's ``k``."""
+FIT_TEXTS_MAX = 256
+BENCH_USER = "bench"
+TMP_ENV = "NATIVEMEM_BENCH_TMP"  # where benchmark memories are written (default: the system temp folder)
+
+
+def fit_texts(task: Task, pool: Sequence[Chunk], *, n: int = FIT_TEXTS_MAX, seed: int = 0) -> list[str]:
+    """Fit set for the retrieval transform: the task's own ``fit_texts(pool)`` if it has one, else up to ``n``
+    of the task's chunks that are not in the pool (seeded sample). Empty if there are none."""
+    own = getattr(task, "fit_texts", None)
+    if callable(own):
+        return list(own(pool))[:n]
+    in_pool = {c.id for c in pool}
+    rest = [c.text for cid, c in task.data.chunks.items() if cid not in in_pool]
+    random.Random(seed).shuffle(rest)
+    return rest[:n]
+
+
+class _Shared:
+    """One memory per (model, pool, k): written once, used by every activation arm of a run."""
+
+    def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool):
+        import nativemem as nm
+
+        self.folder = Path(tempfile.mkdtemp(prefix="nativemem-bench-", dir=os.environ.get(TMP_ENV)))
+        self.memory = nm.open_memory(self.folder / "memory", lm, kind="activation", top_k=k,
+                                     **BENCH_MEMORY_CONFIG)
+        texts = fit_texts(task, pool)
+        self.fit_report = self.memory.fit(texts).details if len(texts) >= 2 else None
+        from tqdm.auto import tqdm
+
+        self.by_source: dict[str, list[str]] = {}
+        self.source_of: dict[str, str] = {}
+        step = 64
+        for i in tqdm(range(0, len(pool), step), desc="activation memory: add pool", disable=not progress):
+            part = pool[i: i + step]
+            receipt = self.memory.add([c.text for c in part], user_id=BENCH_USER, source_ids=[c.id for c in part])
+            for info in receipt.details["chunks"]:
+                self.by_source.setdefault(info["source_id"], []).append(info["id"])
+                self.source_of[info["id"]] = info["source_id"]
+        self.pool_ids = [c.id for c in pool]
+        weakref.finalize(self, _cleanup, self.memory, str(self.folder))
+
+    def bytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
+
+
+def _cleanup(memory, folder: str) -> None:
+    memory.close()
+    del memory
+    import gc
+
+    gc.collect()  # the store closes (and unlocks) once no Memory holds it
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_SHARED: dict[tuple, _Shared] = {}
+
+
+def shared_memory(lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool = False) -> _Shared:
+    """The run's shared benchmark memory (the last one built is kept; older ones are dropped)."""
+    key = (id(lm), tuple(c.id for c in pool), task.name, k)
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = _Shared(lm, pool, task, k, progress)
+    return _SHARED[key]
+
+
+class _MemoryArm(Arm):
+    """Base: prepare the shared memory; helpers to retrieve and to answer with a pinned injection."""
+
+    variant = "pooled"
+
+    def prepare(self, pool, lm, *, items, task) -> None:
+        super().prepare(pool, lm, items=items, task=task)
+        self.shared = shared_memory(lm, pool, task, self.k, self.progress)
+        self.memory = self.shared.memory
+
+    def bytes_stored(self) -> int:
+        return self.shared.bytes_stored()
+
+    def retrieve(self, item: QAItem) -> tuple[list[str], tuple[tuple[str, float], ...]]:
+        """Memory chunk ids to inject and ``(pool chunk id, score)`` pairs, best first."""
+        scope = None
+        if getattr(self.task, "retrieval_scope", "pool") == "source":
+            scope = [m for cid in item.source_chunk_ids for m in self.shared.by_source.get(cid, [])]
+        hits = self.memory.search(item.question, k=self.k, user_id=BENCH_USER, variant=self.variant,
+                                  memory_ids=scope)
+        retrieved, seen = [], set()
+        for h in hits:
+            cid = self.shared.source_of.get(h.id, h.payload.get("source_id"))
+            if cid not in seen:
+                seen.add(cid)
+                retrieved.append((cid, h.score))
+        return [h.id for h in hits], tuple(retrieved)
+
+    def ordered(self, memory_ids: list[str]) -> list[str]:
+        return memory_ids[::-1] if self.memory.config.prefix_order == "best_last" else memory_ids
+
+    def answer_with(self, item: QAItem, memory_ids: list[str], retrieved=()) -> ArmOutput:
+        return self.generate_answer(item, (), retrieved, memory=self.memory.injecting(self.ordered(memory_ids)))
+
+
+@register_arm("activation")
+class ActivationArm(_MemoryArm):
+    """Top-``k`` chunks of the pool by the pooled KV-Embedding vector, injected as a KV prefix."""
+
+    uses_retrieval = True
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        ids, retrieved = self.retrieve(item)
+        return self.answer_with(item, ids, retrieved)
+
+
+@register_arm("activation_tokens")
+class ActivationTokensArm(ActivationArm):
+    """As ``activation``, retrieving by token-level MaxSim."""
+
+    variant = "tokens"
+
+
+@register_arm("activation_hybrid")
+class ActivationHybridArm(ActivationArm):
+    """As ``activation``, retrieving by the pooled vector fused with BM25 (RRF)."""
+
+    variant = "hybrid"
+
+
+@register_arm("activation_hybrid_tokens")
+class ActivationHybridTokensArm(ActivationArm):
+    """As ``activation``, retrieving by token MaxSim fused with BM25 (RRF)."""
+
+    variant = "hybrid_tokens"
+
+
+@register_arm("activation_oracle")
+class OracleArm(_MemoryArm):
+    """The item's gold chunk(s) injected, no retrieval (an upper bound of the injection path)."""
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        ids = [m for cid in item.gold_chunk_ids for m in self.shared.by_source.get(cid, [])]
+        return self.answer_with(item, ids)
+
+
+@register_arm("random_memory")
+class RandomMemoryArm(_MemoryArm):
+    """One random non-gold pool chunk injected (a control: does any prefix help?)."""
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        gold = set(item.gold_chunk_ids)
+        choices = [cid for cid in self.shared.pool_ids if cid not in gold] or self.shared.pool_ids
+        cid = random.Random(f"random_memory:{item.id}").choice(choices)
+        return self.answer_with(item, self.shared.by_source[cid])
+
+
+@register_arm("text_same_order")
+class TextSameOrderArm(_MemoryArm):
+    """The ``activation`` arm's exact token sequence (BOS, retrieved chunks, chat prompt) as plain text."""
+
+    uses_retrieval = True
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        ids, retrieved = self.retrieve(item)
+        prefix = list(self.memory._bos())
+        rows = dict(self.memory.store.index.get(ids))
+        for mid in self.ordered(ids):
+            if mid in rows:
+                prefix += self.memory.load_chunk(rows[mid])[0]
+        prompt = self.lm.chat_ids(build_messages(item.question))
+        full = torch.cat([torch.tensor([prefix], dtype=torch.long, device=prompt.device), prompt], dim=1)
+        limit = int(self.lm.max_context)
+        if full.shape[1] + self.max_new_tokens > limit:
+            return self._overflow(int(full.shape[1]), limit, retrieved)
+        try:
+            gen = self.lm.generate(full, max_new_tokens=self.max_new_tokens)
+        except ContextOverflowError as e:
+            return self._overflow(e.tokens, limit, retrieved)
+        return ArmOutput(text=postprocess_answer(gen.text), raw_text=gen.text, ttft_s=float(gen.ttft_s),
+                         total_s=float(gen.total_s), prompt_tokens=int(gen.prompt_tokens),
+                         new_tokens=int(gen.new_tokens), prefix_tokens=0, retrieved=retrieved)
+
+
+def answer_agreement(folder: str | Path, a: str = "activation", b: str = "text_same_order") -> dict[str, Any]:
+    """How often arms ``a`` and ``b`` of a finished run gave the same raw answer (items both answered)."""
+    from .results import read_items
+
+    by_arm: dict[str, dict[str, str]] = {}
+    for rec in read_items(folder):
+        if not rec.get("skipped"):
+            by_arm.setdefault(rec["arm"], {})[rec["item_id"]] = rec["raw_output"]
+    common = sorted(set(by_arm.get(a, {})) & set(by_arm.get(b, {})))
+    same = [i for i in common if by_arm[a][i] == by_arm[b][i]]
+    return {"a": a, "b": b, "n": len(common), "same": len(same), "rate": len(same) / len(common) if common else None,
+            "different": [i for i in common if i not in same]}

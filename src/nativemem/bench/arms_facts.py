@@ -1,0 +1,292 @@
+"""Arms of the ``facts`` benchmark: ways of knowing a set of synthetic facts.
+
+Each arm prepares once (train a memory, index the fact sentences) and is then asked questions, scored on
+neutral text and on general QA through three small methods (:class:`FactArm`). The arms:
+
+- ``none``: the bare model (the reference every drift is measured against).
+- ``pkm``: a product-key memory trained on the facts, relevance gate off.
+- ``pkm_gated``: the same trained memory with the gate on (trained once, shared with ``pkm``).
+- ``rag_bm25``: the top-``k`` fact sentences by BM25 pasted into the question (the model is unchanged).
+- ``side_ffn`` / ``lora``: the side-FFN memory and a LoRA baseline trained on the same facts with the same
+  answer-only loop, stop rule and epoch cap as ``pkm`` (registered only when those kinds exist).
+
+Every arm asks in the same chat format (system prompt :data:`~nativemem.model.DEFAULT_SYSTEM`, what
+``LanguageModel.chat`` and ``nativemem ask`` use); RAG adds a ``Context:`` block as ``chat(context=)`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, TypeVar
+
+from ..model import DEFAULT_SYSTEM
+from ..registry import Registry
+
+__all__ = ["FactArm", "register_fact_arm", "get_fact_arm", "list_fact_arms", "FACTS_SYSTEM"]
+
+FACTS_SYSTEM = DEFAULT_SYSTEM
+"""System prompt of every facts-benchmark prompt (and of the pkm memory's training format)."""
+
+
+class FactArm:
+    """Base class of a facts-benchmark arm.
+
+    Args:
+        lm: the LanguageModel.
+        shared: a dict shared by the arms of one run (lets ``pkm_gated`` reuse ``pkm``'s training).
+        options: run options (``k``, ``memory_options``, ``gate_negatives``, ``gate_questions``, ``progress``).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, lm, *, shared: dict[str, Any], options: dict[str, Any]):
+        self.lm, self.shared, self.options = lm, shared, options
+
+    def prepare(self, facts: Sequence[Any]) -> dict[str, Any]:
+        """Learn or index the facts; returns cost figures (seconds, bytes, training details)."""
+        return {}
+
+    def memory(self):
+        """The memory passed to ``lm`` calls (None: the bare model)."""
+        return None
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Scope in which the arm is evaluated (LoRA keeps its adapters in the model only inside)."""
+        yield
+
+    def content(self, question: str) -> tuple[str, list[str]]:
+        """The user message for a question, and the ids of any retrieved facts."""
+        return question, []
+
+    def bytes_stored(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Release what the arm holds (called once after its evaluation)."""
+
+
+_ARMS: Registry[type[FactArm]] = Registry("facts arm")
+A = TypeVar("A", bound=type[FactArm])
+
+
+def register_fact_arm(name: str, *, replace: bool = False) -> Callable[[A], A]:
+    """Class decorator registering a :class:`FactArm` under ``name``."""
+
+    def deco(cls: A) -> A:
+        cls.name = name
+        _ARMS.register(name, cls, replace=replace)
+        return cls
+
+    return deco
+
+
+def get_fact_arm(name: str) -> type[FactArm]:
+    """The facts arm registered as ``name`` (UnknownNameError suggests the closest)."""
+    return _ARMS.get(name)
+
+
+def list_fact_arms() -> list[str]:
+    return _ARMS.names()
+
+
+@register_fact_arm("none")
+class NoneArm(FactArm):
+    """The bare model."""
+
+
+def _pkm_options(options: dict[str, Any], n: int) -> dict[str, Any]:
+    from ..memories.pkm.config import PKMConfig
+
+    cfg = {"system": FACTS_SYSTEM, **(options.get("memory_options") or {})}
+    per = cfg.get("slots_per_fact", PKMConfig.slots_per_fact)
+    if "num_keys" not in cfg:  # the default pool, or the smallest that holds the facts
+        keys = PKMConfig.num_keys
+        while keys * keys < n * per:
+            keys += 16
+        cfg["num_keys"] = keys
+    return cfg
+
+
+def trained_pkm(lm, facts: Sequence[Any], shared: dict[str, Any], options: dict[str, Any]):
+    """The run's pkm memory, trained on first use (then shared by ``pkm`` and ``pkm_gated``)."""
+    if "pkm" not in shared:
+        from ..memories.pkm import PKMConfig, PKMMemory
+
+        progress = options.get("progress_fn")
+        cfg = PKMConfig(**{**_pkm_options(options, len(facts)), "gate_auto": False})
+        mem = PKMMemory(lm, cfg)
+        start = time.perf_counter()
+        receipt = mem.add(list(facts), progress=progress)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        gate = mem.train_gate(negatives=options.get("gate_negatives") or (),
+                              questions=options.get("gate_questions") or ())
+        shared["pkm"] = (mem, receipt, train_s, time.perf_counter() - start, gate)
+    return shared["pkm"]
+
+
+def _pkm_cost(mem, receipt, train_s: float, n: int) -> dict[str, Any]:
+    d = receipt.details
+    return {"train_s": train_s, "train_s_per_fact": train_s / max(1, n), "steps": receipt.steps,
+            "epochs": d.get("epochs"), "exposures_per_fact": d.get("exposures_per_fact"),
+            "train_recall": d.get("recall"), "final_loss": receipt.final_loss, "pool_slots": mem.num_slots,
+            "pool_slots_used": mem.slots_used(), "pool_bytes": mem.values.numel() * mem.values.element_size(),
+            "layers": list(mem.layer_ids), "polished": d.get("polished"), "stopped": d.get("stopped"),
+            **{k: d[k] for k in ("calibrate_s", "cache_s", "eval_s") if k in d}}
+
+
+@register_fact_arm("pkm")
+class PKMArm(FactArm):
+    """Product-key memory, relevance gate off."""
+
+    gate = False
+
+    def prepare(self, facts):
+        mem, receipt, train_s, gate_s, gate_report = trained_pkm(self.lm, facts, self.shared, self.options)
+        self.mem = mem
+        cost = _pkm_cost(mem, receipt, train_s, len(facts))
+        if self.gate:
+            cost.update(gate_train_s=gate_s, gate_report=gate_report)
+        return cost
+
+    def memory(self):
+        return self.mem
+
+    @contextmanager
+    def session(self):
+        before = self.mem.gate
+        self.mem.gate = self.gate
+        try:
+            yield
+        finally:
+            self.mem.gate = before
+
+    def bytes_stored(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.mem.state_dict().values()))
+
+
+@register_fact_arm("pkm_gated")
+class PKMGatedArm(PKMArm):
+    """The same product-key memory with the relevance gate on."""
+
+    gate = True
+
+
+@register_fact_arm("rag_bm25")
+class RagBM25Arm(FactArm):
+    """BM25 over the fact sentences; the top ``k`` go into the prompt."""
+
+    def prepare(self, facts):
+        from .retrieval import BM25Retriever
+        from .tasks import Chunk
+
+        start = time.perf_counter()
+        self.sentences = {f.id: f.sentence or f"{f.prompt} {f.answer}" for f in facts}
+        self.retriever = BM25Retriever()
+        self.retriever.index([Chunk(fid, text) for fid, text in self.sentences.items()])
+        return {"train_s": time.perf_counter() - start, "train_s_per_fact": (time.perf_counter() - start) / len(facts)}
+
+    def content(self, question):
+        from .prompts import format_passages
+
+        hits = self.retriever.search(question, int(self.options.get("k", 3)))
+        passages = [self.sentences[cid] for cid, _ in hits]
+        return f"Context:\n{format_passages(passages)}\n\nQuestion: {question}", [cid for cid, _ in hits]
+
+    def bytes_stored(self) -> int:
+        return int(self.retriever.nbytes)
+
+
+# ---------------------------------------------------------------------- optional baselines (same training loop)
+def train_learner(lm, facts, *, params, scope, lowest: int, options: dict[str, Any]) -> dict[str, Any]:
+    """Train any hooked/adapted parameters on the facts with pkm's loop (answer-only loss, one fact per
+    sequence, same stop rule and epoch cap), memory acting on every position (no prefix caching)."""
+    import torch
+
+    from ..memories.pkm.train import PrefixCache, cache_items, encode_fact, frozen, train_items
+
+    cfg = _pkm_options(options, len(facts))
+    from ..memories.pkm.config import PKMConfig
+
+    pk = PKMConfig(**{k: v for k, v in cfg.items() if k in PKMConfig.__dataclass_fields__})
+    items = []
+    for i, f in enumerate(facts):
+        it = encode_fact(lm, f, system=FACTS_SYSTEM, prefix=[], train_prefix=True)
+        it.index = i
+        items.append(it)
+    start = time.perf_counter()
+    cache_items(lm.model, items, lowest, pad_id=lm.eos_token_ids[0], dtype=torch.float32)
+    opt = torch.optim.Adam(params, lr=float(options.get("baseline_lr", 1e-3)))
+    for p in params:
+        p.requires_grad_(True)
+    autocast = torch.bfloat16 if pk.train_autocast == "bfloat16" and lm.dtype == torch.float32 else None
+    with frozen(lm.model):
+        for p in params:
+            p.requires_grad_(True)
+        result = train_items(lm.model, items, lowest, PrefixCache(lm.model), memory_scope=scope, optimizers=[opt],
+                             params=params, batch_size=pk.batch_size, max_epochs=pk.max_epochs, margin=pk.margin,
+                             autocast=autocast, recheck_every=pk.recheck_every, progress=options.get("progress_fn"))
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    train_s = time.perf_counter() - start
+    return {"train_s": train_s, "train_s_per_fact": train_s / len(facts), "steps": result.steps,
+            "epochs": result.epochs, "exposures_per_fact": result.exposures, "train_recall": result.recall,
+            "final_loss": result.final_loss, "stopped": result.stopped, "parameters": sum(p.numel() for p in params)}
+
+
+def _register_optional() -> None:
+    from ..memories import memory_kinds
+
+    if "side_ffn" in memory_kinds():
+
+        @register_fact_arm("side_ffn", replace=True)
+        class SideFFNArm(FactArm):
+            """Side-FFN memory (cloned neurons from the fact sentences), trained with pkm's loop."""
+
+            def prepare(self, facts):
+                from ..memories.side_ffn import SideFFNConfig, SideFFNMemory
+
+                self.mem = SideFFNMemory(self.lm, SideFFNConfig(**(self.options.get("side_ffn_options") or {})))
+                self.mem.memorize(" ".join(f.sentence or f"{f.prompt} {f.answer}" for f in facts))
+                params = self.mem.trainable_parameters()
+                return train_learner(self.lm, facts, params=params, scope=lambda: self.mem.active(lm=self.lm),
+                                     lowest=min(self.mem.layers), options=self.options)
+
+            def memory(self):
+                return self.mem
+
+            def bytes_stored(self) -> int:
+                return int(sum(t.numel() * t.element_size() for t in self.mem.state_dict().values()))
+
+        @register_fact_arm("lora", replace=True)
+        class LoRAArm(FactArm):
+            """LoRA (peft, all linear layers) trained on the facts with pkm's loop."""
+
+            def prepare(self, facts):
+                from ..memories.side_ffn import LoRABaseline
+
+                self.lora = LoRABaseline(self.lm, rank=int(self.options.get("lora_rank", 8)))
+                self._stack = contextlib.ExitStack()
+                self._stack.enter_context(self.lora)
+                try:
+                    return train_learner(self.lm, facts, params=self.lora.trainable_parameters(),
+                                         scope=contextlib.nullcontext, lowest=0, options=self.options)
+                except BaseException:
+                    self.close()
+                    raise
+
+            def bytes_stored(self) -> int:
+                return int(sum(p.numel() * p.element_size() for p in self.lora.trainable_parameters()))
+
+            def close(self) -> None:
+                stack, self._stack = getattr(self, "_stack", None), None
+                if stack is not None:
+                    stack.close()
+
+
+_register_optional()

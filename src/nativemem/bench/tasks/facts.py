@@ -1,0 +1,417 @@
+"""The ``facts`` benchmark: store synthetic facts, then measure recall, paraphrase recall and the drift they
+cause on neutral text and general QA.
+
+What :func:`run_facts_benchmark` measures, per arm (:mod:`nativemem.bench.arms_facts`), on identical items:
+
+- ``recall``: greedy exact recall of every stored fact asked in its training phrasing: the generated
+  answer (``max_new_tokens`` cap, post-processed as every benchmark answer) equals the fact's answer after
+  SQuAD normalisation; ``recall_contains`` credits an answer wrapped in a sentence;
+- ``recall_paraphrase``: the same with one held-out phrasing per fact (never trained), for up to
+  ``paraphrase_limit`` facts;
+- ``ppl`` and ``ppl_drift``: perplexity of neutral passages (PG-19 test books and the haystack essays,
+  ``passage_words`` words each) and its relative change against the bare model (``none``), with a paired
+  bootstrap interval over passages;
+- ``mmlu_acc``, ``mmlu_agree`` and ``qa_drift``: MMLU test questions answered by the letter with the highest
+  logit; accuracy, agreement with the bare model's letter, and the accuracy change against ``none``
+  with its paired interval (McNemar p-value);
+- cost: training time (total and per fact), exposures, bytes stored (total and per fact), peak RSS, pool
+  size, and for the pkm arms the forward-time overhead of the memory at 512 tokens.
+
+Data splits (no item is used twice): the gate of ``pkm_gated`` is trained with the built-in closed set plus
+``gate_passages`` passages from the *other* half of each book and the odd-numbered essays, MMLU *dev*
+questions and SQuAD questions; drift is measured on the first half of the books, the even-numbered essays
+and MMLU *test*.
+
+``FactsTask`` also registers the facts as a QA task (``run_benchmark("facts", ...)``): one item per fact
+question, the pool is the fact sentences, so the QA arms (``none``, ``rag_bm25``, ...) run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ...errors import DataError, InputError
+from . import Chunk, QAItem, Task, TaskData, data_root, register_task
+
+__all__ = ["FactsTask", "run_facts_benchmark", "neutral_passages", "mmlu_items", "forward_overhead", "load_facts_file"]
+
+_LETTERS = ("A", "B", "C", "D")
+_GUTENBERG = re.compile(r"\*\*\*\s*START OF[^\n]*\n(.*?)\*\*\*\s*END OF", re.S)
+
+
+def load_facts_file(path: str | Path):
+    """Facts from a JSONL/TSV file (see :func:`nativemem.memories.pkm.load_facts`)."""
+    from ...memories.pkm import load_facts, parse_facts
+
+    return parse_facts(load_facts(path))
+
+
+def _facts(data, num_facts: int, seed: int):
+    from ...memories.pkm import generate_facts
+
+    if data is None:
+        return generate_facts(num_facts, seed=seed)
+    facts = load_facts_file(data)
+    return facts[:num_facts] if num_facts else facts
+
+
+@register_task("facts")
+class FactsTask(Task):
+    """Synthetic facts as QA items (training phrasing, plus paraphrases when ``paraphrases`` > 0).
+
+    Args:
+        data: a facts file (JSONL/TSV); None generates ``num_facts`` facts with ``facts_seed``.
+        num_facts: number of facts (the first ones of a file).
+        facts_seed: seed of the generator.
+        paraphrases: paraphrased questions per fact added as extra items.
+    """
+
+    version = "1"
+
+    def __init__(self, data: str | Path | None = None, *, num_facts: int = 100, facts_seed: int = 0,
+                 paraphrases: int = 0) -> None:
+        super().__init__(data)
+        if int(num_facts) < 1 or int(paraphrases) < 0:
+            raise InputError(f"num_facts must be >= 1 and paraphrases >= 0, got {num_facts}, {paraphrases}")
+        self.generated = data is None
+        self.num_facts, self.facts_seed, self.paraphrases = int(num_facts), int(facts_seed), int(paraphrases)
+        if self.generated:
+            self.path = Path(f"generated-facts-n{self.num_facts}-seed{self.facts_seed}")
+
+    def options(self) -> dict[str, Any]:
+        return {"num_facts": self.num_facts, "facts_seed": self.facts_seed, "paraphrases": self.paraphrases,
+                "generated": self.generated}
+
+    @property
+    def data(self) -> TaskData:
+        if self._data is None:
+            self._data = self.load(self.path)
+        return self._data
+
+    def load(self, path: Path) -> TaskData:
+        facts = _facts(None if self.generated else path, self.num_facts, self.facts_seed)
+        chunks = {f.id: Chunk(f.id, f.sentence or f"{f.prompt} {f.answer}") for f in facts}
+        items = []
+        for f in facts:
+            items.append(QAItem(f.id, f.prompt, (f.answer,), (f.id,), (f.id,), {"phrasing": "training"}))
+            for j, p in enumerate(f.paraphrases[: self.paraphrases]):
+                items.append(QAItem(f"{f.id}:p{j + 1}", p, (f.answer,), (f.id,), (f.id,), {"phrasing": "paraphrase"}))
+        return TaskData(tuple(items), chunks)
+
+
+# ---------------------------------------------------------------------- neutral text and general QA
+def _split_words(text: str, words: int) -> list[str]:
+    tokens = text.split()
+    return [" ".join(tokens[i:i + words]) for i in range(0, len(tokens) - words + 1, words)]
+
+
+def neutral_passages(root: Path, *, words: int = 180, count: int = 16, split: str = "eval",
+                     seed: int = 0) -> list[dict[str, str]]:
+    """Neutral passages from PG-19 books (licence header and footer cut) and the haystack essays.
+
+    ``split="eval"`` takes the first half of each book and the even-numbered essays (sorted by name);
+    ``"gate"`` the second half and the odd-numbered essays. Half the passages come from each source, drawn
+    with ``seed``.
+
+    Raises:
+        DataError: a folder is missing or holds no usable text.
+    """
+    if split not in ("eval", "gate"):
+        raise ValueError(f"split must be eval or gate, got {split!r}")
+    pools: dict[str, list[tuple[str, str]]] = {"pg19": [], "haystack": []}
+    books = sorted((root / "pg19").glob("*.txt"))
+    essays = sorted((root / "haystack").glob("*.txt"))
+    if not books or not essays:
+        raise DataError(f"{root}: needs pg19/*.txt and haystack/*.txt for the neutral-text passages")
+    for book in books:
+        text = book.read_text(encoding="utf-8", errors="replace")
+        m = _GUTENBERG.search(text)
+        body = (m.group(1) if m else text).split()
+        half = len(body) // 2
+        offset, part = (0, body[:half]) if split == "eval" else (half, body[half:])
+        pools["pg19"] += [(f"pg19/{book.stem}@{offset + i * words}", p)
+                          for i, p in enumerate(_split_words(" ".join(part), words))]
+    for n, essay in enumerate(essays):
+        if (n % 2 == 0) == (split == "eval"):
+            text = essay.read_text(encoding="utf-8", errors="replace")
+            pools["haystack"] += [(f"haystack/{essay.stem}@{i * words}", p)
+                                  for i, p in enumerate(_split_words(text, words))]
+    rng = random.Random(f"neutral-{split}-{seed}")
+    out = []
+    for source, pool in pools.items():
+        take = rng.sample(pool, min(len(pool), (count + 1) // 2 if source == "pg19" else count // 2))
+        out += [{"id": pid, "source": source, "text": text} for pid, text in take]
+    return out
+
+
+def mmlu_items(root: Path, *, split: str = "test", limit: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """MMLU questions (CSV ``question,choice0..3,answer``), a seeded sample spread over the subjects.
+
+    Raises:
+        DataError: the folder is missing or a file is malformed.
+    """
+    folder = root / "mmlu" / split
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise DataError(f"{folder}: no MMLU CSV files")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        with open(file, encoding="utf-8", newline="") as f:
+            for i, rec in enumerate(csv.DictReader(f)):
+                try:
+                    choices = [rec[f"choice{j}"] for j in range(4)]
+                    rows.append({"id": f"{file.stem}:{i}", "subject": file.stem.rsplit("_", 1)[0],
+                                 "question": rec["question"], "choices": choices, "answer": int(rec["answer"])})
+                except (KeyError, ValueError, TypeError) as e:
+                    raise DataError(f"{file}: row {i + 1} is not question,choice0..3,answer ({e})") from None
+    rng = random.Random(f"mmlu-{split}-{seed}")
+    rng.shuffle(rows)
+    return rows[:limit]
+
+
+def _mmlu_content(item: dict[str, Any]) -> str:
+    choices = "\n".join(f"{letter}. {c}" for letter, c in zip(_LETTERS, item["choices"]))
+    return f"{item['question']}\n{choices}\nAnswer with the letter of the correct choice."
+
+
+def squad_questions(root: Path, limit: int, seed: int = 0) -> list[str]:
+    """Questions from the SQuAD file (gate negatives only); [] when the file is missing."""
+    from .squad import load_squad
+
+    path = root / "squad" / "squad-v1.1-dev.json"
+    if not path.exists():
+        return []
+    qs = [item.question for item in load_squad(path).items]
+    random.Random(f"squad-gate-{seed}").shuffle(qs)
+    return qs[:limit]
+
+
+# ---------------------------------------------------------------------- measurement helpers
+def forward_overhead(lm, memory, *, tokens: int = 512, reps: int = 5, text: str | None = None) -> dict[str, float]:
+    """Forward time of one ``tokens``-token pass with the memory vs without (medians of interleaved runs)."""
+    import torch
+
+    if text is None:
+        text = " ".join(["The committee met on Tuesday to discuss the budget for the coming year."] * 64)
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        raise InputError(f"the overhead text has {len(ids)} tokens, fewer than {tokens}")
+    bos = [lm.tokenizer.bos_token_id] if lm.tokenizer.bos_token_id is not None else []
+    x = torch.tensor([(bos + ids)[:tokens]], device=lm.device)
+    bare, mem = [], []
+    lm.logits(x)
+    lm.logits(x, memory=memory)
+    for _ in range(reps):
+        t = time.perf_counter()
+        lm.logits(x)
+        bare.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        lm.logits(x, memory=memory)
+        mem.append(time.perf_counter() - t)
+    b, m = statistics.median(bare), statistics.median(mem)
+    return {"bare_s": b, "memory_s": m, "overhead": m / b - 1.0, "tokens": tokens, "reps": reps}
+
+
+def _answer(lm, arm, question: str, max_new_tokens: int) -> dict[str, Any]:
+    from ..arms_facts import FACTS_SYSTEM
+    from ..prompts import postprocess_answer
+
+    content, retrieved = arm.content(question)
+    ids = lm.chat_ids(content, system=FACTS_SYSTEM)
+    gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=arm.memory())
+    return {"output": postprocess_answer(gen.text), "raw_output": gen.text, "retrieved": retrieved,
+            "ttft_s": gen.ttft_s, "total_s": gen.total_s, "prompt_tokens": gen.prompt_tokens}
+
+
+def _nll(lm, arm, text: str) -> tuple[float, int]:
+    nll = lm.nll(text, memory=arm.memory())
+    return float(nll.sum()), int(nll.numel())
+
+
+def _mmlu_letter(lm, arm, item: dict[str, Any], letter_ids: list[int]) -> int:
+    from ..arms_facts import FACTS_SYSTEM
+
+    ids = lm.chat_ids(_mmlu_content(item), system=FACTS_SYSTEM)
+    logits = lm.logits(ids, memory=arm.memory())[0, -1].float()
+    return int(logits[letter_ids].argmax())
+
+
+# ---------------------------------------------------------------------- the run
+def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated", "rag_bm25"), num_facts: int = 100,
+                        out: str | Path, seed: int = 0, data: str | Path | None = None,
+                        data_dir: str | Path | None = None, recall_limit: int | None = None,
+                        paraphrase_limit: int = 200, ppl_passages: int = 16, passage_words: int = 180,
+                        mmlu_limit: int = 200, gate_passages: int = 32, gate_questions: int = 200, k: int = 3,
+                        max_new_tokens: int = 24, memory_options: dict[str, Any] | None = None,
+                        overhead: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Run the facts benchmark (see the module docstring) and write ``results.json`` and ``items.jsonl``.
+
+    Args:
+        lm: the LanguageModel.
+        arms: facts arms (``list_fact_arms()``); ``none`` is always run first (the drift reference).
+        num_facts: facts to store (generated with ``seed`` unless ``data`` names a facts file).
+        out: output folder.
+        seed: seed of the facts, of every sample and of the bootstrap.
+        data: a facts JSONL/TSV file instead of generated facts.
+        data_dir: the evaluation data root (PG-19, haystack, MMLU, SQuAD); default ``data_root()``.
+        recall_limit: facts asked for ``recall`` (all when None).
+        paraphrase_limit: facts asked with a paraphrase.
+        ppl_passages: neutral passages scored for perplexity.
+        passage_words: words per passage.
+        mmlu_limit: MMLU test questions.
+        gate_passages / gate_questions: extra closed-set examples for the gate (disjoint splits).
+        k: sentences retrieved by ``rag_bm25``.
+        max_new_tokens: generation cap per answer.
+        memory_options: PKMConfig overrides for the pkm arms (``num_keys`` grows with the facts by default).
+        overhead: measure the pkm arms' forward overhead at 512 tokens.
+        progress: print progress lines.
+
+    Returns:
+        The results mapping, as written to ``results.json``.
+    """
+    from ..arms_facts import FACTS_SYSTEM, get_fact_arm
+    from ..metrics import answer_scores
+    from ..results import SCHEMA_VERSION, to_jsonable, write_items, write_results
+    from ..runner import peak_rss_bytes
+    from ..stats import bootstrap_mean_ci, compare_paired
+
+    for name, value in (("num_facts", num_facts), ("max_new_tokens", max_new_tokens), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    names = ["none"] + [a for a in dict.fromkeys(arms) if a != "none"]
+    classes = [(name, get_fact_arm(name)) for name in names]  # unknown names fail before any work
+    root = Path(data_dir) if data_dir is not None else data_root()
+    log = (lambda msg: print(f"[facts] {msg}", flush=True)) if progress else (lambda msg: None)
+
+    facts = _facts(data, num_facts, seed)
+    order = list(range(len(facts)))
+    random.Random(f"facts-order-{seed}").shuffle(order)
+    recall_facts = [facts[i] for i in order[: recall_limit or len(facts)]]
+    para_rng = random.Random(f"facts-paraphrase-{seed}")
+    para_items = [(f, para_rng.choice(f.paraphrases)) for f in (facts[i] for i in order) if f.paraphrases]
+    para_items = para_items[:paraphrase_limit]
+    passages = neutral_passages(root, words=passage_words, count=ppl_passages, split="eval", seed=seed)
+    mmlu = mmlu_items(root, split="test", limit=mmlu_limit, seed=seed)
+    letter_ids = [lm.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in _LETTERS]
+    gate_neg = [p["text"] for p in neutral_passages(root, words=passage_words, count=gate_passages, split="gate",
+                                                    seed=seed)] if gate_passages else []
+    gate_q = []
+    if gate_questions:
+        gate_q = [q["question"] for q in mmlu_items(root, split="dev", limit=gate_questions // 2, seed=seed)]
+        gate_q += squad_questions(root, gate_questions - len(gate_q), seed)
+    options = {"k": k, "memory_options": memory_options, "gate_negatives": gate_neg, "gate_questions": gate_q,
+               "progress_fn": (lambda e, a, loss: log(f"  epoch {e}: {a} facts trained, loss {loss:.3f}"))
+               if progress else None}
+    log(f"{len(facts)} facts, {len(recall_facts)} asked, {len(para_items)} paraphrases, {len(passages)} passages, "
+        f"{len(mmlu)} MMLU questions; arms {names}")
+
+    shared: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    per_arm: dict[str, dict[str, list[float]]] = {}
+    results_arms: dict[str, Any] = {}
+    reference: dict[str, Any] = {}
+    for name, cls in classes:
+        arm = cls(lm, shared=shared, options=options)
+        start = time.perf_counter()
+        log(f"{name}: preparing")
+        cost = dict(arm.prepare(facts))
+        prepare_s = time.perf_counter() - start
+        scores: dict[str, list[float]] = {"recall": [], "recall_contains": [], "recall_paraphrase": [],
+                                          "passage_nll": [], "mmlu_acc": [], "mmlu_agree": []}
+        tokens = 0
+        gen_s = 0.0
+        with arm.session():
+            for phrasing, batch in (("training", [(f, f.prompt) for f in recall_facts]), ("paraphrase", para_items)):
+                for f, question in batch:
+                    rec = _answer(lm, arm, question, max_new_tokens)
+                    s = answer_scores(rec["output"], [f.answer])
+                    gen_s += rec["total_s"]
+                    if phrasing == "training":
+                        scores["recall"].append(s["em"])
+                        scores["recall_contains"].append(s["contains"])
+                    else:
+                        scores["recall_paraphrase"].append(s["em"])
+                    records.append({"arm": name, "kind": "recall", "phrasing": phrasing, "item_id": f.id,
+                                    "question": question, "answers": [f.answer], "metrics": s, **rec})
+            log(f"{name}: recall {statistics.fmean(scores['recall']):.3f}"
+                + (f", paraphrase {statistics.fmean(scores['recall_paraphrase']):.3f}" if para_items else ""))
+            for p in passages:
+                total, n = _nll(lm, arm, p["text"])
+                tokens += n
+                scores["passage_nll"].append(total / n)
+                records.append({"arm": name, "kind": "ppl", "item_id": p["id"], "source": p["source"], "tokens": n,
+                                "nll_sum": total})
+            preds = [_mmlu_letter(lm, arm, q, letter_ids) for q in mmlu]
+            if name == "none":
+                reference["mmlu"] = preds
+                reference["nll"] = list(scores["passage_nll"])
+                reference["tokens"] = tokens
+            for q, pred, ref in zip(mmlu, preds, reference["mmlu"]):
+                scores["mmlu_acc"].append(float(pred == q["answer"]))
+                scores["mmlu_agree"].append(float(pred == ref))
+                records.append({"arm": name, "kind": "mmlu", "item_id": q["id"], "pred": pred, "answer": q["answer"],
+                                "bare_pred": ref})
+            if overhead and name.startswith("pkm"):
+                cost["forward_overhead_512"] = forward_overhead(lm, arm.memory())
+        arm_scores_nll = scores["passage_nll"]
+        nll_mean = statistics.fmean(arm_scores_nll)
+        ref_mean = statistics.fmean(reference["nll"])
+        drift_ci = bootstrap_mean_ci([a - b for a, b in zip(arm_scores_nll, reference["nll"])], seed=seed)
+        metrics = {k2: (statistics.fmean(v) if v else None) for k2, v in scores.items() if k2 != "passage_nll"}
+        metrics["ppl"] = math.exp(nll_mean)
+        metrics["ppl_drift"] = math.exp(nll_mean - ref_mean) - 1.0
+        metrics["qa_drift"] = metrics["mmlu_acc"] - statistics.fmean(
+            float(p == q["answer"]) for p, q in zip(reference["mmlu"], mmlu))
+        ci95 = {k2: list(bootstrap_mean_ci(v, seed=seed)) if v else None for k2, v in scores.items()
+                if k2 != "passage_nll"}
+        ci95["ppl_drift"] = [math.exp(drift_ci[0]) - 1.0, math.exp(drift_ci[1]) - 1.0]
+        stored = int(arm.bytes_stored())
+        cost.update(prepare_s=prepare_s, wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+                    bytes_stored=stored, bytes_per_fact=stored / len(facts), generate_s_total=gen_s,
+                    ppl_tokens=tokens)
+        results_arms[name] = {"n": len(recall_facts), "scored": len(recall_facts), "skipped": 0,
+                              "skipped_reasons": {}, "metrics": metrics, "ci95": ci95, "cost": cost}
+        per_arm[name] = scores
+        log(f"{name}: ppl drift {metrics['ppl_drift']:+.4f}, MMLU {metrics['mmlu_acc']:.3f} "
+            f"(agree {metrics['mmlu_agree']:.3f}), stored {stored:,} bytes")
+        arm.close()
+
+    comparisons = []
+    pairs = [(a, "none") for a in names if a != "none"]
+    if "pkm" in names and "pkm_gated" in names:
+        pairs.append(("pkm_gated", "pkm"))
+    for a, b in pairs:
+        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("mmlu_acc", True),
+                               ("passage_nll", False)):
+            xs, ys = per_arm[a][metric], per_arm[b][metric]
+            if xs and ys:
+                comparisons.append({"a": a, "b": b, "metric": metric,
+                                    **compare_paired(xs, ys, binary=binary, seed=seed)})
+    results = {
+        "schema_version": SCHEMA_VERSION, "task": "facts", "task_version": FactsTask.version,
+        "model": lm.fingerprint.to_dict(), "model_name": lm.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n": len(recall_facts), "seed": seed,
+        "config": {"arms": names, "num_facts": len(facts), "recall_limit": recall_limit,
+                   "paraphrases": len(para_items), "ppl_passages": len(passages), "passage_words": passage_words,
+                   "mmlu_limit": len(mmlu), "gate_passages": len(gate_neg), "gate_questions": len(gate_q), "k": k,
+                   "max_new_tokens": max_new_tokens, "memory_options": memory_options or {},
+                   "data": str(data) if data is not None else f"generated (seed {seed})", "decoding": "greedy",
+                   "system_prompt": FACTS_SYSTEM},
+        "higher_is_better": {"recall": True, "recall_contains": True, "recall_paraphrase": True, "mmlu_acc": True,
+                             "mmlu_agree": True, "qa_drift": True, "ppl": False, "ppl_drift": False},
+        "arms": results_arms,
+        "comparisons": comparisons,
+    }
+    results = to_jsonable(results)
+    write_results(out, results)
+    write_items(out, records)
+    return results

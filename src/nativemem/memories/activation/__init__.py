@@ -1,0 +1,19 @@
+"""Activation memory: chunks stored as the model's own KV, retrieved by the model's own states, injected as a
+KV prefix (keys re-rotated for their new positions).
+
+See ``docs/research/activation-nnm.md`` for the method this re-implements and :mod:`.memory` for what
+``add``, ``search`` and ``active`` do. Modules: :mod:`.config`, :mod:`.kv` (capture, rotation, cache),
+:mod:`.encode` (KV-Embedding, token vectors, whitening, TwoNN), :mod:`.fit`, :mod:`.store` (Qdrant Edge or
+qdrant-client index, payload blobs, lock).
+"""
+
+from ..base import register_memory
+from .config import ActivationConfig
+from .kv import ChunkKV, build_cache, capture, kv_geometry
+from .memory import ActivationMemory, ChunkSkippedWarning
+from .store import BlobError
+
+__all__ = ["ActivationConfig", "ActivationMemory", "ChunkSkippedWarning", "BlobError", "ChunkKV", "build_cache",
+           "capture", "kv_geometry"]
+
+register_memory(ActivationMemory)

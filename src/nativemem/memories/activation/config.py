@@ -1,0 +1,113 @@
+"""Configuration of the activation memory (KV payload + retrieval by the model's own states).
+
+Defaults follow ``docs/research/activation-nnm.md``: the payload is the full per-layer KV of each chunk
+with keys stored before rotary encoding (the only injection the original system evaluated, §4), fp16;
+retrieval uses a KV-Embedding pooled vector (§1.1), token-level MaxSim, or either fused with BM25 (§6,
+exp16). Layer choice and the retrieval transform are fitted by :meth:`ActivationMemory.fit` on a fit set
+that is not the evaluated corpus (§8.5) and recorded in ``fit_report``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import InputError
+from ..base import MemoryConfig
+
+__all__ = ["ActivationConfig", "PAYLOADS", "KV_DTYPES", "VARIANTS", "BACKENDS"]
+
+PAYLOADS = ("kv", "residual", "none")
+KV_DTYPES = ("float16", "bfloat16", "float32", "int8")
+VARIANTS = ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25")
+BACKENDS = ("edge", "qdrant")
+ORDERS = ("best_first", "best_last")
+
+
+@dataclass
+class ActivationConfig(MemoryConfig):
+    """Activation memory: what is stored per chunk, how it is retrieved and how it is injected.
+
+    Bytes per token of the payload, for L layers, H KV heads of width Dh and hidden size D:
+    ``kv`` fp16 = 4·L·H·Dh; ``kv`` int8 = 2·L·H·(Dh+2); ``residual`` at layer c = 4·c·H·Dh + 2·D.
+    """
+
+    # ---- write
+    chunk_tokens: int = field(default=256, metadata={
+        "help": "token budget of one chunk (sentence-aware split; the template is not counted)"})
+    chunk_prefix: str = field(default="Context:", metadata={
+        "help": "text placed before each chunk's content (its own tokens; excluded from token vectors)"})
+    chunk_suffix: str = field(default="\n\n", metadata={"help": "text placed after each chunk's content"})
+    query_prefix: str = field(default="Query:", metadata={
+        "help": "role text before a query when encoding it for retrieval (KV-Embedding uses role names)"})
+    compress_prompt: str = field(default="Compress the context in one word:", metadata={
+        "help": "KV-Embedding compression prompt appended after the chunk (or query) for the pooled vector"})
+    batch_size: int = field(default=8, metadata={"help": "chunks per forward pass while writing"})
+    # ---- payload
+    payload: str = field(default="kv", metadata={
+        "help": "kv: every layer's KV (pre-RoPE keys); residual: KV of layers < checkpoint_layer plus the "
+                "residual stream entering checkpoint_layer, from which the other layers' KV are recomputed "
+                "at injection (smaller, slower); none: retrieval only (no payload, nothing is injected)"})
+    kv_dtype: str = field(default="float16", metadata={
+        "help": "float16 | bfloat16 | float32 | int8 (symmetric per token and head, fp16 scales)"})
+    checkpoint_layer: int | None = field(default=None, metadata={
+        "help": "layer whose input residual is stored when payload='residual'; None = one third of the depth"})
+    # ---- retrieval
+    variant: str = field(default="pooled", metadata={
+        "help": "default retrieval: pooled (KV-Embedding vector) | tokens (MaxSim over content tokens) | "
+                "hybrid (pooled + BM25, RRF) | hybrid_tokens (tokens + BM25, RRF) | bm25 (reference)"})
+    top_k: int = field(default=2, metadata={"help": "chunks injected per generation call"})
+    max_prefix_tokens: int = field(default=2048, metadata={"help": "cap on injected prefix tokens"})
+    prefix_order: str = field(default="best_first", metadata={
+        "help": "order of injected chunks: best_first (as RAG prompts list them) | best_last (nearest the question)"})
+    retrieval_layer: int | None = field(default=None, metadata={
+        "help": "layer whose output gives the retrieval vectors; None = chosen by fit() (before fit: 2/3 depth)"})
+    reroute_layers: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "layers whose last-token KV is re-routed as a one-slot prefix (KV-Embedding); None = TwoNN "
+                "choice of fit() (before fit: the retrieval layer)"})
+    reroute_bias: float = field(default=1.0, metadata={
+        "help": "attention-logit bias on the re-routed slot (paper Sec 3.2.2: b = 1.0)"})
+    pooled_dim: int | None = field(default=None, metadata={
+        "help": "dimensions kept by PCA whitening of pooled vectors; None = hidden size"})
+    token_dim: int | None = field(default=128, metadata={
+        "help": "dimensions kept by PCA whitening of token vectors (ColBERT-sized); None = hidden size"})
+    zscore: bool = field(default=True, metadata={"help": "z-score each dimension before whitening"})
+    shrinkage: float = field(default=0.1, metadata={
+        "help": "covariance shrinkage toward a scaled identity (fit sets are often smaller than the width)"})
+    rrf_k: int = field(default=60, metadata={"help": "k of reciprocal-rank fusion in the hybrid variants"})
+    candidates: int = field(default=50, metadata={"help": "per-ranker candidates fused by the hybrid variants"})
+    # ---- store
+    backend: str = field(default="edge", metadata={
+        "help": "edge: embedded Qdrant Edge shard in the memory folder; qdrant: qdrant-client (server, or "
+                "its local mode) with the same schema"})
+    qdrant_location: str = field(default="", metadata={
+        "help": "backend=qdrant: a URL (http://host:6333; API key from $QDRANT_API_KEY), ':memory:', or a "
+                "folder for qdrant-client's local mode"})
+    collection: str | None = field(default=None, metadata={
+        "help": "backend=qdrant: collection name; None = nativemem_activation_<fingerprint>_<transform>"})
+    blob_dir: str | None = field(default=None, metadata={
+        "help": "folder of payload blobs; None = <memory>/blobs (shared storage for a cluster)"})
+    # ---- set by fit()
+    fit_report: dict[str, Any] | None = field(default=None, metadata={
+        "help": "written by fit(): the TwoNN ID curve, chosen layers, probe scores, fit-set size"})
+
+    def __post_init__(self) -> None:
+        if self.reroute_layers is not None:
+            self.reroute_layers = tuple(int(i) for i in self.reroute_layers)
+        for name in ("chunk_tokens", "batch_size", "top_k", "max_prefix_tokens", "rrf_k", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, allowed in (("payload", self.payload, PAYLOADS), ("kv_dtype", self.kv_dtype, KV_DTYPES),
+                                     ("variant", self.variant, VARIANTS), ("backend", self.backend, BACKENDS),
+                                     ("prefix_order", self.prefix_order, ORDERS)):
+            if value not in allowed:
+                raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+        for name in ("pooled_dim", "token_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+        if not 0.0 <= self.shrinkage < 1.0:
+            raise InputError(f"shrinkage must be in [0, 1), got {self.shrinkage}")
+        if self.backend == "qdrant" and not self.qdrant_location:
+            raise InputError("backend='qdrant' needs qdrant_location (a URL, ':memory:' or a folder)")

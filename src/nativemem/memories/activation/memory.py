@@ -1,0 +1,626 @@
+"""ActivationMemory: chunks stored as the model's own KV (payload) plus retrieval vectors from its own states.
+
+Write (:meth:`ActivationMemory.add`): sentence-aware chunks under a token budget; per batch of chunks one
+payload forward pass (KV with pre-RoPE keys, token vectors, the KV-Embedding slot) and one re-routed pass
+(pooled vector); blobs are written and fsynced, then the index points are upserted and flushed, then the
+chunk is acknowledged in the receipt.
+
+Read (:meth:`search`, :meth:`active`): the query is encoded the same way and searched with the configured
+variant, restricted to the caller's ``user_id``; the retrieved chunks' KV become a prefix cache (keys
+rotated for their new positions) and ``lm.generate`` prefills only the chat-formatted question after it.
+A chunk whose blob is missing or corrupted is skipped with a :class:`ChunkSkippedWarning`; the others are
+still served. Several chunks are encoded independently, so a later chunk never attended to an earlier one
+(unlike the same tokens given as text); with one chunk, injection equals the text prompt exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+
+from ...errors import ContextOverflowError, InputError
+from ...text import chunk_text
+from ..base import Hit, Injection, Memory, Receipt
+from .config import ActivationConfig
+from .encode import Encoded, Layout, Transform, encode
+from .kv import ChunkKV, build_cache, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
+from .store import (DEFAULT_USER, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id, open_store,
+                    serialize)
+
+__all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
+
+BLOB_FORMAT = "nativemem-activation-blob/1"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ChunkSkippedWarning(UserWarning):
+    """A retrieved chunk could not be injected (missing or corrupted blob, other model); others still are."""
+
+
+class ActivationMemory(Memory):
+    """Stores chunks as KV payloads and retrieves them by the model's own states (see module docstring)."""
+
+    kind = "activation"
+    config_cls = ActivationConfig
+    param_prefix = "activation_"
+    supports_search = True
+
+    def __init__(self, lm, config: ActivationConfig | None = None, *, path=None):
+        super().__init__(lm, config, path=path)
+        self.config: ActivationConfig
+        self.geometry = kv_geometry(lm.model)
+        self.pooled_transform = Transform()
+        self.token_transform = Transform()
+        self._store: Store | None = None
+        self._tmpdir: str | None = None
+        self._bos_cache: dict[str, Any] | None = None
+        L = self.geometry.num_layers
+        for name in ("retrieval_layer", "checkpoint_layer"):
+            value = getattr(self.config, name)
+            if value is not None and not 0 <= value < L:
+                raise InputError(f"{name} {value} is out of range: the model has {L} layers")
+        for layer in self.config.reroute_layers or ():
+            if not 0 <= layer < L:
+                raise InputError(f"reroute layer {layer} is out of range: the model has {L} layers")
+
+    # ------------------------------------------------------------------ layers and layout
+    @property
+    def retrieval_layer(self) -> int:
+        if self.config.retrieval_layer is not None:
+            return self.config.retrieval_layer
+        report = self.config.fit_report or {}
+        if "retrieval_layer" in report:
+            return int(report["retrieval_layer"])
+        return (2 * (self.geometry.num_layers - 1)) // 3
+
+    @property
+    def reroute_layers(self) -> list[int]:
+        if self.config.reroute_layers is not None:
+            return list(self.config.reroute_layers)
+        report = self.config.fit_report or {}
+        return [int(l) for l in report.get("reroute_layers", [self.retrieval_layer])]
+
+    @property
+    def checkpoint_layer(self) -> int | None:
+        if self.config.payload != "residual":
+            return None
+        c = self.config.checkpoint_layer
+        return c if c is not None else self.geometry.num_layers // 3
+
+    @property
+    def layers_used(self) -> list[int]:
+        return sorted({self.retrieval_layer, *self.reroute_layers})
+
+    def _bos(self) -> list[int]:
+        bos = self.lm.tokenizer.bos_token_id
+        return [] if bos is None else [int(bos)]
+
+    def _enc(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def chunk_layout(self, text: str) -> Layout:
+        """``[BOS] + chunk_prefix + " " + text + chunk_suffix`` (+ the compression prompt for pass 1/2)."""
+        head = self._bos() + self._enc(self.config.chunk_prefix)
+        content = self._enc(" " + text if self.config.chunk_prefix else text)
+        ids = head + content + self._enc(self.config.chunk_suffix)
+        return Layout(tuple(ids), (len(head), len(head) + len(content)), tuple(self._enc(self.config.compress_prompt)))
+
+    def query_layout(self, query: str) -> Layout:
+        head = self._bos() + self._enc(self.config.query_prefix)
+        content = self._enc(" " + query if self.config.query_prefix else query)
+        ids = head + content + self._enc(self.config.chunk_suffix)
+        return Layout(tuple(ids), (len(head), len(head) + len(content)), tuple(self._enc(self.config.compress_prompt)))
+
+    # ------------------------------------------------------------------ store
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if self.path is None:  # an unsaved memory keeps its store in a temporary folder
+                self._tmpdir = tempfile.mkdtemp(prefix="nativemem-activation-")
+                self.path = Path(self._tmpdir)
+            folder = Path(self.path).resolve()
+            blob_dir = Path(self.config.blob_dir) if self.config.blob_dir else folder / "blobs"
+            key = f"{self.config.backend}:{folder}"
+            self._store = open_store(key, backend=self.config.backend, folder=folder, blob_dir=blob_dir,
+                                     dims=self.dims(), location=self.config.qdrant_location,
+                                     collection=self.collection_name())
+        return self._store
+
+    def dims(self) -> dict[str, int]:
+        D = self.geometry.hidden_size
+        return {"pooled": self.pooled_transform.dim(D), "tokens": self.token_transform.dim(D)}
+
+    def transform_id(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.pooled_transform, self.token_transform):
+            for x in (t.mean, t.scale, t.proj):
+                if x is not None:
+                    h.update(x.float().cpu().numpy().tobytes())
+        h.update(json.dumps([self.retrieval_layer, self.reroute_layers, self.config.chunk_prefix,
+                             self.config.query_prefix, self.config.compress_prompt]).encode())
+        return h.hexdigest()[:10]
+
+    def collection_name(self) -> str:
+        return self.config.collection or f"nativemem_activation_{self.fingerprint.short}_{self.transform_id()}"
+
+    def close(self) -> None:
+        """Release this object's hold on the store (the store closes when no Memory of it remains)."""
+        self._store = None
+        if self._tmpdir is not None:
+            import gc
+
+            gc.collect()
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, layouts: Sequence[Layout], *, pooled: bool, payload: bool) -> list[Encoded]:
+        return encode(self.lm.model, layouts, layer=self.retrieval_layer, reroute=self.reroute_layers,
+                      bias=self.config.reroute_bias, pooled=pooled, payload=payload,
+                      checkpoint_layer=self.checkpoint_layer, pad_id=self._pad_id())
+
+    def _pad_id(self) -> int:
+        tok = self.lm.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def _check_fits(self, layout: Layout, what: str) -> None:
+        n = len(layout.pass_ids)
+        if n > self.lm.max_context:
+            raise ContextOverflowError(n, self.lm.max_context, what=what)
+
+    # ------------------------------------------------------------------ write
+    def add(self, texts, *, user_id: str | None = None, metadata: dict[str, Any] | None = None,
+            source_ids: Sequence[str] | None = None) -> Receipt:
+        """Chunk, encode and store ``texts`` for ``user_id``.
+
+        Args:
+            texts: one text or a list of texts.
+            user_id: owner; searches of other users never see these chunks (None = the anonymous user).
+            metadata: JSON-serialisable fields stored with every chunk (``source_id`` names the source;
+                with several texts, ``:<i>`` is appended to it).
+            source_ids: one source id per text (instead of ``metadata["source_id"]``).
+
+        Returns:
+            Receipt with one id per chunk; ``details["chunks"]`` has tokens and bytes per chunk.
+        """
+        start = time.perf_counter()
+        texts = self._texts(texts)
+        user = _check_user(user_id)
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata)
+        except TypeError as e:
+            raise InputError(f"metadata must be JSON-serialisable: {e}") from None
+        base_source = metadata.pop("source_id", None)
+        if source_ids is not None and len(source_ids) != len(texts):
+            raise InputError(f"source_ids has {len(source_ids)} entries for {len(texts)} texts")
+        pending = []  # (source_id, chunk_index, text, layout)
+        for i, text in enumerate(texts):
+            if source_ids is not None:
+                source = str(source_ids[i])
+            elif base_source is None:
+                source = new_id()
+            else:
+                source = str(base_source) if len(texts) == 1 else f"{base_source}:{i}"
+            for j, chunk in enumerate(chunk_text(text, self.config.chunk_tokens, self.lm.count_tokens)):
+                layout = self.chunk_layout(chunk)
+                self._check_fits(layout, what=f"chunk {j} of text {i} with its template and compression prompt")
+                pending.append((source, j, chunk, layout))
+        receipt = Receipt(self.kind, "add", layers=self.layers_used,
+                          details={"chunks": [], "payload": self.config.payload, "kv_dtype": self.config.kv_dtype,
+                                   "bytes_per_token": self.bytes_per_token(), "user_id": user})
+        if not self.pooled_transform.fitted:
+            receipt.notes.append("retrieval transform not fitted (raw states, cosine): call fit() on a separate "
+                                 "fit set before adding for better retrieval")
+        store = self.store
+        for b in range(0, len(pending), self.config.batch_size):
+            batch = pending[b: b + self.config.batch_size]
+            encoded = self._encode([p[3] for p in batch], pooled=True, payload=self.config.payload != "none")
+            points, infos = [], []
+            for (source, j, chunk, layout), enc in zip(batch, encoded):
+                blob = self._blob_bytes(layout, enc) if self.config.payload != "none" else b""
+                sha = store.blobs.put(blob) if blob else ""  # durable before the index knows about it
+                mid = new_id()
+                n_tokens = len(layout.ids) - len(self._bos())
+                pooled = self.pooled_transform.apply(enc.pooled)
+                tokens = self.token_transform.apply(enc.tokens)
+                points.append(IndexPoint(mid, pooled.tolist(), tokens.tolist(), bm25_document(chunk), {
+                    "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
+                    "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": sha,
+                    "tokens": n_tokens, "payload_kind": self.config.payload, "metadata": metadata}))
+                index_bytes = 4 * (pooled.numel() + tokens.numel())
+                infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
+                              "blob_bytes": len(blob), "index_vector_bytes": index_bytes, "blob": sha})
+            store.index.upsert(points)  # flushed: acknowledged from here on
+            for info in infos:
+                receipt.ids.append(info["id"])
+                receipt.tokens += info["tokens"]
+                receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
+                receipt.details["chunks"].append(info)
+        receipt.elapsed_s = time.perf_counter() - start
+        return receipt
+
+    def bytes_per_token(self) -> int:
+        if self.config.payload == "none":
+            return 0
+        return self.geometry.bytes_per_token(self.config.kv_dtype, self.config.payload, self.checkpoint_layer)
+
+    def _blob_bytes(self, layout: Layout, enc: Encoded) -> bytes:
+        """Serialise one chunk's payload (BOS position dropped) deterministically."""
+        skip = len(self._bos())
+        kv = enc.captured.kv
+        upto = self.geometry.num_layers if self.checkpoint_layer is None else self.checkpoint_layer
+        tensors: dict[str, torch.Tensor] = {"input_ids": torch.tensor(layout.ids[skip:], dtype=torch.int64)}
+        for l in range(upto):
+            for name, x in (("k", kv.keys[l][:, skip:]), ("v", kv.values[l][:, skip:])):
+                if self.config.kv_dtype == "int8":
+                    q, scale = quantize_int8(x)
+                    tensors[f"{name}.{l}"], tensors[f"{name}.{l}.scale"] = q, scale
+                else:
+                    tensors[f"{name}.{l}"] = x.to(_DTYPES[self.config.kv_dtype])
+        if self.checkpoint_layer is not None:
+            resid = enc.captured.hidden[-self.checkpoint_layer - 1][skip:]
+            tensors["residual"] = resid.to(_DTYPES.get(self.config.kv_dtype, torch.float16))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        g = self.geometry
+        meta = {"format": BLOB_FORMAT, "fingerprint": self.fingerprint.short, "payload": self.config.payload,
+                "kv_dtype": self.config.kv_dtype, "num_layers": str(g.num_layers), "num_kv_heads": str(g.num_kv_heads),
+                "head_dim": str(g.head_dim), "hidden_size": str(g.hidden_size), "bos": str(bool(skip)),
+                "checkpoint_layer": str(self.checkpoint_layer)}
+        return serialize(tensors, meta)
+
+    # ------------------------------------------------------------------ payload read
+    def _bos_state(self) -> dict[str, Any]:
+        """KV (and checkpoint residual) of the BOS token alone: the same for every prefix."""
+        if self._bos_cache is None:
+            bos = self._bos()
+            state: dict[str, Any] = {"ids": bos, "kv": None, "residual": None}
+            if bos:
+                c = self.checkpoint_layer
+                cap = capture(self.lm.model, [bos], kv=True, input_layers=[c] if c is not None else [])[0]
+                state["kv"] = cap.kv
+                if c is not None:
+                    state["residual"] = cap.hidden[-c - 1]
+            self._bos_cache = state
+        return self._bos_cache
+
+    def load_chunk(self, payload: dict[str, Any]) -> tuple[list[int], ChunkKV]:
+        """Token ids and pre-RoPE KV of one stored chunk (a copy: the blob is never modified).
+
+        Raises:
+            BlobError: the blob is missing, corrupted, or was written for another model or layout.
+        """
+        sha = payload.get("blob", "")
+        data = self.store.blobs.get(sha)
+        try:
+            tensors = st_load(data)
+            meta = _safetensors_metadata(data)
+        except Exception as e:
+            raise BlobError(f"payload blob {sha} cannot be read: {e}") from e
+        g = self.geometry
+        if meta.get("format") != BLOB_FORMAT:
+            raise BlobError(f"payload blob {sha} has format {meta.get('format')!r}, expected {BLOB_FORMAT!r}")
+        for name, want in (("fingerprint", self.fingerprint.short), ("num_layers", str(g.num_layers)),
+                           ("num_kv_heads", str(g.num_kv_heads)), ("head_dim", str(g.head_dim))):
+            if meta.get(name) != want:
+                raise BlobError(f"payload blob {sha} does not match this model: {name} is {meta.get(name)!r} in "
+                                f"the blob but {want!r} for the model (layer or model mismatch)")
+        ids = tensors["input_ids"].tolist()
+        c = None if meta.get("checkpoint_layer") in (None, "None") else int(meta["checkpoint_layer"])
+        upto = g.num_layers if c is None else c
+        keys, values = [], []
+        for l in range(upto):
+            for name, out in (("k", keys), ("v", values)):
+                x = tensors[f"{name}.{l}"]
+                if meta.get("kv_dtype") == "int8":
+                    x = dequantize_int8(x, tensors[f"{name}.{l}.scale"])
+                out.append(x)
+        if c is not None:
+            resid = tensors["residual"]
+            bos = self._bos_state()
+            if bos["residual"] is not None:
+                resid = torch.cat([bos["residual"].to(resid.dtype), resid], dim=0)
+            skip = len(bos["ids"])
+            for k, v in recompute_kv(self.lm.model, resid, c):
+                keys.append(k[:, skip:])
+                values.append(v[:, skip:])
+        return ids, ChunkKV(keys, values)
+
+    def _injection(self, payloads: Sequence[dict[str, Any]]) -> tuple[Injection, list[str]]:
+        """Injection for the given chunks (in order); unreadable chunks are skipped with a warning."""
+        bos = self._bos_state()
+        ids: list[int] = list(bos["ids"])
+        segments: list[ChunkKV] = [bos["kv"]] if bos["kv"] is not None else []
+        used = []
+        for p in payloads:
+            try:
+                chunk_ids, kv = self.load_chunk(p)
+            except BlobError as e:
+                warnings.warn(f"chunk {p.get('memory_id')} skipped: {e}", ChunkSkippedWarning, stacklevel=3)
+                continue
+            ids += chunk_ids
+            segments.append(kv)
+            used.append(str(p.get("memory_id")))
+        if not used:
+            return Injection(), []
+        cache = build_cache(self.lm.model, segments)
+        prefix = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
+        return Injection(prefix_ids=prefix, past_key_values=cache), used
+
+    # ------------------------------------------------------------------ search
+    def encode_query(self, query: str, *, variant: str) -> dict[str, Any]:
+        """Transformed query vectors for ``variant`` (pooled and/or token vectors and the BM25 sparse vector)."""
+        out: dict[str, Any] = {}
+        if variant in ("hybrid", "hybrid_tokens", "bm25"):
+            out["sparse"] = bm25_query(query)
+        if variant != "bm25":
+            layout = self.query_layout(query)
+            self._check_fits(layout, what="query with its template and compression prompt")
+            enc = self._encode([layout], pooled=variant in ("pooled", "hybrid"), payload=False)[0]
+            if enc.pooled is not None:
+                out["pooled"] = self.pooled_transform.apply(enc.pooled).tolist()
+            if variant in ("tokens", "hybrid_tokens"):
+                out["tokens"] = self.token_transform.apply(enc.tokens).tolist()
+        return out
+
+    def search(self, query: str, *, k: int = 4, user_id: str | None = None, variant: str | None = None,
+               memory_ids: Sequence[str] | None = None) -> list[Hit]:
+        """Top-``k`` chunks of ``user_id`` for ``query`` (never another user's).
+
+        Args:
+            variant: pooled | tokens | hybrid | hybrid_tokens | bm25 (default: the config's).
+            memory_ids: restrict the search to these chunk ids.
+        """
+        from .config import VARIANTS
+
+        variant = variant or self.config.variant
+        if variant not in VARIANTS:
+            raise InputError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        from ...text import check_text
+
+        query = check_text(query, what="query")
+        vectors = self.encode_query(query, variant=variant)
+        rows = self.store.index.query(variant, user_id=_check_user(user_id), limit=k,
+                                      candidates=max(self.config.candidates, k), rrf_k=self.config.rrf_k,
+                                      memory_ids=memory_ids, **vectors)
+        return [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
+
+    def prefix_for(self, query: str | None, *, user_id: str | None = None) -> tuple[list[int], list[dict]]:
+        """The chunks ``active()`` would inject for ``query`` (payloads, in prefix order) and the prefix token ids
+        they stand for; used by the ``text_same_order`` benchmark arm."""
+        payloads = self._select(query, user_id)
+        ids = list(self._bos())
+        for p in payloads:
+            try:
+                ids += self.load_chunk(p)[0]
+            except BlobError:
+                continue
+        return ids, payloads
+
+    def _select(self, query: str | None, user_id: str | None) -> list[dict]:
+        """Payloads to inject, in prefix order: the top_k search hits for ``query`` that fit the token budget.
+
+        Without a query (``lm.logits`` does not pass one) the user's most recently added chunks are used.
+        """
+        cfg = self.config
+        if query is None or not query.strip():
+            # no query (e.g. lm.logits): the user's most recent chunks
+            rows = self.store.index.scroll(user_id=_check_user(user_id))
+            rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("chunk_index", 0)), reverse=True)
+            payloads = [p for _, p in rows[: cfg.top_k]]
+        else:
+            payloads = [h.payload for h in self.search(query, k=cfg.top_k, user_id=user_id)]
+        chosen, total = [], 0
+        for p in payloads:
+            n = int(p.get("tokens", 0))
+            if total + n > cfg.max_prefix_tokens:
+                continue
+            chosen.append(p)
+            total += n
+        return chosen[::-1] if cfg.prefix_order == "best_last" else chosen
+
+    @contextmanager
+    def _activate(self, *, user_id: str | None, query: str | None) -> Iterator[Injection]:
+        if self.config.payload == "none":  # a retrieval-only memory has nothing to inject
+            yield Injection()
+            return
+        injection, _ = self._injection(self._select(query, user_id))
+        yield injection
+
+    def injecting(self, memory_ids: Sequence[str]) -> _Pinned:
+        """A memory-like view that injects exactly these chunks (oracle/random benchmark arms)."""
+        return _Pinned(self, list(memory_ids))
+
+    # ------------------------------------------------------------------ delete and maintenance
+    def delete(self, memory_id: str) -> Receipt:
+        """Remove one chunk (by memory id) or every chunk of a source (by source id): index points, then blobs."""
+        start = time.perf_counter()
+        index = self.store.index
+        rows = index.get([str(memory_id)])
+        if not rows:
+            rows = index.scroll(field_name="source_id", values=[str(memory_id)])
+        if not rows:
+            return Receipt(self.kind, "delete", notes=[f"no chunk or source {memory_id!r}"])
+        index.delete([pid for pid, _ in rows])
+        freed = 0
+        for sha in {p.get("blob") for _, p in rows}:
+            if sha and index.count(field_name="blob", value=sha) == 0:
+                path = self.store.blobs.path(sha)
+                freed += path.stat().st_size if path.is_file() else 0
+                self.store.blobs.delete(sha)
+        return Receipt(self.kind, "delete", ids=[pid for pid, _ in rows], tokens=sum(int(p.get("tokens", 0))
+                       for _, p in rows), elapsed_s=time.perf_counter() - start, details={"blob_bytes_freed": freed})
+
+    def check(self) -> Receipt:
+        """Verify every chunk's blob; the receipt lists unreadable chunks in ``notes`` (nothing is changed)."""
+        bad = []
+        for pid, p in self.store.index.scroll():
+            if p.get("payload_kind") == "none":
+                continue
+            try:
+                self.store.blobs.get(p.get("blob", ""))
+            except BlobError as e:
+                bad.append(f"{pid}: {e}")
+        return Receipt(self.kind, "check", notes=bad, details={"unreadable": len(bad)})
+
+    def gc(self) -> Receipt:
+        """Remove blobs no index point refers to (left by a crash between blob write and upsert)."""
+        used = {p.get("blob") for _, p in self.store.index.scroll(with_payload=["blob"])}
+        orphans = {sha: n for sha, n in self.store.blobs.all().items() if sha not in used}
+        for sha in orphans:
+            self.store.blobs.delete(sha)
+        return Receipt(self.kind, "gc", ids=sorted(orphans), notes=[f"removed {len(orphans)} unreferenced blob(s)"],
+                       details={"bytes_freed": sum(orphans.values())})
+
+    def stats(self) -> dict[str, Any]:
+        blobs = self.store.blobs.all()
+        rows = self.store.index.scroll(with_payload=["user_id", "tokens", "source_id"])
+        return {**super().stats(), "chunks": len(rows), "sources": len({p.get("source_id") for _, p in rows}),
+                "users": len({p.get("user_id") for _, p in rows}), "tokens": sum(int(p.get("tokens", 0))
+                                                                                  for _, p in rows),
+                "blobs": len(blobs), "blob_bytes": sum(blobs.values()), "payload": self.config.payload,
+                "kv_dtype": self.config.kv_dtype, "bytes_per_token": self.bytes_per_token(),
+                "retrieval_layer": self.retrieval_layer, "reroute_layers": self.reroute_layers,
+                "checkpoint_layer": self.checkpoint_layer, "fitted": self.pooled_transform.fitted,
+                "backend": self.config.backend, "dims": self.dims()}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.pooled_transform.state("activation_pooled"), **self.token_transform.state("activation_token")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith(("activation_pooled_", "activation_token_"))]
+        if unknown:
+            from ...errors import MemoryFormatError
+
+            raise MemoryFormatError(f"activation memory file holds unknown tensors {unknown[:3]}")
+        self.pooled_transform = Transform.from_state(state, "activation_pooled")
+        self.token_transform = Transform.from_state(state, "activation_token")
+        D = self.geometry.hidden_size
+        for name, t in (("pooled", self.pooled_transform), ("token", self.token_transform)):
+            if t.fitted and (t.proj.shape[0] != D or t.mean.shape[0] != D):
+                from ...errors import MemoryFormatError
+
+                raise MemoryFormatError(f"{name} transform expects width {t.proj.shape[0]}, the model has {D}")
+        if self._store is not None:
+            raise RuntimeError("load_state_dict after the store was opened")
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"store_initialized": True}
+
+    def save(self, path=None) -> Path:
+        """Write ``memory_config.json`` and ``memory.safetensors``; the store (and lock) is created first."""
+        if path is not None and self.path is not None and Path(path).resolve() != Path(self.path).resolve() \
+                and self._store is not None:
+            raise InputError(f"an activation memory lives in its folder {self.path}; copy the folder instead of "
+                             "saving it elsewhere")
+        if path is not None and self._store is None:
+            self.path = Path(path)
+        if self.path is not None:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+        _ = self.store  # a new memory folder gets its (empty) store and lock before its config says so
+        return super().save(path)
+
+    @classmethod
+    def open(cls, path, lm) -> ActivationMemory:
+        """Open a memory folder; the store is opened (and, for the embedded backend, locked) right away.
+
+        Raises:
+            MemoryFormatError: the config says the folder has an embedded store, but it is missing.
+        """
+        from ...errors import MemoryFormatError
+        from ..base import read_memory_config
+
+        meta = read_memory_config(Path(path))
+        mem = super().open(path, lm)
+        if mem.config.backend == "edge" and meta.get("state", {}).get("store_initialized") \
+                and not (Path(path) / "store" / "edge_config.json").is_file():
+            raise MemoryFormatError(f"{Path(path) / 'store'} is missing: the memory's index is gone (restore the "
+                                    "folder from a copy; the payload blobs alone cannot be searched)")
+        _ = mem.store
+        return mem
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, texts: Sequence[str], *, probe_pairs: Sequence[tuple[str, str]] | None = None,
+            tokens_per_text: int = 32, max_texts: int = 512, seed: int = 0) -> Receipt:
+        """Choose layers (TwoNN + retrieval probe) and fit the retrieval transforms on a separate fit set.
+
+        Only an empty memory can be fitted (stored vectors would no longer match). The ID curve, chosen
+        layers and probe scores go to ``config.fit_report``; the transforms to ``memory.safetensors``.
+
+        Args:
+            texts: the fit set (never the evaluated corpus).
+            probe_pairs: (query, relevant text) pairs for the probe; default: each fit text's first sentence
+                against the rest of it.
+            tokens_per_text: content tokens subsampled per text for TwoNN and the token transform.
+            max_texts: cap on fit texts used (seeded sample).
+        """
+        from .fit import fit_memory
+
+        return fit_memory(self, texts, probe_pairs=probe_pairs, tokens_per_text=tokens_per_text,
+                          max_texts=max_texts, seed=seed)
+
+    def _reset_store(self) -> None:
+        """Drop the (empty) index so it is re-created with the current transform's dimensions."""
+        store = self.store
+        if store.index.count() != 0:
+            raise InputError("fit() needs an empty memory: stored vectors would not match the new transform")
+        if self.config.backend == "edge":
+            store.close()
+            from .store import _OPEN
+
+            _OPEN.pop(f"{self.config.backend}:{Path(self.path).resolve()}", None)
+            shutil.rmtree(Path(self.path) / "store", ignore_errors=True)
+        else:
+            store.index.client.delete_collection(store.index.collection)
+            store.close()
+            from .store import _OPEN
+
+            _OPEN.pop(f"{self.config.backend}:{Path(self.path).resolve()}", None)
+        self._store = None
+
+
+class _Pinned:
+    """Memory-like object whose ``active()`` injects fixed chunks (no retrieval)."""
+
+    def __init__(self, memory: ActivationMemory, memory_ids: list[str]):
+        self.memory = memory
+        self.memory_ids = memory_ids
+        self.fingerprint = memory.fingerprint
+
+    @contextmanager
+    def active(self, *, lm=None, user_id=None, query=None) -> Iterator[Injection]:
+        if lm is not None and lm is not self.memory.lm:
+            self.fingerprint.check(lm.fingerprint)
+        rows = dict(self.memory.store.index.get(self.memory_ids))
+        payloads = [rows[i] for i in self.memory_ids if i in rows]
+        injection, _ = self.memory._injection(payloads)
+        yield injection
+
+
+def _check_user(user_id: str | None) -> str:
+    if user_id is None:
+        return DEFAULT_USER
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise InputError(f"user_id must be a non-empty string or None, got {user_id!r}")
+    return user_id
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + n])
+    return dict(header.get("__metadata__", {}))
+

@@ -1,0 +1,706 @@
+"""PKMMemory: product-key memory layers beside frozen MLPs, written with facts, with a relevance gate.
+
+What the operations do:
+
+- ``add(facts)``: parse the facts (see :mod:`.facts` for every accepted form; plain sentences become
+  completion facts), resolve duplicates (a later fact with the same prompt replaces the earlier one and
+  the receipt says so), check the pool's capacity, then train the value pool with the answer-only loss,
+  one fact per sequence, until every new fact is recalled (:mod:`.train`). On the first add the router's
+  input statistics are measured on the model's own hidden states. With ``gate_auto`` the relevance gate is
+  retrained at the end. The receipt holds steps, time, final loss, recall on the facts just added
+  (greedy-exact, computed as teacher-forced argmax over every answer token) and the cost of each phase.
+- reading (``active()``): a forward hook on every memory layer's MLP adds the memory output; with the gate
+  on, only where the gate opens (``gate_mode="hard"``) or scaled by it (``"soft"``).
+- ``delete(fact_id)``: unlearn one fact: the pool rows it reads are retrained so that the model's answer
+  distribution on that fact matches the model without memory, while the facts that share those rows keep
+  their answers (:meth:`PKMMemory.delete`); the receipt reports recall before and after.
+
+Design choices (measured, see the project's report): values start at zero with a random output
+projection (exact no-op, immediate gradient); router and projections are fixed by default, so a fact's
+rows depend only on its own hidden states and later adds or deletes stay local; the pool trains with a
+row-sparse Adam at its own learning rate. The memory is shared by all users (``user_id`` is recorded
+with each fact, not used to scope reads).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import InputError, MemoryFormatError
+from ...hooks import hooks, output_hidden, replace_output_hidden
+from ..base import Injection, Memory, Receipt
+from .config import PKMConfig, resolve_layers
+from .facts import Fact, parse_facts
+from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
+from .layer import PKMLayer
+from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_fact, evaluate_items, fact_margins,
+                    forward_answers, frozen, train_items)
+
+__all__ = ["PKMMemory"]
+
+_CALIBRATION_FACTS = 64  # facts whose hidden states (with the built-in texts) set the router statistics
+
+
+class PKMMemory(Memory):
+    """Product-key memory layers trained on facts (see the module docstring)."""
+
+    kind = "pkm"
+    config_cls = PKMConfig
+    param_prefix = "pkm_"
+
+    def __init__(self, lm, config: PKMConfig | None = None, *, path=None):
+        super().__init__(lm, config, path=path)
+        cfg: PKMConfig = self.config
+        d = lm.fingerprint.hidden_size
+        self.layer_ids = resolve_layers(cfg.layers, lm.fingerprint.num_layers)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.layers = nn.ModuleDict({
+            str(i): PKMLayer(d, num_keys=cfg.num_keys, heads=cfg.heads, top_k=cfg.top_k, key_dim=cfg.key_dim,
+                             temperature=cfg.temperature, generator=gen) for i in self.layer_ids}).to(lm.device)
+        self.gates = nn.ModuleDict({str(i): RelevanceGate(d, cfg.gate_hidden, generator=gen)
+                                    for i in self.layer_ids}).to(lm.device)
+        self.values = nn.Parameter(torch.zeros(cfg.num_slots, d, device=lm.device))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.records: dict[str, dict[str, Any]] = {}  # fact id -> fact dict (+ user_id), in insertion order
+        self.signatures: dict[str, torch.Tensor] = {}  # fact id -> int64 slots it reads most (top-1 per head)
+        self.calibrated = False
+        self.gate_trained = False
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._gate_acc: dict[int, list[float]] | None = None
+        self._last_gate: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ introspection
+    def parameters(self) -> Iterator[nn.Parameter]:
+        yield self.values
+        yield from self.layers.parameters()
+        yield from self.gates.parameters()
+
+    @property
+    def lowest_layer(self) -> int:
+        return self.layer_ids[0]
+
+    @property
+    def gate(self) -> bool:
+        """The relevance-gate switch (persisted in the config)."""
+        return self.config.gate
+
+    @gate.setter
+    def gate(self, on: bool) -> None:
+        self.config.gate = bool(on)
+
+    @property
+    def num_slots(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def max_facts(self) -> int:
+        """Capacity rule: slots / slots_per_fact."""
+        return self.num_slots // self.config.slots_per_fact
+
+    def slots_used(self) -> int:
+        return int((self.values.detach() != 0).any(dim=1).sum())
+
+    def stats(self) -> dict[str, Any]:
+        last = self._last_gate or {}
+        return {**super().stats(), "facts": len(self.records), "layers": list(self.layer_ids), "slots": self.num_slots,
+                "slots_used": self.slots_used(), "max_facts": self.max_facts,
+                "pool_bytes": self.values.numel() * self.values.element_size(),
+                "gate": bool(self.config.gate), "gate_trained": self.gate_trained,
+                "gate_mean_last": last.get("mean"), "gate_open_last": last.get("open"),
+                "gate_mean_last_by_layer": last.get("by_layer")}
+
+    # ------------------------------------------------------------------ the hooks
+    def _hook(self, layer_id: int, *, gate: bool, sparse: bool, record: dict | None, cell: dict | None = None):
+        layer: PKMLayer = self.layers[str(layer_id)]
+        gate_net: RelevanceGate = self.gates[str(layer_id)]
+        cfg: PKMConfig = self.config
+        values = self.values
+
+        def add_memory(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))  # (B, T, D)
+            y = output_hidden(output)
+            start = cell["start"] if cell is not None else 0  # tokens of a known shared prefix: no memory there
+            if start >= x.shape[1]:
+                return None
+            x_in = x[:, start:] if start else x
+            flat = x_in.reshape(-1, x.shape[-1])  # (BT, D)
+            z = layer.normalise(flat)
+            if record is not None and "z" in record:
+                record["z"].setdefault(layer_id, []).append(z.detach())
+            if not gate:
+                out, idx, _ = layer(flat, values, sparse=sparse, z=z)
+                if record is not None and "idx" in record:
+                    record["idx"].setdefault(layer_id, []).append(idx.view(*x_in.shape[:-1], *idx.shape[1:]))
+            else:
+                p = torch.sigmoid(gate_net(z))  # (BT,)
+                is_open = p > cfg.gate_threshold
+                if self._gate_acc is not None:
+                    acc = self._gate_acc.setdefault(layer_id, [0.0, 0, 0])
+                    acc[0] += float(p.sum())
+                    acc[1] += p.numel()
+                    acc[2] += int(is_open.sum())
+                if cfg.gate_mode == "soft":
+                    out = layer(flat, values, z=z)[0] * p[:, None]
+                else:
+                    rows = is_open.nonzero().squeeze(1)
+                    if rows.numel() == 0:
+                        return None  # closed everywhere: the output is untouched
+                    out = torch.zeros_like(flat, dtype=torch.float32)
+                    out[rows] = layer(flat[rows], values, z=z[rows])[0]
+            out = out.view(x_in.shape).to(y.dtype)
+            if start:
+                out = torch.cat([torch.zeros_like(y[:, :start]), out], dim=1)
+            return replace_output_hidden(output, y + out)
+
+        return add_memory
+
+    def known_prefixes(self) -> list[tuple[int, ...]]:
+        """Token prefixes the memory never acts on: the chat prefix facts are trained after, and BOS."""
+        if getattr(self, "_known", None) is None:
+            known = [tuple(chat_prefix(self.lm, self.config.system))]
+            bos = self.lm.tokenizer.bos_token_id
+            if bos is not None:
+                known.append((bos,))
+            self._known = sorted(set(known), key=len, reverse=True)
+        return self._known
+
+    def _prefix_hook(self, cell: dict):
+        """Forward pre-hook on the model: before a prefill, find the known prefix the input starts with."""
+        known = [] if self.config.train_prefix else self.known_prefixes()
+
+        def find_start(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            past = kwargs.get("past_key_values")
+            cell["start"] = 0
+            if ids is None or (past is not None and past.get_seq_length() > 0):
+                return None  # a decode step (or embeddings given): every position is new
+            for prefix in known:
+                n = len(prefix)
+                if ids.shape[1] >= n and all(ids[:, :n].eq(torch.tensor(prefix, device=ids.device)).all(dim=1)):
+                    cell["start"] = n
+                    break
+            return None
+
+        return find_start
+
+    @contextmanager
+    def _scope(self, *, gate: bool = False, sparse: bool = False, record: dict | None = None,
+               skip_prefix: bool = False) -> Iterator[None]:
+        """Memory hooks on every memory layer; ``skip_prefix`` (reading) leaves known prefixes untouched."""
+        cell = {"start": 0} if skip_prefix else None
+        specs = [("mlp", i, self._hook(i, gate=gate, sparse=sparse, record=record, cell=cell)) for i in self.layer_ids]
+        handle = self.lm.model.register_forward_pre_hook(self._prefix_hook(cell), with_kwargs=True) if skip_prefix else None
+        try:
+            with hooks(self.lm.model, specs):
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @contextmanager
+    def _activate(self, *, user_id: str | None, query: str | None) -> Iterator[Injection]:
+        if not self.records:  # nothing stored: the pool is all zeros, skip the work
+            yield Injection()
+            return
+        gate = bool(self.config.gate)
+        if gate and not self.gate_trained:
+            raise InputError("the relevance gate is on but has not been trained: call train_gate() or turn it off")
+        self._gate_acc = {} if gate else None
+        try:
+            with self._scope(gate=gate, skip_prefix=True):
+                yield Injection()
+        finally:
+            acc, self._gate_acc = self._gate_acc, None
+            if acc:
+                by_layer = {str(k): v[0] / max(1, v[1]) for k, v in sorted(acc.items())}
+                self._last_gate = {"mean": sum(v[0] for v in acc.values()) / max(1, sum(v[1] for v in acc.values())),
+                                   "open": sum(v[2] for v in acc.values()) / max(1, sum(v[1] for v in acc.values())),
+                                   "by_layer": by_layer}
+            elif not gate:
+                self._last_gate = None
+
+    # ------------------------------------------------------------------ facts -> items
+    def _items(self, facts: Sequence[Fact]) -> list[Item]:
+        cfg: PKMConfig = self.config
+        prefix = chat_prefix(self.lm, cfg.system)
+        items = []
+        for i, fact in enumerate(facts):
+            it = encode_fact(self.lm, fact, system=cfg.system, prefix=prefix, train_prefix=cfg.train_prefix)
+            it.index = i
+            if len(it.ids) > self.lm.max_context:
+                raise InputError(f"fact {fact.id!r} needs {len(it.ids)} tokens, more than the model's window")
+            items.append(it)
+        return items
+
+    def _cache(self, items: Sequence[Item], prefixes: PrefixCache) -> None:
+        pad = self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0
+        dtype = torch.float32 if self.config.cache_dtype == "float32" else torch.bfloat16
+        cache_items(self.lm.model, items, self.lowest_layer, pad_id=pad, dtype=dtype, prefixes=prefixes)
+
+    @torch.no_grad()
+    def _calibrate(self, items: Sequence[Item]) -> None:
+        """Router input statistics from the model's own MLP inputs (facts and built-in general text)."""
+        seqs = [it.ids for it in items[:_CALIBRATION_FACTS]]
+        seqs += [self.lm.chat_ids(q, system=self.config.system)[0].tolist() for q in GENERAL_QUESTIONS]
+        bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
+        seqs += [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_TEXTS]
+        grabbed = self._mlp_inputs(seqs)
+        for i in self.layer_ids:
+            self.layers[str(i)].calibrate(torch.cat(grabbed[i]))
+        self.calibrated = True
+
+    @torch.no_grad()
+    def _mlp_inputs(self, seqs: Sequence[Sequence[int]], *, memory: bool = False) -> dict[int, list[torch.Tensor]]:
+        """MLP inputs (normalised when ``memory``) at every memory layer for every real token of ``seqs``.
+
+        With ``memory`` the memory is on (gate off) and the normalised inputs z are returned; the forward
+        stops after the top memory layer.
+        """
+        model = self.lm.model
+        device = self.lm.device
+        out: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
+        top = self.layer_ids[-1]
+        for start in range(0, len(seqs), 16):
+            chunk = seqs[start:start + 16]
+            width = max(len(s) for s in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+            valid = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for b, s in enumerate(chunk):
+                ids[b, : len(s)] = torch.tensor(s, device=device)
+                valid[b, : len(s)] = True
+            grabbed: dict[int, torch.Tensor] = {}
+
+            def make(i):
+                def grab(module, args, kwargs, output):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    grabbed[i] = x.detach().float().reshape(-1, x.shape[-1])
+                    if i == top:
+                        raise _Stop
+                return grab
+
+            specs = [("mlp", i, make(i)) for i in self.layer_ids]
+            with hooks(model, specs):
+                try:
+                    if memory:
+                        with self._scope(skip_prefix=True):
+                            model(input_ids=ids, use_cache=False)
+                    else:
+                        model.base_model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+            keep = valid.reshape(-1).to(device)
+            for i in self.layer_ids:
+                x = grabbed[i]
+                out[i].append((self.layers[str(i)].normalise(x) if memory else x)[keep].cpu())
+        return out
+
+    # ------------------------------------------------------------------ add
+    def add(self, texts, *, user_id: str | None = None, metadata: dict[str, Any] | None = None,
+            progress=None) -> Receipt:
+        """Store facts (any form :func:`~nativemem.memories.pkm.facts.parse_facts` accepts) and train them in.
+
+        Raises:
+            InputError: no facts, an empty answer, a malformed fact, or more facts than the pool holds
+                (checked before any training).
+        """
+        start = time.perf_counter()
+        cfg: PKMConfig = self.config
+        facts = parse_facts(texts)
+        notes: list[str] = []
+        # duplicates: the later fact with the same prompt wins
+        latest: dict[str, Fact] = {}
+        conflicts = repeats = 0
+        for f in facts:
+            prev = latest.get(f.key)
+            if prev is not None:
+                conflicts += prev.answer != f.answer
+                repeats += prev.answer == f.answer
+            latest[f.key] = f
+        stored_by_key = {_key(r): fid for fid, r in self.records.items()}
+        new: list[Fact] = []
+        replaced: list[str] = []
+        already = 0
+        for key, f in latest.items():
+            old = stored_by_key.get(key)
+            if old is not None and self.records[old]["answer"] == f.answer:
+                already += 1
+                continue
+            if old is not None:
+                replaced.append(old)
+            new.append(f)
+        if conflicts:
+            notes.append(f"{conflicts} fact(s) repeated a prompt with another answer in this call: the later answer wins")
+        if repeats:
+            notes.append(f"{repeats} exact duplicate(s) in this call were stored once")
+        if already:
+            notes.append(f"{already} fact(s) were already stored with the same answer")
+        if replaced:
+            notes.append(f"{len(replaced)} stored fact(s) got a new answer (the later one wins): {replaced[:5]}")
+        if not new:
+            return Receipt(self.kind, "add", notes=notes or ["nothing new to store"],
+                           elapsed_s=time.perf_counter() - start)
+        total = len(self.records) - len(replaced) + len(new)
+        if total > self.max_facts:
+            raise InputError(
+                f"the pool has {self.num_slots:,} slots, room for {self.max_facts:,} facts at {cfg.slots_per_fact} slots "
+                f"per fact, but {total:,} facts were requested: create the memory with a larger num_keys "
+                f"(num_keys={_keys_for(total, cfg.slots_per_fact)} holds {total:,}) or fewer facts")
+        for old in replaced:
+            self.records.pop(old)
+            self.signatures.pop(old, None)
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        items = self._items(new)
+        if not self.calibrated:
+            self._calibrate(items)
+        timings["calibrate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prefixes = PrefixCache(self.lm.model)
+        self._cache(items, prefixes)
+        timings["cache_s"] = time.perf_counter() - t0
+        result = self._train(items, prefixes, progress=progress)
+        timings["train_s"] = result.train_s
+        timings["eval_s"] = result.eval_s
+        if result.stopped.startswith("non-finite"):
+            notes.append(f"training stopped: {result.stopped}")
+        elif result.stopped == "max_epochs" and result.recall < 1.0:
+            notes.append(f"max_epochs={cfg.max_epochs} reached with recall {result.recall:.3f} on the new facts")
+
+        # record the facts and the rows they read most (for delete)
+        sigs = self._signatures(items, prefixes)
+        for f, it in zip(new, items):
+            self.records[f.id] = {**f.to_dict(), "user_id": user_id, "metadata": metadata or {}}
+            self.signatures[f.id] = sigs[it.index]
+        details: dict[str, Any] = {
+            "recall": result.recall, "facts": len(new), "epochs": result.epochs, "exposures_per_fact": result.exposures,
+            "epoch_active": result.epoch_active, "epoch_losses": result.epoch_losses, "stopped": result.stopped,
+            "polished": result.polished, "replaced": replaced, "slots_used": self.slots_used(),
+            "slots": self.num_slots, **timings}
+        if cfg.gate_auto and not result.stopped.startswith("non-finite"):
+            t0 = time.perf_counter()
+            details["gate"] = self.train_gate(items=items, prefixes=prefixes)
+            details["gate_s"] = time.perf_counter() - t0
+        tokens = sum(len(it.ids) for it in items)
+        return Receipt(self.kind, "add", ids=[f.id for f in new], tokens=tokens,
+                       bytes_written=self.slots_used() * self.values.shape[1] * 4, layers=list(self.layer_ids),
+                       steps=result.steps, final_loss=result.final_loss, elapsed_s=time.perf_counter() - start,
+                       notes=notes, details=details)
+
+    def _trainable(self) -> tuple[list[nn.Parameter], list[torch.optim.Optimizer]]:
+        cfg: PKMConfig = self.config
+        params: list[nn.Parameter] = [self.values]
+        if "pool" not in self._optimizers:
+            self._optimizers["pool"] = (torch.optim.SparseAdam([self.values], lr=cfg.lr)
+                                        if cfg.pool_optimizer == "sparse_adam"
+                                        else torch.optim.Adam([self.values], lr=cfg.lr))
+        dense: list[nn.Parameter] = []
+        for layer in self.layers.values():
+            if cfg.train_router:
+                dense += [layer.query.weight, layer.keys]
+            if cfg.train_projections:
+                dense += [layer.gate_proj.weight, layer.out_proj.weight]
+        if dense and "dense" not in self._optimizers:
+            self._optimizers["dense"] = torch.optim.Adam(dense, lr=cfg.projection_lr)
+        opts = [self._optimizers["pool"]] + ([self._optimizers["dense"]] if dense else [])
+        return params + dense, opts
+
+    def _train(self, items: Sequence[Item], prefixes: PrefixCache, progress=None, loss_hook=None):
+        """Train the items in (bf16 autocast if configured, then a float32 polish of the facts it missed)."""
+        cfg: PKMConfig = self.config
+        params, opts = self._trainable()
+        sparse = cfg.pool_optimizer == "sparse_adam"
+        autocast = torch.bfloat16 if cfg.train_autocast == "bfloat16" and self.lm.dtype == torch.float32 else None
+        common = dict(memory_scope=lambda: self._scope(sparse=sparse), optimizers=opts, params=params,
+                      batch_size=cfg.batch_size, margin=cfg.margin, max_grad_norm=cfg.max_grad_norm,
+                      recheck_every=cfg.recheck_every, progress=progress, loss_hook=loss_hook)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with frozen(self.lm.model):
+                result = train_items(self.lm.model, items, self.lowest_layer, prefixes, max_epochs=cfg.max_epochs,
+                                     seed=cfg.seed + len(self.records), autocast=autocast, **common)
+                missed = [it for it, m in zip(items, result.margins) if m <= 0]
+                if autocast is not None and missed and not result.stopped.startswith("non-finite"):
+                    polish = train_items(self.lm.model, missed, self.lowest_layer, prefixes,
+                                         max_epochs=max(1, cfg.max_epochs - result.epochs), seed=cfg.seed + 1,
+                                         **common)
+                    result.steps += polish.steps
+                    result.epochs += polish.epochs
+                    result.epoch_active += polish.epoch_active
+                    result.epoch_losses += polish.epoch_losses
+                    result.final_loss = polish.final_loss if polish.final_loss is not None else result.final_loss
+                    result.exposures += polish.exposures * len(missed) / len(items)
+                    result.train_s += polish.train_s
+                    result.stopped = polish.stopped if polish.stopped.startswith("non-finite") else result.stopped
+                    t0 = time.perf_counter()
+                    result.margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
+                                                    lambda: self._scope())
+                    result.eval_s += polish.eval_s + time.perf_counter() - t0
+                    result.polished = len(missed)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return result
+
+    @torch.no_grad()
+    def _signatures(self, items: Sequence[Item], prefixes: PrefixCache) -> list[torch.Tensor]:
+        """Per item, the sorted unique slots read as top-1 of each head at its tokens, over every layer."""
+        sigs: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(items)
+        for start in range(0, len(items), 32):
+            chunk = list(items[start:start + 32])
+            rec: dict = {"idx": {}}
+            forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
+            for b, it in enumerate(chunk):
+                parts = [rec["idx"][i][0][b, : it.span_len, :, 0].reshape(-1) for i in self.layer_ids]
+                sigs[it.index] = torch.unique(torch.cat(parts)).cpu()
+        return sigs
+
+    # ------------------------------------------------------------------ gate
+    def train_gate(self, negatives: Sequence[str] = (), questions: Sequence[str] = (), *,
+                   items: Sequence[Item] | None = None, prefixes: PrefixCache | None = None,
+                   max_facts: int = 1000) -> dict[str, Any]:
+        """Train the per-layer relevance gates (backbone and memory frozen); see :mod:`.gate`.
+
+        Args:
+            negatives: extra neutral texts the gate should stay closed on (added to the built-in ones).
+            questions: extra general questions (asked in the chat format) it should stay closed on.
+            items: cached items of the stored facts (``add`` passes its own); None encodes up to
+                ``max_facts`` stored facts.
+            prefixes: their prefix cache.
+            max_facts: cap on stored facts used as positives.
+
+        Returns:
+            per layer: final loss and open rates on open and closed tokens; plus token counts.
+        """
+        if not self.records:
+            raise InputError("no facts stored: nothing to train the gate on")
+        cfg: PKMConfig = self.config
+        if items is None:
+            recs = list(self.records.values())
+            if len(recs) > max_facts:
+                recs = random.Random(cfg.seed).sample(recs, max_facts)
+            facts = [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in recs]
+            items = self._items(facts)
+            prefixes = PrefixCache(self.lm.model)
+            self._cache(items, prefixes)
+        elif len(items) > max_facts:
+            items = random.Random(cfg.seed).sample(list(items), max_facts)
+        prefixes = prefixes or PrefixCache(self.lm.model)
+        pos: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
+        with torch.no_grad():
+            groups: dict[tuple, list[Item]] = {}
+            for it in items:
+                groups.setdefault(it.prefix, []).append(it)
+            for group in groups.values():
+                for start in range(0, len(group), 32):
+                    chunk = group[start:start + 32]
+                    rec: dict = {"z": {}}
+                    forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
+                    width = max(it.span_len for it in chunk)
+                    keep = torch.zeros(len(chunk), width, dtype=torch.bool)
+                    for b, it in enumerate(chunk):
+                        keep[b, : it.span_len - 1] = True  # every fact token but the last
+                    for i in self.layer_ids:
+                        pos[i].append(rec["z"][i][0][keep.reshape(-1).to(self.lm.device)].cpu())
+        bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
+        seqs = [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (*NEUTRAL_TEXTS, *negatives)]
+        seqs = [s[: self.lm.max_context] for s in seqs]
+        seqs += [self.lm.chat_ids(q, system=cfg.system)[0].tolist() for q in (*GENERAL_QUESTIONS, *questions)]
+        neg = self._mlp_inputs(seqs, memory=True)
+        report: dict[str, Any] = {}
+        for n, i in enumerate(self.layer_ids):
+            zp, zn = torch.cat(pos[i]), torch.cat(neg[i])
+            z = torch.cat([zp, zn]).to(self.lm.device)
+            labels = torch.cat([torch.ones(len(zp)), torch.zeros(len(zn))]).to(self.lm.device)
+            gate = self.gates[str(i)]
+            for p in gate.parameters():
+                p.requires_grad_(True)
+            try:
+                report[str(i)] = fit_gate(gate, z, labels, steps=cfg.gate_steps, lr=cfg.gate_lr, seed=cfg.seed + n)
+            finally:
+                for p in gate.parameters():
+                    p.requires_grad_(False)
+        report["open_tokens"] = int(sum(len(t) for t in pos[self.layer_ids[0]]))
+        report["closed_tokens"] = int(sum(len(t) for t in neg[self.layer_ids[0]]))
+        self.gate_trained = True
+        return report
+
+    # ------------------------------------------------------------------ delete
+    def delete(self, memory_id: str, *, max_steps: int = 200, retain: int = 64) -> Receipt:
+        """Unlearn one fact and verify it (see the module docstring).
+
+        The pool rows the fact reads (all its top-k slots) are retrained, and only those rows: a KL loss pulls
+        the model's distribution on the fact's answer tokens to the model's without memory, and the answer
+        loss keeps ``retain`` stored facts (three quarters: those sharing most rows with it; the rest drawn at
+        random, as a check on everything else) recalled. Training
+        stops once the fact is back at the no-memory level (recalled exactly when the model without memory
+        recalls it; when it does not, the answer must lose by ``margin`` logits) and every retained fact that
+        was recalled still is. The receipt also says whether the argmax agrees with the model without memory
+        at every answer token.
+        """
+        start = time.perf_counter()
+        if memory_id not in self.records:
+            return Receipt(self.kind, "delete", notes=[f"no fact with id {memory_id!r}"])
+        rec = self.records.pop(memory_id)
+        sig = self.signatures.pop(memory_id, torch.empty(0, dtype=torch.long))
+        fact = Fact(rec["prompt"], rec["answer"], rec["id"], rec["chat"])
+        overlap = sorted(((int(torch.isin(s, sig).sum()), fid) for fid, s in self.signatures.items()), reverse=True)
+        keep_ids = [fid for n, fid in overlap[: retain * 3 // 4] if n > 0]  # the facts sharing most rows ...
+        rest = [fid for fid in self.records if fid not in set(keep_ids)]
+        keep_ids += random.Random(len(self.records)).sample(rest, min(len(rest), retain - len(keep_ids)))  # ... and others
+        keep = [self.records[fid] for fid in keep_ids]
+        items = self._items([fact] + [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in keep])
+        prefixes = PrefixCache(self.lm.model)
+        self._cache(items, prefixes)
+        target, others = items[0], items[1:]
+        model = self.lm.model
+        with torch.no_grad():
+            bare_logits, _, _ = forward_answers(model, [target], self.lowest_layer, prefixes, _null_scope)
+            bare_top = bare_logits.argmax(-1)
+            bare_recalled = bool((bare_top == torch.tensor(target.targets, device=bare_top.device)).all())
+            rec_idx: dict = {"idx": {}}
+            forward_answers(model, [target], self.lowest_layer, prefixes, lambda: self._scope(record=rec_idx))
+            rows = torch.unique(torch.cat([rec_idx["idx"][i][0][0, : target.span_len].reshape(-1)
+                                           for i in self.layer_ids]))
+        memory_scope = lambda: self._scope()  # noqa: E731
+        before_t = float(evaluate_items(model, [target], self.lowest_layer, prefixes, memory_scope)[0])
+        before_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope) if others else torch.empty(0)
+        opt = torch.optim.SparseAdam([self.values], lr=self.config.lr)
+        log_bare = F.log_softmax(bare_logits, -1)
+        steps, rng = 0, random.Random(0)
+        agree, done, slipped = False, False, []
+        self.values.requires_grad_(True)
+        try:
+            with frozen(model):
+                for steps in range(max_steps + 1):
+                    with torch.no_grad():
+                        logits, tgt, own = forward_answers(model, [target], self.lowest_layer, prefixes, memory_scope)
+                        agree = bool((logits.argmax(-1) == bare_top).all())
+                        m_now = float(fact_margins(logits, tgt, own, 1)[0])
+                        # back at the no-memory level: recalled exactly when the bare model recalls it (with margin)
+                        done = m_now > 0 if bare_recalled else m_now < -self.config.margin
+                        slipped = []
+                        if done and others:  # only then check the neighbours (the costly part)
+                            after_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope)
+                            slipped = [o for o, b, a in zip(others, before_o, after_o) if b > 0 >= a]
+                    if (done and not slipped) or steps == max_steps:
+                        break
+                    batch_o = slipped[:15] or rng.sample(others, min(len(others), 7))
+                    with torch.enable_grad():
+                        lt, _, _ = forward_answers(model, [target], self.lowest_layer, prefixes,
+                                                   lambda: self._scope(sparse=True))
+                        loss = F.kl_div(F.log_softmax(lt, -1), log_bare, log_target=True, reduction="batchmean")
+                        if batch_o:
+                            lo, to, _ = forward_answers(model, batch_o, self.lowest_layer, prefixes,
+                                                        lambda: self._scope(sparse=True))
+                            loss = loss + F.cross_entropy(lo, to)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    g = self.values.grad.coalesce()
+                    keep_rows = torch.isin(g.indices()[0], rows)  # only the rows the deleted fact reads move
+                    self.values.grad = torch.sparse_coo_tensor(g.indices()[:, keep_rows], g.values()[keep_rows],
+                                                               g.shape, check_invariants=False)
+                    opt.step()
+        finally:
+            self.values.requires_grad_(False)
+            self.values.grad = None
+        after_t = float(evaluate_items(model, [target], self.lowest_layer, prefixes, memory_scope)[0])
+        after_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope) if others else torch.empty(0)
+        recalled_after = after_t > 0
+        notes = [] if recalled_after == bare_recalled else [
+            f"after {steps} steps {memory_id!r} is {'still' if recalled_after else 'no longer'} recalled, unlike the "
+            f"model without memory"]
+        if slipped:
+            notes.append(f"{len(slipped)} fact(s) sharing rows with it lost recall")
+        details = {"recalled_before": before_t > 0, "recalled_after": recalled_after, "recalled_without_memory": bare_recalled,
+                   "agrees_with_no_memory": agree, "margin_before": before_t, "margin_after": after_t,
+                   "retained_facts": len(others), "retained_recall_before": _rate(before_o),
+                   "retained_recall_after": _rate(after_o), "rows_retrained": int(rows.numel())}
+        return Receipt(self.kind, "delete", ids=[memory_id], steps=steps, elapsed_s=time.perf_counter() - start,
+                       notes=notes, details=details)
+
+    # ------------------------------------------------------------------ recall checks
+    def recall(self, facts: Sequence[Fact] | None = None) -> torch.Tensor:
+        """Margins (n,) of facts (default: every stored fact) with the memory as configured now (gate on or off).
+
+        A fact is recalled by greedy decoding exactly when its margin is > 0.
+        """
+        if facts is None:
+            facts = [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in self.records.values()]
+        items = self._items(facts)
+        prefixes = PrefixCache(self.lm.model)
+        self._cache(items, prefixes)
+        gate = bool(self.config.gate) and self.gate_trained
+        return evaluate_items(self.lm.model, items, self.lowest_layer, prefixes, lambda: self._scope(gate=gate))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        used = (self.values.detach() != 0).any(dim=1).nonzero().squeeze(1)
+        state = {"pkm_values_index": used.cpu(), "pkm_values_rows": self.values.detach()[used].cpu()}
+        state.update({f"pkm_layers.{k}": v for k, v in self.layers.state_dict().items()})
+        state.update({f"pkm_gates.{k}": v for k, v in self.gates.state_dict().items()})
+        ids = list(self.records)
+        sigs = [self.signatures.get(i, torch.empty(0, dtype=torch.long)) for i in ids]
+        state["pkm_signature_offsets"] = torch.tensor([0] + [len(s) for s in sigs]).cumsum(0)
+        state["pkm_signatures"] = torch.cat(sigs).to(torch.int32) if sigs else torch.empty(0, dtype=torch.int32)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise MemoryFormatError(f"pkm tensors do not match the config: missing {missing[:4]}, unexpected {extra[:4]}")
+        idx, rows = state["pkm_values_index"].long(), state["pkm_values_rows"]
+        if rows.shape[1:] != self.values.shape[1:] or (idx.numel() and int(idx.max()) >= self.num_slots):
+            raise MemoryFormatError(f"pkm value rows {tuple(rows.shape)} do not fit a pool of {tuple(self.values.shape)}")
+        with torch.no_grad():
+            self.values.zero_()
+            self.values[idx.to(self.values.device)] = rows.to(self.values)
+        for prefix, module in (("pkm_layers.", self.layers), ("pkm_gates.", self.gates)):
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self._offsets, self._flat_sigs = state["pkm_signature_offsets"].long(), state["pkm_signatures"].long()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"records": list(self.records.values()), "calibrated": self.calibrated, "gate_trained": self.gate_trained}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.records = {r["id"]: r for r in state.get("records", [])}
+        self.calibrated = bool(state.get("calibrated", False))
+        self.gate_trained = bool(state.get("gate_trained", False))
+        offsets, flat = getattr(self, "_offsets", None), getattr(self, "_flat_sigs", None)
+        if offsets is not None:
+            if len(offsets) != len(self.records) + 1:
+                raise MemoryFormatError("pkm signatures do not match the stored facts")
+            self.signatures = {fid: flat[offsets[n]: offsets[n + 1]].clone() for n, fid in enumerate(self.records)}
+            del self._offsets, self._flat_sigs
+
+
+@contextmanager
+def _null_scope() -> Iterator[None]:
+    yield
+
+
+def _key(record: dict[str, Any]) -> str:
+    return ("chat:" if record.get("chat", True) else "text:") + " ".join(record["prompt"].split())
+
+
+def _keys_for(facts: int, slots_per_fact: int) -> int:
+    n = 1
+    while n * n < facts * slots_per_fact:
+        n += 1
+    return n
+
+
+def _rate(margins: torch.Tensor) -> float | None:
+    return float((margins > 0).float().mean()) if margins.numel() else None

@@ -1,0 +1,428 @@
+"""Writing facts into the value pool cheaply: cached hidden states, a short forward path, the epoch loop.
+
+How this works. The backbone is frozen and the memory sits at layers >= L (the lowest memory layer), so:
+
+1. **Below L nothing changes.** The residual stream entering layer L is computed once per fact
+   (:func:`capture_residual`, stopping the forward at layer L) and cached.
+2. **The shared chat prefix does not change either** when the memory is not trained there (the system
+   prompt is the same for every fact): its keys and values at every layer are computed once
+   (:class:`PrefixCache`) and every batch attends to them as a KV cache.
+3. Each training step then runs only layers L.. on the fact's own tokens (:func:`forward_answers`: the
+   layers below L are swapped for identities and the cached residual goes in as ``inputs_embeds``), and
+   applies the LM head to the answer positions only (the loss is on the answer tokens).
+
+The cached path gives the same logits and gradients as the full forward with the memory applied from the
+first fact token on (``tests/unit/test_pkm_train.py``).
+
+:func:`train_items` is the loop: epochs over the facts that are not yet recalled with a margin (every
+answer token's logit beats the runner-up by ``margin``), batches of one fact per sequence, a row-sparse
+Adam on the pool, and a check of the facts left out (they come back when they slip). A non-finite loss or
+gradient stops training before the step is applied, so the pool keeps its last good state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...hooks import decoder_layers, hooks
+from .facts import Fact
+
+__all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
+           "forward_answers", "fact_margins", "train_items", "evaluate_items", "TrainResult"]
+
+
+@dataclass(eq=False)
+class Item:
+    """One fact ready for training.
+
+    Attributes:
+        index: position of the fact in the caller's list.
+        ids: all token ids (prompt then answer).
+        answer_start: index in ``ids`` of the first answer token.
+        prefix_len: leading tokens that are shared and never see the memory (0 = none).
+        hidden: (len(ids) - prefix_len, D) residual entering the lowest memory layer, set by
+            :func:`cache_items`.
+    """
+
+    index: int
+    ids: list[int]
+    answer_start: int
+    prefix_len: int = 0
+    hidden: torch.Tensor | None = None
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return tuple(self.ids[: self.prefix_len])
+
+    @property
+    def span_len(self) -> int:
+        return len(self.ids) - self.prefix_len
+
+    @property
+    def targets(self) -> list[int]:
+        return self.ids[self.answer_start:]
+
+
+def chat_prefix(lm, system: str | None) -> list[int]:
+    """Token ids every chat prompt starts with (system prompt and user header)."""
+    a = lm.chat_ids("Alpha question?", system=system)[0].tolist()
+    b = lm.chat_ids("Zulu words!", system=system)[0].tolist()
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def encode_fact(lm, fact: Fact, *, system: str | None, prefix: Sequence[int], train_prefix: bool) -> Item:
+    """Token ids of a fact and where its answer starts.
+
+    Chat facts: the chat prompt (``lm.chat_ids``), then the answer's tokens and the end-of-turn token.
+    Completion facts: BOS (if any) and the prompt, then the tokens of " " + answer.
+    """
+    tok = lm.tokenizer
+    if fact.chat:
+        prompt = lm.chat_ids(fact.prompt, system=system)[0].tolist()
+        answer = tok(fact.answer, add_special_tokens=False)["input_ids"] + lm.eos_token_ids[:1]
+    else:
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        prompt = bos + tok(fact.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
+        prefix = bos
+    shared = 0
+    if not train_prefix:
+        while shared < min(len(prefix), len(prompt) - 1) and prompt[shared] == prefix[shared]:
+            shared += 1
+    return Item(-1, prompt + answer, len(prompt), shared)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@torch.no_grad()
+def capture_residual(model: nn.Module, ids: torch.Tensor, layer: int, past=None) -> torch.Tensor:
+    """Residual stream entering decoder layer ``layer``: ids (B, T) -> (B, T, D) (the forward stops there).
+
+    ``past``: a KV cache of tokens before ``ids`` (then only the new tokens' residuals are computed).
+    """
+    grabbed: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        grabbed["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        raise _Stop
+
+    with hooks(model, [("residual_pre", layer, grab)]):
+        try:
+            model.base_model(input_ids=ids, past_key_values=past, use_cache=past is not None)
+        except _Stop:
+            pass
+    return grabbed["h"]
+
+
+def cache_items(model: nn.Module, items: Sequence[Item], layer: int, *, pad_id: int, dtype: torch.dtype,
+                prefixes: PrefixCache | None = None, batch_size: int = 32) -> None:
+    """Set ``item.hidden`` (the residual entering ``layer`` after the prefix) for every item.
+
+    With ``prefixes`` the shared prefix is a KV cache and only the items' own tokens are computed.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: (items[i].prefix, len(items[i].ids)))
+    start = 0
+    while start < len(order):
+        prefix = items[order[start]].prefix if prefixes is not None else ()
+        chunk = []
+        while start < len(order) and len(chunk) < batch_size and (
+                prefixes is None or items[order[start]].prefix == prefix):
+            chunk.append(items[order[start]])
+            start += 1
+        skip = len(prefix)  # tokens the cache stands for
+        width = max(len(it.ids) - skip for it in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+        for b, it in enumerate(chunk):  # right padding: causal attention never looks at the pads
+            ids[b, : len(it.ids) - skip] = torch.tensor(it.ids[skip:], device=device)
+        past = prefixes.get(prefix, len(chunk)) if prefix else None
+        h = capture_residual(model, ids, layer, past)
+        for b, it in enumerate(chunk):
+            it.hidden = h[b, it.prefix_len - skip: len(it.ids) - skip].to(dtype).clone()
+
+
+class _Identity(nn.Module):
+    """Stands in for a skipped decoder layer: returns its input hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def skip_layers(model: nn.Module, below: int) -> Iterator[None]:
+    """Replace decoder layers [0, below) by identities for the duration of the block (restored in finally)."""
+    _, layers = decoder_layers(model)
+    saved = [layers[i] for i in range(below)]
+    try:
+        for i in range(below):
+            layers[i] = _Identity()
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every backbone parameter (restored in finally): no weight gradients."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+class PrefixCache:
+    """Keys and values of shared prefixes at every layer, computed once (no memory), expanded per batch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def get(self, prefix: tuple[int, ...], batch: int):
+        """A fresh DynamicCache holding ``prefix`` for ``batch`` sequences, or None for an empty prefix."""
+        from transformers import DynamicCache
+
+        if not prefix:
+            return None
+        if prefix not in self._kv:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                out = self.model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            self._kv[prefix] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._kv[prefix]]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+
+def _lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def forward_answers(model: nn.Module, items: Sequence[Item], lowest: int, prefixes: PrefixCache,
+                    memory_scope: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions of a batch through the cached path.
+
+    All items must share one prefix. Gradients flow into whatever ``memory_scope()`` registers.
+
+    Returns:
+        logits (n, V) float32, targets (n,), owner (n,) index of the item in ``items``.
+    """
+    device = next(model.parameters()).device
+    width = max(it.span_len for it in items)
+    d = items[0].hidden.shape[-1]
+    hidden = torch.zeros(len(items), width, d, dtype=model.dtype, device=device)
+    rows, cols, targets, owner = [], [], [], []
+    for b, it in enumerate(items):
+        hidden[b, : it.span_len] = it.hidden.to(model.dtype)
+        first = it.answer_start - 1 - it.prefix_len  # span position whose logits predict the first answer token
+        n = len(it.ids) - it.answer_start
+        rows += [b] * n
+        cols += list(range(first, first + n))
+        targets += it.targets
+        owner += [b] * n
+    past = prefixes.get(items[0].prefix, len(items))
+    with skip_layers(model, lowest), memory_scope():
+        out = model.base_model(inputs_embeds=hidden, past_key_values=past, use_cache=past is not None)
+    sel = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (n, D)
+    return (_lm_head(model, sel), torch.tensor(targets, device=device), torch.tensor(owner, device=device))
+
+
+def fact_margins(logits: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Per item, the smallest (target logit - best other logit) over its answer tokens: (n,).
+
+    A fact is recalled by greedy decoding exactly when its margin is > 0.
+    """
+    logits = logits.detach()
+    correct = logits.gather(1, targets[:, None]).squeeze(1)
+    other = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    out = torch.full((n,), float("inf"), device=logits.device)
+    return out.scatter_reduce(0, owner, correct - other, reduce="amin")
+
+
+def _batches(items: Sequence[Item], batch_size: int, rng: random.Random) -> list[list[Item]]:
+    """Shuffled batches of items with one prefix each, lengths grouped to limit padding."""
+    by_prefix: dict[tuple[int, ...], list[Item]] = {}
+    for it in items:
+        by_prefix.setdefault(it.prefix, []).append(it)
+    batches: list[list[Item]] = []
+    for group in by_prefix.values():
+        group = list(group)
+        rng.shuffle(group)
+        window = batch_size * 8
+        for start in range(0, len(group), window):
+            chunk = sorted(group[start:start + window], key=lambda it: it.span_len)
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_items` did."""
+
+    steps: int = 0
+    epochs: int = 0
+    exposures: float = 0.0  # fact-steps per fact
+    final_loss: float | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_active: list[int] = field(default_factory=list)  # facts trained in each epoch
+    margins: torch.Tensor | None = None  # (n,) after the final check
+    stopped: str = ""  # "recalled" | "max_epochs" | "non-finite ..."
+    polished: int = 0  # facts trained again in float32 after bf16 training
+    train_s: float = 0.0
+    eval_s: float = 0.0
+
+    @property
+    def recall(self) -> float:
+        return float((self.margins > 0).float().mean()) if self.margins is not None and self.margins.numel() else 0.0
+
+
+@torch.no_grad()
+def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
+                   batch_size: int = 32, on_batch=None) -> torch.Tensor:
+    """Margins (n,) of every item with the current memory (no gradients)."""
+    out = torch.empty(len(items))
+    order = sorted(range(len(items)), key=lambda i: (items[i].prefix, items[i].span_len))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [items[i] for i in idx]
+        logits, targets, owner = forward_answers(model, chunk, lowest, prefixes, memory_scope)
+        m = fact_margins(logits, targets, owner, len(chunk)).cpu()
+        out[torch.tensor(idx)] = m
+        if on_batch is not None:
+            on_batch(chunk)
+    return out
+
+
+def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, *, memory_scope,
+                optimizers: Sequence[torch.optim.Optimizer], params: Sequence[nn.Parameter], batch_size: int,
+                max_epochs: int, margin: float, max_grad_norm: float | None = None, seed: int = 0,
+                autocast: torch.dtype | None = None, recheck_every: int = 3, progress=None,
+                loss_hook=None) -> TrainResult:
+    """Train until every item is recalled (or ``max_epochs``); see the module docstring.
+
+    Each epoch trains the items whose last measured margin is <= ``margin``. Items left out are checked
+    again (no gradients) every ``recheck_every`` epochs and whenever every item looks recalled; training
+    stops when that check finds every item recalled. The final margins are measured without autocast.
+
+    Args:
+        memory_scope: returns the context manager that registers the memory hooks (gradients on).
+        optimizers: stepped after every batch.
+        params: every trained parameter (checked for finite gradients).
+        autocast: dtype of the backbone's matmuls during training (e.g. bfloat16 on CPUs with bf16 units).
+        progress: called with (epoch, active facts, mean loss) after every epoch.
+        loss_hook: test hook, called with the loss of every step (may return a replacement).
+    """
+    result = TrainResult()
+    rng = random.Random(seed)
+    n = len(items)
+    margins = torch.full((n,), float("-inf"))
+    pos = {id(it): i for i, it in enumerate(items)}
+    exposures = 0
+    start = time.perf_counter()
+    eval_s = 0.0
+    device_type = next(model.parameters()).device.type
+    cast = (lambda: torch.autocast(device_type, dtype=autocast)) if autocast is not None else _no_cast
+    for epoch in range(max_epochs):
+        active = [it for i, it in enumerate(items) if margins[i] <= margin]
+        if not active:
+            result.stopped = "recalled"
+            break
+        result.epochs = epoch + 1
+        result.epoch_active.append(len(active))
+        losses = []
+        for batch in _batches(active, batch_size, rng):
+            with torch.enable_grad(), cast():
+                logits, targets, owner = forward_answers(model, batch, lowest, prefixes, memory_scope)
+                loss = F.cross_entropy(logits, targets)
+            if loss_hook is not None:
+                replaced = loss_hook(loss)
+                loss = loss if replaced is None else replaced
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                result.stopped = f"non-finite loss at step {result.steps + 1}; kept the last good state"
+                break
+            loss.backward()
+            if not all(_finite_grad(p) for p in params):
+                result.stopped = f"non-finite gradient at step {result.steps + 1}; kept the last good state"
+                break
+            if max_grad_norm is not None:
+                dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+                if dense:
+                    torch.nn.utils.clip_grad_norm_(dense, max_grad_norm)
+            for opt in optimizers:
+                opt.step()
+            m = fact_margins(logits, targets, owner, len(batch)).cpu()
+            for b, it in enumerate(batch):
+                margins[pos[id(it)]] = m[b]
+            exposures += len(batch)
+            result.steps += 1
+            losses.append(float(loss.detach()))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if result.stopped:
+            break
+        result.epoch_losses.append(sum(losses) / max(1, len(losses)))
+        result.final_loss = losses[-1] if losses else result.final_loss
+        # items left out this epoch may have slipped: check them now and then, and before stopping
+        trained = {id(it) for it in active}
+        rest = [it for it in items if id(it) not in trained]
+        looks_done = bool((margins > 0).all())
+        if rest and (looks_done or (epoch + 1) % recheck_every == 0):
+            t0 = time.perf_counter()
+            with cast():
+                m = evaluate_items(model, rest, lowest, prefixes, memory_scope)
+            for it, v in zip(rest, m):
+                margins[pos[id(it)]] = v
+            eval_s += time.perf_counter() - t0
+        if progress is not None:
+            progress(epoch + 1, len(active), result.epoch_losses[-1])
+        if bool((margins > 0).all()):
+            result.stopped = "recalled"
+            break
+    else:
+        result.stopped = "max_epochs"
+    result.train_s = time.perf_counter() - start - eval_s
+    t0 = time.perf_counter()
+    result.margins = evaluate_items(model, items, lowest, prefixes, memory_scope)
+    result.eval_s = eval_s + time.perf_counter() - t0
+    result.exposures = exposures / max(1, n)
+    if result.final_loss is not None and not math.isfinite(result.final_loss):
+        result.final_loss = None
+    return result
+
+
+@contextmanager
+def _no_cast() -> Iterator[None]:
+    yield
+
+
+def _finite_grad(p: nn.Parameter) -> bool:
+    g = p.grad
+    if g is None:
+        return True
+    if g.is_sparse:
+        g = g.coalesce().values()
+    return bool(torch.isfinite(g).all())

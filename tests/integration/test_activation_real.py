@@ -1,0 +1,30 @@
+"""Activation memory on the real default model (SmolLM2-135M-Instruct). Marked slow."""
+
+import pytest
+import torch
+from activation_helpers import fast_dir  # noqa: F401
+
+import nativemem as nm
+from nativemem.bench.prompts import build_messages
+
+pytestmark = pytest.mark.slow
+
+DOC = ("The Velmora Institute was founded in 1987 in the coastal town of Brisk Harbor by the chemist Ada Quell. "
+       "It studies the chemistry of sea water.")
+QUESTION = "Who founded the Velmora Institute?"
+
+
+def test_one_chunk_injection_equals_text_and_uses_the_memory(real_lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", real_lm, kind="activation", kv_dtype="float32")
+    ids = mem.add([DOC, "Captain Orrin Delacroix commands the research ship Saltmarrow."], user_id="u").ids
+    assert mem.search(QUESTION, k=1, user_id="u", variant="bm25")[0].id == ids[0]
+    rows = dict(mem.store.index.get(ids[:1]))
+    prefix = [real_lm.tokenizer.bos_token_id, *mem.load_chunk(rows[ids[0]])[0]]
+    prompt = real_lm.chat_ids(build_messages(QUESTION))
+    pinned = mem.injecting(ids[:1])
+    got = real_lm.logits(prompt, memory=pinned)
+    want = real_lm.logits(torch.cat([torch.tensor([prefix]), prompt], 1))[:, len(prefix):]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    g = real_lm.generate(prompt, max_new_tokens=12, memory=pinned)
+    assert g.token_ids == real_lm.generate(torch.cat([torch.tensor([prefix]), prompt], 1), max_new_tokens=12).token_ids
+    assert "Quell" in g.text and g.prompt_tokens == prompt.shape[1] and g.prefix_tokens == len(prefix)

@@ -1,0 +1,79 @@
+"""CLI commands of activation memory (search, chat, fit) on a tiny model saved to a folder."""
+
+import pytest
+import typer
+from activation_helpers import fast_dir  # noqa: F401
+from testing import tiny_lm
+from typer.testing import CliRunner
+
+import nativemem as nm
+from nativemem.cli.activation_cmds import register
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    loaded = nm.load_model(root / "model")
+    mem = nm.open_memory(root / "m", loaded, kind="activation")
+    mem.add(["Ada Quell founded the Velmora Institute in 1987.", "The Amber Finch nests on Tollen Island."],
+            user_id="u")
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()  # release the folder for the CLI commands
+    app = typer.Typer()
+    register(app)
+    return app, root
+
+
+def test_search_prints_the_users_hits(setup):
+    app, root = setup
+    res = CliRunner().invoke(app, ["search", "Who founded the institute?", "--memory", str(root / "m"), "--user",
+                                   "u", "--model", str(root / "model"), "-k", "1"])
+    assert res.exit_code == 0, res.output
+    assert "result(s)" in res.output
+    res = CliRunner().invoke(app, ["search", "Who founded it?", "--memory", str(root / "m"), "--user", "other",
+                                   "--model", str(root / "model")])
+    assert res.exit_code == 0 and "no memories found for user 'other'" in res.output
+
+
+def test_chat_answers_with_injected_memory_until_an_empty_line(setup):
+    app, root = setup
+    res = CliRunner().invoke(app, ["chat", "--memory", str(root / "m"), "--user", "u", "--model", str(root / "model"),
+                                   "--max-new-tokens", "3"], input="Where does the Amber Finch nest?\n\n")
+    assert res.exit_code == 0, res.output
+    assert "memory tokens injected" in res.output and "TTFT" in res.output
+
+
+def test_fit_and_bad_folder(setup, tmp_path):
+    app, root = setup
+    fit_file = tmp_path / "fit.txt"
+    from activation_helpers import FIT_TEXTS
+
+    fit_file.write_text("\n\n".join(FIT_TEXTS))
+    res = CliRunner().invoke(app, ["fit", str(fit_file), "--memory", str(tmp_path / "new"), "--model",
+                                   str(root / "model")])
+    assert res.exit_code == 0, res.output
+    assert "ID curve" in res.output and "retrieval layer" in res.output
+    res = CliRunner().invoke(app, ["search", "x", "--memory", str(tmp_path), "--model", str(root / "model")])
+    assert res.exit_code == 2 and "not a memory" in " ".join(res.output.split())
+
+
+def test_activation_demo_runs_on_a_tiny_model(fast_dir):
+    import io
+
+    from rich.console import Console
+
+    from nativemem.activation_demo import run_activation_demo
+    from nativemem.demo import QUESTIONS
+
+    out = io.StringIO()
+    rows = run_activation_demo(tiny_lm("llama"), Console(file=out, width=200), max_new_tokens=2,
+                               folder=fast_dir / "demo.mem")
+    assert len(rows) == len(QUESTIONS)
+    assert all(r["prefix_tokens"] > 0 and r["prompt_tokens"] < r["rag_prompt_tokens"] for r in rows)
+    assert "payload bytes per token" in out.getvalue() and "retrieval layer" in out.getvalue()

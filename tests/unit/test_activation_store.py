@@ -1,0 +1,235 @@
+"""Activation memory, storage: user isolation, delete, damaged blobs, locking, crash safety, backend congruence."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from activation_helpers import fast_dir  # noqa: F401
+from testing import tiny_lm
+
+import nativemem as nm
+from nativemem.errors import InputError, MemoryFormatError, MemoryLockedError
+from nativemem.memories.activation import BlobError, ChunkSkippedWarning
+from nativemem.memories.activation.store import EdgeIndex
+
+TESTS = str(Path(__file__).resolve().parents[1])
+ALICE = ["Alice keeps her spare key under the blue flower pot.", "Alice's cat is called Pepper."]
+BOB = ["Bob parks his bicycle behind the old bakery.", "Bob's dog is called Biscuit."]
+QUESTION = "Where is the spare key?"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama")
+
+
+def blob_files(folder):
+    return sorted((Path(folder) / "blobs").rglob("*.safetensors"))
+
+
+def test_search_and_injection_never_cross_users(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=4)
+    a = mem.add(ALICE, user_id="alice").ids
+    b = mem.add(BOB, user_id="bob").ids
+    anon = mem.add("Nobody owns this sentence about the weather.").ids
+    for variant in ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25"):
+        for user, own in (("alice", a), ("bob", b), (None, anon)):
+            hits = mem.search(QUESTION + " cat dog bicycle weather", k=10, user_id=user, variant=variant)
+            assert {h.id for h in hits} <= set(own), (variant, user)
+    _, payloads = mem.prefix_for(QUESTION, user_id="bob")
+    assert payloads and {p["memory_id"] for p in payloads} <= set(b)
+    assert mem.prefix_for(None, user_id="carol")[1] == []
+    with pytest.raises(InputError, match="user_id"):
+        mem.search(QUESTION, user_id="  ")
+
+
+def test_receipt_lists_chunks_tokens_bytes_and_layers(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", chunk_tokens=12)
+    r = mem.add(" ".join(ALICE * 3), user_id="alice", metadata={"source_id": "notes.txt", "lang": "en"})
+    chunks = r.details["chunks"]
+    assert len(chunks) == len(r.ids) > 1 and [c["chunk_index"] for c in chunks] == list(range(len(chunks)))
+    assert {c["source_id"] for c in chunks} == {"notes.txt"}
+    assert r.tokens == sum(c["tokens"] for c in chunks)
+    assert r.bytes_written == sum(c["blob_bytes"] + c["index_vector_bytes"] for c in chunks) > 0
+    assert r.layers == mem.layers_used and r.details["bytes_per_token"] == mem.bytes_per_token()
+    hit = mem.search("spare key", k=1, user_id="alice")[0]
+    assert {"memory_id", "user_id", "source_id", "chunk_index", "created", "fingerprint", "text", "blob"} <= set(
+        hit.payload) and hit.payload["metadata"] == {"lang": "en"}
+    assert hit.payload["fingerprint"] == lm.fingerprint.short
+
+
+def test_delete_removes_points_and_unshared_blobs(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", chunk_tokens=45)
+    first = mem.add(ALICE[0], user_id="alice")
+    second = mem.add(ALICE[0], user_id="bob")  # identical text and batch: one content-addressed blob
+    assert len(first.ids) == 1 and first.details["chunks"][0]["blob"] == second.details["chunks"][0]["blob"]
+    one, same = first.ids[0], second.ids[0]
+    many = mem.add(" ".join(BOB), user_id="bob", metadata={"source_id": "bob.txt"}).ids
+    assert len(many) >= 2 and len(blob_files(fast_dir / "m")) == 1 + len(many)
+    r = mem.delete(one)
+    assert r.ids == [one] and len(blob_files(fast_dir / "m")) == 1 + len(many)  # bob still uses the blob
+    assert mem.search("key", k=5, user_id="alice") == []
+    mem.delete(same)
+    r = mem.delete("bob.txt")  # a source id deletes all its chunks
+    assert sorted(r.ids) == sorted(many) and blob_files(fast_dir / "m") == []
+    assert mem.stats()["chunks"] == 0
+    assert mem.delete(one).did_nothing
+
+
+def test_damaged_or_missing_blob_is_reported_and_skipped(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2)
+    ids = mem.add(ALICE, user_id="alice").ids
+    payloads = dict(mem.store.index.get(ids))
+    bad = mem.store.blobs.path(payloads[ids[0]]["blob"])
+    bad.write_bytes(bad.read_bytes()[:-5] + b"xxxxx")
+    with pytest.raises(BlobError, match="corrupted"):
+        mem.load_chunk(payloads[ids[0]])
+    assert len(mem.check().notes) == 1 and ids[0] in mem.check().notes[0]
+    assert {h.id for h in mem.search(QUESTION, k=2, user_id="alice")} == set(ids)  # the index still answers
+    with pytest.warns(ChunkSkippedWarning, match=ids[0]):
+        g = lm.generate(lm.chat_ids(QUESTION), max_new_tokens=3, memory=mem, user_id="alice", query=QUESTION)
+    good_len = len(mem.load_chunk(payloads[ids[1]])[0]) + 1
+    assert g.prefix_tokens == good_len  # the other chunk is still served
+    bad.unlink()
+    with pytest.raises(BlobError, match="missing"):
+        mem.load_chunk(payloads[ids[0]])
+
+
+def test_blob_of_another_model_is_a_layer_mismatch(lm, fast_dir):
+    other = tiny_lm("llama", num_hidden_layers=3, name="tiny-llama")
+    theirs = nm.open_memory(fast_dir / "o", other, kind="activation")
+    theirs.add(ALICE[0], user_id="alice")
+    mine = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mine.add(ALICE[1], user_id="alice")
+    foreign = blob_files(fast_dir / "o")[0]
+    target = mine.store.blobs.path(foreign.stem)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(foreign, target)
+    with pytest.raises(BlobError, match="does not match this model"):
+        mine.load_chunk({"blob": foreign.stem, "memory_id": "x"})
+
+
+def test_vector_dimension_mismatch_is_a_clear_error(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add(ALICE[0], user_id="alice")
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()
+    with pytest.raises(MemoryFormatError, match="'pooled' vectors have size 32 there.*produces 16"):
+        EdgeIndex(fast_dir / "m" / "store", {"pooled": 16, "tokens": 32})
+
+
+def _run(code: str, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+WRITER_CODE = """
+import os, sys
+from testing import tiny_lm
+import nativemem as nm
+lm = tiny_lm("llama")
+mem = nm.open_memory(sys.argv[1], lm, kind="activation", chunk_tokens=24)
+print("PID", os.getpid(), flush=True)
+for i in range(1000):
+    text = f"Fact {i}: the locker number {i} holds a red box. It was sealed on day {i}."
+    r = mem.add(text, user_id="u", metadata={"source_id": f"fact-{i}"})
+    print("ACK", " ".join(r.ids), flush=True)
+"""
+
+
+def test_second_writer_is_locked_out_and_a_sigkill_keeps_acknowledged_chunks(lm, tmp_path):
+    """A real second process writes; this one is refused with a clear error; then the writer is killed with
+    SIGKILL in the middle of its adds, and every chunk it acknowledged is readable afterwards."""
+    proc = _run(WRITER_CODE, str(tmp_path / "m"))
+    acked: list[str] = []
+    child = None
+    deadline = time.monotonic() + 120
+    while len(acked) < 4 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("PID"):
+            child = line.split()[1]
+        if line.startswith("ACK"):
+            acked += line.split()[1:]
+    with pytest.raises(MemoryLockedError, match=f"pid {child}.*one process at a time"):
+        nm.open_memory(tmp_path / "m", lm)
+    time.sleep(0.05)  # land the kill inside a later add (encoding, blob write or upsert)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(acked) >= 4, proc.stdout.read()
+    mem = nm.open_memory(tmp_path / "m", lm)  # the kernel released the dead writer's lock
+    rows = dict(mem.store.index.get(acked))
+    assert set(rows) == set(acked)
+    for mid in acked:
+        ids, kv = mem.load_chunk(rows[mid])
+        assert len(ids) == kv.length > 0
+    assert mem.check().details["unreadable"] == 0
+    mem.gc()  # a blob written just before the kill, never indexed, is removed
+    assert mem.add("After the crash the memory still takes writes.", user_id="u").ids
+
+
+def test_lock_is_released_when_the_last_memory_object_goes(lm, tmp_path):
+    mem = nm.open_memory(tmp_path / "m", lm, kind="activation")
+    mem.add(ALICE[0], user_id="alice")
+    from nativemem.memories.activation.store import _acquire_lock
+
+    with pytest.raises(MemoryLockedError, match=f"pid {os.getpid()}"):
+        _acquire_lock(tmp_path / "m")  # a second lock (as another process would take it) is refused
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()
+    _acquire_lock(tmp_path / "m").release()
+
+
+@pytest.mark.parametrize("variant", ["pooled", "tokens", "hybrid", "hybrid_tokens", "bm25"])
+def test_qdrant_client_backend_is_congruent_with_edge(lm, fast_dir, variant):
+    texts = ALICE + BOB + ["The spare tyre is in the boot.", "Keys are often lost under sofas."]
+    mems = [nm.open_memory(fast_dir / "edge", lm, kind="activation"),
+            nm.open_memory(fast_dir / "client", lm, kind="activation", backend="qdrant", qdrant_location=":memory:")]
+    for mem in mems:
+        for i, t in enumerate(texts):
+            mem.add(t, user_id="u" if i % 3 else "v", metadata={"source_id": f"s{i}"})
+    for user in ("u", "v"):
+        results = [[(round(h.score, 4), h.payload["source_id"]) for h in
+                    m.search(QUESTION, k=4, user_id=user, variant=variant)] for m in mems]
+        assert sorted(results[0]) == sorted(results[1])
+    assert mems[0].stats()["chunks"] == mems[1].stats()["chunks"] == len(texts)
+    sid = mems[1].search(QUESTION, k=1, user_id="u", variant=variant)[0].payload["source_id"]
+    assert mems[1].delete(sid).ids and mems[1].stats()["chunks"] == len(texts) - 1
+
+
+def test_reopening_in_the_same_process_shares_the_store(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add(ALICE, user_id="alice")
+    again = nm.open_memory(fast_dir / "m", lm)
+    assert again.store is mem.store and again.stats() == mem.stats()
+    torch.testing.assert_close(lm.logits(lm.chat_ids(QUESTION), memory=again, user_id="alice"),
+                               lm.logits(lm.chat_ids(QUESTION), memory=mem, user_id="alice"))
+    assert MemoryLockedError.__mro__[1].__name__ == "NativememError"
+
+
+def test_a_missing_index_folder_is_a_clear_error(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add(ALICE[0], user_id="alice")
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()
+    shutil.rmtree(fast_dir / "m" / "store")
+    with pytest.raises(MemoryFormatError, match="store is missing"):
+        nm.open_memory(fast_dir / "m", lm)

@@ -1,0 +1,210 @@
+"""pkm memory: add (receipt, recall, duplicates, capacity), the gate switch, delete, save/open."""
+
+import pytest
+import torch
+from testing import tiny_lm
+
+import nativemem as nm
+from nativemem.errors import InputError
+from nativemem.hooks import count_hooks
+from nativemem.memories.pkm import PKMConfig, PKMMemory, generate_facts, load_facts, save_facts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(layers=(0, 1), num_keys=16, heads=2, top_k=4, key_dim=16, lr=0.1, batch_size=4, max_epochs=60,
+            gate_steps=100)
+
+
+def memory(lm, **cfg) -> PKMMemory:
+    return PKMMemory(lm, PKMConfig(**{**TINY, **cfg}))
+
+
+@pytest.fixture
+def lm():
+    # initializer_range 0.2: the default 0.02 gives an LM head too weak for confident answers at width 32
+    return tiny_lm(initializer_range=0.2)
+
+
+def greedy(lm, fact, mem=None):
+    return lm.generate(lm.chat_ids(fact.prompt, system=PKMConfig().system), max_new_tokens=40, memory=mem).text
+
+
+def test_add_trains_until_recalled_and_says_so(lm):
+    mem = memory(lm)
+    facts = generate_facts(3, seed=5)
+    receipt = mem.add(facts, user_id="bob")
+    d = receipt.details
+    assert receipt.ids == [f.id for f in facts] and receipt.steps > 0 and receipt.final_loss is not None
+    assert d["recall"] == 1.0 and d["stopped"] == "recalled" and d["exposures_per_fact"] > 0
+    assert {"calibrate_s", "cache_s", "train_s", "eval_s", "gate_s"} <= set(d)
+    assert receipt.layers == [0, 1] and mem.stats()["facts"] == 3
+    for f in facts:  # recall means greedy decoding reproduces the answer exactly
+        assert greedy(lm, f, mem) == f.answer
+        assert greedy(lm, f) != f.answer
+    assert count_hooks(lm.model) == 0
+    assert all(p.requires_grad and p.grad is None for p in lm.model.parameters())  # flags restored, no grads
+
+
+def test_plain_sentences_become_completion_facts(lm):
+    mem = memory(lm)
+    receipt = mem.add(["Marie Curie was born in Warsaw in 1867.", "Paris is the capital of France."])
+    assert receipt.details["recall"] == 1.0
+    ids = lm.encode("Paris is the capital of")
+    bos = torch.tensor([[lm.tokenizer.bos_token_id]])
+    out = lm.generate(torch.cat([bos, ids], 1), max_new_tokens=12, memory=mem)
+    assert out.text.startswith("France.")
+
+
+def test_duplicates_and_conflicts_later_answer_wins(lm):
+    mem = memory(lm)
+    r = mem.add([("Who guards the gate?", "Orvel"), ("Who guards the gate?", "Brisk"), ("Name the river.", "Ulm"),
+                 ("Name the river.", "Ulm")])
+    assert len(r.ids) == 2 and any("later answer wins" in n for n in r.notes) and any("duplicate" in n for n in r.notes)
+    assert [rec["answer"] for rec in mem.records.values()] == ["Brisk", "Ulm"]
+    again = mem.add([("Name the river.", "Ulm")])
+    assert again.did_nothing and any("already stored" in n for n in again.notes)
+    changed = mem.add([("Who guards the gate?", "Tamsin")])
+    assert changed.ids == r.ids[:1] and any("new answer" in n for n in changed.notes)
+    assert mem.records[r.ids[0]]["answer"] == "Tamsin" and len(mem.records) == 2
+    fact = type(generate_facts(1)[0])("Who guards the gate?", "Tamsin")
+    assert greedy(lm, fact, mem) == "Tamsin"
+
+
+def test_bad_input_fails_before_any_training(lm):
+    mem = memory(lm)
+    for bad in ([("Q?", "")], [{"prompt": "Q?", "answer": "  "}], [("ok?", "fine"), ("Q?", "")]):
+        with pytest.raises(InputError, match="empty"):
+            mem.add(bad)
+    assert not mem.records and torch.equal(mem.values, torch.zeros_like(mem.values))
+    tiny_pool = memory(lm, num_keys=4, slots_per_fact=4)  # 16 slots: 4 facts
+    with pytest.raises(InputError, match=r"num_keys=\d+"):
+        tiny_pool.add(generate_facts(5))
+    assert not tiny_pool.records and not tiny_pool.calibrated
+
+
+def test_cli_style_input_a_whole_jsonl_file_as_one_string(lm, tmp_path):
+    facts = generate_facts(2, seed=9)
+    path = save_facts(facts, tmp_path / "f.jsonl")
+    mem = memory(lm)
+    r = mem.add(path.read_text())
+    assert sorted(r.ids) == sorted(f.id for f in facts) and r.details["recall"] == 1.0
+    assert load_facts(path)[0]["prompt"] == facts[0].prompt
+
+
+def test_gate_switch_and_stats(lm):
+    mem = memory(lm)
+    facts = generate_facts(2, seed=1)
+    r = mem.add(facts)
+    assert set(r.details["gate"]) >= {"0", "1", "open_tokens", "closed_tokens"} and mem.gate_trained
+    ids = lm.chat_ids("How do I boil an egg?")
+    bare = lm.logits(ids)
+    ungated = lm.logits(ids, memory=mem)
+    assert mem.stats()["gate_mean_last"] is None
+    mem.gate = True
+    lm.logits(ids, memory=mem)
+    s = mem.stats()
+    assert s["gate"] and 0.0 <= s["gate_mean_last"] <= 1.0 and set(s["gate_mean_last_by_layer"]) == {"0", "1"}
+    last = mem.gates["1"].net[-1]
+    with torch.no_grad():  # force every gate shut: the model is the bare model, bit for bit
+        saved = [g.net[-1].bias.clone() for g in mem.gates.values()]
+        for g in mem.gates.values():
+            g.net[-1].bias.fill_(-1e4)
+        assert torch.equal(lm.logits(ids, memory=mem), bare) and mem.stats()["gate_open_last"] == 0.0
+        for g in mem.gates.values():  # force them open: the hard gate gives the ungated memory
+            g.net[-1].bias.fill_(1e4)
+        torch.testing.assert_close(lm.logits(ids, memory=mem), ungated)
+        for g, b in zip(mem.gates.values(), saved):
+            g.net[-1].bias.copy_(b)
+    assert last.bias.shape == (1,)
+    mem.gate = False
+    lm.logits(ids, memory=mem)
+    assert mem.stats()["gate_mean_last"] is None
+
+
+def test_untrained_gate_cannot_be_switched_on_silently(lm):
+    mem = memory(lm, gate_auto=False)
+    mem.add(generate_facts(1))
+    mem.gate = True
+    with pytest.raises(InputError, match="gate"):
+        lm.logits(lm.chat_ids("hi"), memory=mem)
+    assert count_hooks(lm.model) == 0
+    mem.train_gate(negatives=["A neutral sentence about the weather."], questions=["What time is it?"])
+    lm.logits(lm.chat_ids("hi"), memory=mem)
+
+
+def test_delete_returns_the_fact_to_the_no_memory_level_and_keeps_the_others(lm):
+    mem = memory(lm)
+    facts = generate_facts(4, seed=2)
+    mem.add(facts)
+    target, others = facts[0], facts[1:]
+    assert greedy(lm, target, mem) == target.answer
+    r = mem.delete(target.id)
+    d = r.details
+    assert r.ids == [target.id] and d["recalled_before"] and not d["recalled_after"]
+    assert d["recalled_without_memory"] is False and d["margin_after"] < -mem.config.margin and not r.notes
+    assert greedy(lm, target, mem) != target.answer
+    margins = mem.recall(others)
+    assert bool((margins > 0).all()), margins
+    assert target.id not in mem.records and len(mem.records) == 3
+    assert mem.delete(target.id).did_nothing
+    assert count_hooks(lm.model) == 0
+
+
+def test_save_open_keeps_facts_signatures_gate_and_outputs(lm, tmp_path):
+    mem = nm.open_memory(tmp_path / "m", lm, kind="pkm", **TINY)
+    facts = generate_facts(3, seed=4)
+    mem.add(facts)
+    mem.gate = True
+    ids = lm.chat_ids(facts[0].prompt, system=mem.config.system)
+    before = lm.logits(ids, memory=mem)
+    mem.save()
+    assert mem.state_dict()["pkm_values_rows"].shape[0] == mem.slots_used()  # only the used rows are written
+    again = nm.open_memory(tmp_path / "m", lm)
+    assert isinstance(again, PKMMemory) and again.gate and again.gate_trained and again.calibrated
+    assert list(again.records) == list(mem.records)
+    assert all(torch.equal(again.signatures[k], mem.signatures[k]) for k in mem.records)
+    assert torch.equal(again.values, mem.values)
+    assert torch.equal(lm.logits(ids, memory=again), before)
+    assert again.delete(facts[1].id).ids == [facts[1].id]  # works after a reopen (signatures survived)
+
+
+def test_only_used_pool_rows_are_saved(lm, tmp_path):
+    mem = nm.open_memory(tmp_path / "m", lm, kind="pkm", **{**TINY, "num_keys": 64})
+    mem.add(generate_facts(1))
+    mem.save()
+    rows = mem.state_dict()["pkm_values_rows"]
+    assert 0 < rows.shape[0] < mem.num_slots / 4
+    assert (tmp_path / "m" / "memory.safetensors").stat().st_size < mem.values.numel() * 4 / 2
+
+
+def test_default_layers_adapt_to_the_depth():
+    assert PKMMemory(tiny_lm(), PKMConfig(num_keys=8, top_k=4)).layer_ids == [0, 1]
+    assert PKMMemory(tiny_lm(num_hidden_layers=30), PKMConfig(num_keys=8, top_k=4)).layer_ids == [14, 20, 26]
+    with pytest.raises(InputError, match="out of range"):
+        PKMMemory(tiny_lm(), PKMConfig(layers=(5,), num_keys=8, top_k=4))
+    with pytest.raises(InputError):
+        PKMConfig(layers=(1.5,))
+    with pytest.raises(InputError):
+        PKMConfig(top_k=20, num_keys=8)
+
+
+def test_the_memory_leaves_the_shared_chat_prefix_untouched(lm):
+    """Facts are trained after the chat prefix (system prompt + user header): reading skips it too."""
+    mem = memory(lm)
+    fact = generate_facts(1)[0]
+    mem.add([fact])
+    ids = lm.chat_ids(fact.prompt, system=mem.config.system)
+    n = len(mem.known_prefixes()[0])
+    assert ids[0, :n].tolist() == list(mem.known_prefixes()[0])
+    bare, with_mem = lm.logits(ids), lm.logits(ids, memory=mem)
+    assert torch.equal(with_mem[0, :n], bare[0, :n])
+    assert not torch.equal(with_mem[0, n:], bare[0, n:])
+    other = lm.chat_ids(fact.prompt, system="Another system prompt.")  # only BOS matches: memory from token 1 on
+    assert not torch.equal(lm.logits(other, memory=mem)[0, 1:], lm.logits(other)[0, 1:])
