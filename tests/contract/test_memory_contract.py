@@ -17,7 +17,10 @@ from nativemem.hooks import count_hooks
 from nativemem.memories.base import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME
 
 # kind -> config overrides for tiny models
-CONFIGS: dict[str, dict] = {"steer_test": {"layer": 1}}
+CONFIGS: dict[str, dict] = {"steer_test": {"layer": 1},
+                            # pkm: the hard gate rightly stays shut on a question about facts it never stored;
+                            # the soft gate still runs the whole gated path and always lets a little through
+                            "pkm": {"gate_mode": "soft", "gate_steps": 50}}
 TEXTS = ["Marie Curie was born in Warsaw in 1867.", "Paris is the capital of France."]
 PROMPT = "Where was Marie Curie born?"
 

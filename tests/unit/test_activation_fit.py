@@ -38,6 +38,11 @@ def test_whitening_gives_identity_covariance_and_keeps_requested_dims():
     y = t.apply(x)
     torch.testing.assert_close(torch.cov(y.T), torch.eye(6), atol=2e-2, rtol=0)
     assert fit_transform(x, dim=3).apply(x).shape == (4000, 3)
+    few = fit_transform(x[:4], dim=None)  # 4 fit vectors span 3 directions: no more are whitened
+    assert few.proj.shape == (6, 3) and few.mode == "whiten"
+    centred = fit_transform(x, dim=None, whiten=False)
+    assert centred.mode == "center" and centred.proj is None
+    torch.testing.assert_close(centred.apply(x).mean(0), torch.zeros(6), atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -61,9 +66,12 @@ def test_fit_chooses_layers_records_the_curve_and_persists(fast_dir):
     report = mem.config.fit_report
     assert len(report["id_curve"]) == 4 and report["id_points"] > 0
     assert report["retrieval_layer"] == mem.retrieval_layer and report["reroute_layers"] == mem.reroute_layers
-    assert report["probe"] and all("mrr" in v for v in report["probe"].values())
+    assert report["probe"] and all(set(v) == {"pooled_whiten_mrr", "pooled_center_mrr", "tokens_whiten_mrr",
+                                              "tokens_center_mrr"} for v in report["probe"].values())
+    assert report["pooled_transform"] in ("whiten", "center") and report["probe_pairs"] >= 4
     assert r.op == "fit" and not r.did_nothing and r.layers == mem.layers_used
-    assert mem.dims() == {"pooled": 16, "tokens": 8}
+    n_fit = len(FIT_TEXTS)  # whitening keeps at most N-1 components of N pooled fit vectors
+    assert mem.dims() == {"pooled": min(16, n_fit - 1) if report["pooled_transform"] == "whiten" else 16, "tokens": 8}
     saved = json.loads((fast_dir / "m" / MEMORY_CONFIG_NAME).read_text())
     assert saved["config"]["fit_report"]["id_curve"] == report["id_curve"]
     ids = mem.add(["Ada Quell founded the Velmora Institute.", "The Amber Finch nests on Tollen Island."],

@@ -19,7 +19,7 @@ def _one_thread():
 
 
 TINY = dict(layers=(0, 1), num_keys=16, heads=2, top_k=4, key_dim=16, lr=0.1, batch_size=4, max_epochs=60,
-            gate_steps=100)
+            gate_steps=100, gate=False)  # the gate of a random 2-layer model is not what these tests are about
 
 
 def memory(lm, **cfg) -> PKMMemory:
@@ -208,3 +208,10 @@ def test_the_memory_leaves_the_shared_chat_prefix_untouched(lm):
     assert not torch.equal(with_mem[0, n:], bare[0, n:])
     other = lm.chat_ids(fact.prompt, system="Another system prompt.")  # only BOS matches: memory from token 1 on
     assert not torch.equal(lm.logits(other, memory=mem)[0, 1:], lm.logits(other)[0, 1:])
+
+
+def test_with_the_gate_on_the_receipt_also_reports_gated_recall(lm):
+    mem = memory(lm, gate=True)
+    r = mem.add(generate_facts(2, seed=6))
+    assert 0.0 <= r.details["recall_gated"] <= 1.0 and r.details["recall"] == 1.0
+    assert "recall_gated" not in memory(lm).add(generate_facts(1)).details

@@ -6,9 +6,11 @@ pool chunk as one memory chunk whose ``source_id`` is the pool chunk id. The mem
 is fitted first on a fit set disjoint from the pool (:func:`fit_texts`: the task's chunks outside the
 pool, seeded sample), as the research note demands (§8.5).
 
-- ``activation`` (``activation_tokens``, ``activation_hybrid``, ``activation_hybrid_tokens``): retrieve the
-  top-``k`` chunks of the whole pool with the pooled (token-level, hybrid) variant and inject their KV as a
-  prefix before the chat-formatted question (no passages in the prompt).
+- ``activation``: retrieve the top-``k`` chunks of the whole pool with the memory's default variant
+  (``hybrid_tokens``: token-level MaxSim fused with BM25 by RRF - a hybrid, report it as such) and inject
+  their KV as a prefix before the chat-formatted question (no passages in the prompt).
+  ``activation_pooled``, ``activation_tokens``, ``activation_hybrid`` do the same with the pooled
+  KV-Embedding vector, token MaxSim alone, and pooled + BM25.
 - ``activation_oracle``: inject the gold chunk(s) of the item (no retrieval).
 - ``random_memory``: inject one random pool chunk that is not gold (seeded by the item id).
 - ``text_same_order``: the exact token sequence of the ``activation`` arm (BOS, the retrieved chunks in the
@@ -112,7 +114,7 @@ def shared_memory(lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool 
 class _MemoryArm(Arm):
     """Base: prepare the shared memory; helpers to retrieve and to answer with a pinned injection."""
 
-    variant = "pooled"
+    variant: str | None = None  # None: the memory's default variant
 
     def prepare(self, pool, lm, *, items, task) -> None:
         super().prepare(pool, lm, items=items, task=task)
@@ -146,13 +148,20 @@ class _MemoryArm(Arm):
 
 @register_arm("activation")
 class ActivationArm(_MemoryArm):
-    """Top-``k`` chunks of the pool by the pooled KV-Embedding vector, injected as a KV prefix."""
+    """Top-``k`` chunks of the pool (memory's default variant: token MaxSim + BM25), injected as a KV prefix."""
 
     uses_retrieval = True
 
     def answer(self, item: QAItem) -> ArmOutput:
         ids, retrieved = self.retrieve(item)
         return self.answer_with(item, ids, retrieved)
+
+
+@register_arm("activation_pooled")
+class ActivationPooledArm(ActivationArm):
+    """As ``activation``, retrieving by the pooled KV-Embedding vector."""
+
+    variant = "pooled"
 
 
 @register_arm("activation_tokens")
@@ -167,13 +176,6 @@ class ActivationHybridArm(ActivationArm):
     """As ``activation``, retrieving by the pooled vector fused with BM25 (RRF)."""
 
     variant = "hybrid"
-
-
-@register_arm("activation_hybrid_tokens")
-class ActivationHybridTokensArm(ActivationArm):
-    """As ``activation``, retrieving by token MaxSim fused with BM25 (RRF)."""
-
-    variant = "hybrid_tokens"
 
 
 @register_arm("activation_oracle")

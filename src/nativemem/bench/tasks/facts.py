@@ -6,8 +6,8 @@ What :func:`run_facts_benchmark` measures, per arm (:mod:`nativemem.bench.arms_f
 - ``recall``: greedy exact recall of every stored fact asked in its training phrasing: the generated
   answer (``max_new_tokens`` cap, post-processed as every benchmark answer) equals the fact's answer after
   SQuAD normalisation; ``recall_contains`` credits an answer wrapped in a sentence;
-- ``recall_paraphrase``: the same with one held-out phrasing per fact (never trained), for up to
-  ``paraphrase_limit`` facts;
+- ``recall_paraphrase`` (and ``recall_paraphrase_contains``): the same with one held-out phrasing per fact
+  (never trained), for up to ``paraphrase_limit`` facts;
 - ``ppl`` and ``ppl_drift``: perplexity of neutral passages (PG-19 test books and the haystack essays,
   ``passage_words`` words each) and its relative change against the bare model (``none``), with a paired
   bootstrap interval over passages;
@@ -326,7 +326,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         cost = dict(arm.prepare(facts))
         prepare_s = time.perf_counter() - start
         scores: dict[str, list[float]] = {"recall": [], "recall_contains": [], "recall_paraphrase": [],
-                                          "passage_nll": [], "mmlu_acc": [], "mmlu_agree": []}
+                                          "recall_paraphrase_contains": [], "passage_nll": [], "mmlu_acc": [],
+                                          "mmlu_agree": []}
         tokens = 0
         gen_s = 0.0
         with arm.session():
@@ -340,6 +341,7 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
                         scores["recall_contains"].append(s["contains"])
                     else:
                         scores["recall_paraphrase"].append(s["em"])
+                        scores["recall_paraphrase_contains"].append(s["contains"])
                     records.append({"arm": name, "kind": "recall", "phrasing": phrasing, "item_id": f.id,
                                     "question": question, "answers": [f.answer], "metrics": s, **rec})
             log(f"{name}: recall {statistics.fmean(scores['recall']):.3f}"
@@ -406,7 +408,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
                    "max_new_tokens": max_new_tokens, "memory_options": memory_options or {},
                    "data": str(data) if data is not None else f"generated (seed {seed})", "decoding": "greedy",
                    "system_prompt": FACTS_SYSTEM},
-        "higher_is_better": {"recall": True, "recall_contains": True, "recall_paraphrase": True, "mmlu_acc": True,
+        "higher_is_better": {"recall": True, "recall_contains": True, "recall_paraphrase": True,
+                             "recall_paraphrase_contains": True, "mmlu_acc": True,
                              "mmlu_agree": True, "qa_drift": True, "ppl": False, "ppl_drift": False},
         "arms": results_arms,
         "comparisons": comparisons,

@@ -118,8 +118,9 @@ class NeedleTask(Task):
 
     def fit_texts(self, pool: Sequence[Chunk]) -> list[str]:
         """Filler chunks beyond every haystack of the run (never shown to the model as context)."""
+        chunks = self.data.chunks  # loads the haystack (and _filler_ids) if needed
         used = {c.id for c in pool}
-        return [self.data.chunks[c].text for c in self._filler_ids if c not in used]
+        return [chunks[c].text for c in self._filler_ids if c not in used]
 
 
 def _as_list(value) -> list:

@@ -19,6 +19,7 @@ __all__ = ["ActivationConfig", "PAYLOADS", "KV_DTYPES", "VARIANTS", "BACKENDS"]
 
 PAYLOADS = ("kv", "residual", "none")
 KV_DTYPES = ("float16", "bfloat16", "float32", "int8")
+WHITEN = ("auto", "always", "never")
 VARIANTS = ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25")
 BACKENDS = ("edge", "qdrant")
 ORDERS = ("best_first", "best_last")
@@ -53,9 +54,10 @@ class ActivationConfig(MemoryConfig):
     checkpoint_layer: int | None = field(default=None, metadata={
         "help": "layer whose input residual is stored when payload='residual'; None = one third of the depth"})
     # ---- retrieval
-    variant: str = field(default="pooled", metadata={
+    variant: str = field(default="hybrid_tokens", metadata={
         "help": "default retrieval: pooled (KV-Embedding vector) | tokens (MaxSim over content tokens) | "
-                "hybrid (pooled + BM25, RRF) | hybrid_tokens (tokens + BM25, RRF) | bm25 (reference)"})
+                "hybrid (pooled + BM25, RRF) | hybrid_tokens (tokens + BM25, RRF) | bm25 (reference). Default: "
+                "the best own-state variant measured on SQuAD with SmolLM2 (hit@1 0.80 vs pooled 0.22)"})
     top_k: int = field(default=2, metadata={"help": "chunks injected per generation call"})
     max_prefix_tokens: int = field(default=2048, metadata={"help": "cap on injected prefix tokens"})
     prefix_order: str = field(default="best_first", metadata={
@@ -71,6 +73,9 @@ class ActivationConfig(MemoryConfig):
         "help": "dimensions kept by PCA whitening of pooled vectors; None = hidden size"})
     token_dim: int | None = field(default=128, metadata={
         "help": "dimensions kept by PCA whitening of token vectors (ColBERT-sized); None = hidden size"})
+    whiten: str = field(default="auto", metadata={
+        "help": "auto: fit() probes centring vs z-score + whitening per retrieval variant on held-out pairs and "
+                "keeps the better (both scores are in fit_report); always | never"})
     zscore: bool = field(default=True, metadata={"help": "z-score each dimension before whitening"})
     shrinkage: float = field(default=0.1, metadata={
         "help": "covariance shrinkage toward a scaled identity (fit sets are often smaller than the width)"})
@@ -100,7 +105,7 @@ class ActivationConfig(MemoryConfig):
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         for name, value, allowed in (("payload", self.payload, PAYLOADS), ("kv_dtype", self.kv_dtype, KV_DTYPES),
                                      ("variant", self.variant, VARIANTS), ("backend", self.backend, BACKENDS),
-                                     ("prefix_order", self.prefix_order, ORDERS)):
+                                     ("prefix_order", self.prefix_order, ORDERS), ("whiten", self.whiten, WHITEN)):
             if value not in allowed:
                 raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         for name in ("pooled_dim", "token_dim"):

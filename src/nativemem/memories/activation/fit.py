@@ -8,10 +8,15 @@ Steps (``docs/research/activation-nnm.md`` §2, §3.3, §8):
    ``MAX_ID_POINTS`` in all. TwoNN per layer.
 2. **Re-routed layers** from the curve (:func:`~.encode.choose_reroute_layers`), unless fixed in the config.
 3. **Retrieval probe.** Candidate layers (the re-routed ones plus 1/2, 2/3, 5/6 and full depth) are scored
-   by the MRR of probe queries against probe texts, each layer with its own transform fitted on the fit
-   texts. Probe pairs are the caller's (e.g. a training split) or, by default, each fit text's first
-   sentence against the rest of it. The best layer wins (ties: the deeper one).
-4. **Transforms**: z-score + whitening of pooled vectors and of token vectors at the chosen layer.
+   by the MRR of probe queries against probe texts, pooled (cosine) and token-level (MaxSim), each with a
+   transform fitted on texts the probe does not use. Probe pairs are the caller's (e.g. a training split;
+   transforms then fitted on all fit texts) or, by default, the first sentence against the rest of each
+   text of a held-out half of the fit set (transforms fitted on the other half). The layer with the best
+   pooled + token MRR wins (ties: the deeper one).
+4. **Transforms** at the chosen layer, fitted on every fit text. With ``whiten="auto"`` each variant keeps
+   z-score + PCA whitening or plain centring, whichever scored better in the probe (both scores are in
+   the report). On SmolLM2-135M with SQuAD paragraphs, whitening did not beat centring (see the report
+   of issue 3); the research note's whitening gains came from a transductive fit (§8.5).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ SINK_FACTOR = 8.0
 MAX_ID_POINTS = 2048
 MAX_TOKEN_FIT = 20_000
 MIN_PROBE_PAIRS = 4
+MAX_PROBE_PAIRS = 128
 
 
 def _batches(items, size):
@@ -90,6 +96,16 @@ def _mrr(q: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
     return float((1.0 / ranks.float()).mean()), float((ranks == 1).float().mean())
 
 
+def _maxsim_mrr(queries: Sequence[torch.Tensor], docs: Sequence[torch.Tensor]) -> float:
+    """MRR of token-level MaxSim (cosine) when query i's relevant document is document i."""
+    norm = torch.nn.functional.normalize
+    qs = [norm(q.float(), dim=-1) for q in queries]
+    ds = [norm(d.float(), dim=-1) for d in docs]
+    scores = torch.tensor([[float((q @ d.T).max(dim=1).values.sum()) for d in ds] for q in qs])
+    ranks = (scores > scores.diagonal().unsqueeze(1)).sum(1) + 1
+    return float((1.0 / ranks.float()).mean())
+
+
 def fit_memory(memory, texts, *, probe_pairs=None, tokens_per_text: int = 32, max_texts: int = 512,
                seed: int = 0) -> Receipt:
     start = time.perf_counter()
@@ -128,51 +144,76 @@ def fit_memory(memory, texts, *, probe_pairs=None, tokens_per_text: int = 32, ma
         return out
 
     fit_states = run(layouts)
-    pairs = list(probe_pairs) if probe_pairs is not None else _pseudo_pairs(first_chunks)
+    D = memory.geometry.hidden_size
+    modes = {"auto": (True, False), "always": (True,), "never": (False,)}[cfg.whiten]
+
+    def fit_pooled(states, l, whiten):
+        return fit_transform(torch.stack([s[l][1] for s in states]), dim=min(cfg.pooled_dim or D, D),
+                             zscore=cfg.zscore, shrinkage=cfg.shrinkage, whiten=whiten)
+
+    def fit_tokens(states, l, whiten):
+        per_text = max(1, MAX_TOKEN_FIT // len(states))
+        rows = []
+        for s in states:
+            tok = s[l][0]
+            rows.append(tok[sorted(rng.sample(range(tok.shape[0]), min(per_text, tok.shape[0])))])
+        return fit_transform(torch.cat(rows), dim=min(cfg.token_dim or D, D), zscore=cfg.zscore,
+                             shrinkage=cfg.shrinkage, whiten=whiten)
+
+    # probe pairs: the caller's, or pseudo pairs from a held-out half of the fit texts (the transforms used
+    # while probing are fitted on the other half: probing texts a transform was fitted on is biased)
+    if probe_pairs is not None:
+        pairs, transform_states = list(probe_pairs), fit_states
+    else:
+        half = len(first_chunks) // 2
+        pairs, transform_states = _pseudo_pairs(first_chunks[half:]), fit_states[:half]
     pairs = [(q, d) for q, d in pairs if q.strip() and d.strip()]
     probe: dict[str, dict[str, float]] = {}
-    if len(pairs) >= MIN_PROBE_PAIRS and len(candidates) > 1:
-        pairs = rng.sample(pairs, min(len(pairs), 256))
+    choice = {"pooled": modes[0], "tokens": modes[0]}
+    name = {True: "whiten", False: "center"}
+    if len(pairs) >= MIN_PROBE_PAIRS and len(transform_states) >= 2 and (len(candidates) > 1 or len(modes) > 1):
+        pairs = rng.sample(pairs, min(len(pairs), MAX_PROBE_PAIRS))
         q_states = run([memory.query_layout(q) for q, _ in pairs])
         d_states = run([memory.chunk_layout(chunk_text(d, cfg.chunk_tokens, memory.lm.count_tokens)[0])
                         for _, d in pairs])
         for l in candidates:
-            t = fit_transform(torch.stack([s[l][1] for s in fit_states]), dim=cfg.pooled_dim, zscore=cfg.zscore,
-                              shrinkage=cfg.shrinkage)
-            mrr, hit1 = _mrr(t.apply(torch.stack([s[l][1] for s in q_states])),
-                             t.apply(torch.stack([s[l][1] for s in d_states])))
-            probe[str(l)] = {"mrr": round(mrr, 4), "hit@1": round(hit1, 4)}
-        layer = max(candidates, key=lambda l: (probe[str(l)]["mrr"], l))
-        layer_rule = f"retrieval probe: best MRR over {len(pairs)} pairs"
+            row: dict[str, float] = {}
+            for whiten in modes:
+                t = fit_pooled(transform_states, l, whiten)
+                row[f"pooled_{name[whiten]}_mrr"] = round(_mrr(t.apply(torch.stack([s[l][1] for s in q_states])),
+                                                               t.apply(torch.stack([s[l][1] for s in d_states])))[0], 4)
+                t = fit_tokens(transform_states, l, whiten)
+                row[f"tokens_{name[whiten]}_mrr"] = round(_maxsim_mrr([t.apply(s[l][0]) for s in q_states],
+                                                                      [t.apply(s[l][0]) for s in d_states]), 4)
+            probe[str(l)] = row
+
+        def best(l, variant):
+            return max(probe[str(l)][f"{variant}_{name[w]}_mrr"] for w in modes)
+
+        layer = max(candidates, key=lambda l: (best(l, "pooled") + best(l, "tokens"), l))
+        for variant in ("pooled", "tokens"):
+            choice[variant] = max(modes, key=lambda w: (probe[str(layer)][f"{variant}_{name[w]}_mrr"], w))
+        layer_rule = (f"retrieval probe: best pooled + token MRR over {len(pairs)} held-out pairs"
+                      if len(candidates) > 1 else "fixed in the config")
     else:
         layer = candidates[0] if len(candidates) == 1 else (2 * (L - 1)) // 3
         layer_rule = ("fixed in the config" if cfg.retrieval_layer is not None
                       else f"2/3 depth (only {len(pairs)} probe pairs; need {MIN_PROBE_PAIRS})")
 
-    # 4. transforms at the chosen layer
-    pooled = torch.stack([s[layer][1] for s in fit_states])
-    per_text = max(1, MAX_TOKEN_FIT // len(fit_states))
-    token_rows = []
-    for s in fit_states:
-        tok = s[layer][0]
-        idx = sorted(rng.sample(range(tok.shape[0]), min(per_text, tok.shape[0])))
-        token_rows.append(tok[idx])
-    tokens = torch.cat(token_rows)
-    D = memory.geometry.hidden_size
-    memory.pooled_transform = fit_transform(pooled, dim=min(cfg.pooled_dim or D, D), zscore=cfg.zscore,
-                                            shrinkage=cfg.shrinkage)
-    memory.token_transform = fit_transform(tokens, dim=min(cfg.token_dim or D, D), zscore=cfg.zscore,
-                                           shrinkage=cfg.shrinkage)
+    # 4. transforms at the chosen layer, fitted on every fit text
+    memory.pooled_transform = fit_pooled(fit_states, layer, choice["pooled"])
+    memory.token_transform = fit_tokens(fit_states, layer, choice["tokens"])
     report = {
         "id_curve": [None if c != c else round(c, 3) for c in curve], "id_points": n_points,
         "reroute_layers": reroute, "reroute_rule": rule, "retrieval_layer": int(layer), "layer_rule": layer_rule,
-        "probe": probe, "fit_texts": len(texts), "pooled_fit_vectors": int(pooled.shape[0]),
-        "token_fit_vectors": int(tokens.shape[0]), "pooled_dim": memory.pooled_transform.dim(D),
-        "token_dim": memory.token_transform.dim(D), "seed": seed,
+        "probe": probe, "probe_pairs": len(pairs), "fit_texts": len(texts),
+        "pooled_transform": memory.pooled_transform.mode, "token_transform": memory.token_transform.mode,
+        "pooled_dim": memory.pooled_transform.dim(D), "token_dim": memory.token_transform.dim(D), "seed": seed,
     }
     cfg.fit_report = report
     if memory.path is not None and memory._tmpdir is None:
         memory.save()
     return Receipt(memory.kind, "fit", layers=sorted({layer, *reroute}), elapsed_s=time.perf_counter() - start,
                    steps=1, details=report, notes=[f"retrieval layer {layer} ({layer_rule}); re-routed {reroute} "
-                                                   f"({rule})"])
+                                                   f"({rule}); transforms: pooled {memory.pooled_transform.mode}, "
+                                                   f"tokens {memory.token_transform.mode}"])

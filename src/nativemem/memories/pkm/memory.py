@@ -253,7 +253,8 @@ class PKMMemory(Memory):
         seqs += [self.lm.chat_ids(q, system=self.config.system)[0].tolist() for q in GENERAL_QUESTIONS]
         bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
         seqs += [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_TEXTS]
-        grabbed = self._mlp_inputs(seqs)
+        with self._autocast():
+            grabbed = self._mlp_inputs(seqs)
         for i in self.layer_ids:
             self.layers[str(i)].calibrate(torch.cat(grabbed[i]))
         self.calibrated = True
@@ -373,8 +374,9 @@ class PKMMemory(Memory):
         timings["eval_s"] = result.eval_s
         if result.stopped.startswith("non-finite"):
             notes.append(f"training stopped: {result.stopped}")
-        elif result.stopped == "max_epochs" and result.recall < 1.0:
-            notes.append(f"max_epochs={cfg.max_epochs} reached with recall {result.recall:.3f} on the new facts")
+        elif result.recall < 1.0:
+            notes.append(f"recall {result.recall:.3f} on the new facts after {result.epochs} epochs "
+                         f"(max_epochs={cfg.max_epochs}); add them again to train the missed ones further")
 
         # record the facts and the rows they read most (for delete)
         sigs = self._signatures(items, prefixes)
@@ -389,12 +391,22 @@ class PKMMemory(Memory):
         if cfg.gate_auto and not result.stopped.startswith("non-finite"):
             t0 = time.perf_counter()
             details["gate"] = self.train_gate(items=items, prefixes=prefixes)
+            if cfg.gate:  # what the memory answers with: recall through the gate
+                margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
+                                         lambda: self._scope(gate=True))
+                details["recall_gated"] = float((margins > 0).float().mean())
             details["gate_s"] = time.perf_counter() - t0
         tokens = sum(len(it.ids) for it in items)
         return Receipt(self.kind, "add", ids=[f.id for f in new], tokens=tokens,
                        bytes_written=self.slots_used() * self.values.shape[1] * 4, layers=list(self.layer_ids),
                        steps=result.steps, final_loss=result.final_loss, elapsed_s=time.perf_counter() - start,
                        notes=notes, details=details)
+
+    def _autocast(self):
+        """bf16 autocast for the frozen backbone when configured (and the model is float32), else nothing."""
+        if self.config.train_autocast == "bfloat16" and self.lm.dtype == torch.float32:
+            return torch.autocast(self.lm.device.type, dtype=torch.bfloat16)
+        return _null_scope()
 
     def _trainable(self) -> tuple[list[nn.Parameter], list[torch.optim.Optimizer]]:
         cfg: PKMConfig = self.config
@@ -415,7 +427,7 @@ class PKMMemory(Memory):
         return params + dense, opts
 
     def _train(self, items: Sequence[Item], prefixes: PrefixCache, progress=None, loss_hook=None):
-        """Train the items in (bf16 autocast if configured, then a float32 polish of the facts it missed)."""
+        """Train the items in (bf16 autocast if configured), then polish in float32 what the final check missed."""
         cfg: PKMConfig = self.config
         params, opts = self._trainable()
         sparse = cfg.pool_optimizer == "sparse_adam"
@@ -429,11 +441,15 @@ class PKMMemory(Memory):
             with frozen(self.lm.model):
                 result = train_items(self.lm.model, items, self.lowest_layer, prefixes, max_epochs=cfg.max_epochs,
                                      seed=cfg.seed + len(self.records), autocast=autocast, **common)
+                # the loop stops on margins measured during training (bf16, before each step); the final float32
+                # check may still miss a few facts: train those in float32 until the check passes
                 missed = [it for it, m in zip(items, result.margins) if m <= 0]
-                if autocast is not None and missed and not result.stopped.startswith("non-finite"):
+                rounds = 0
+                while missed and rounds < 5 and result.epochs < cfg.max_epochs and not result.stopped.startswith(
+                        "non-finite"):
+                    rounds += 1
                     polish = train_items(self.lm.model, missed, self.lowest_layer, prefixes,
-                                         max_epochs=max(1, cfg.max_epochs - result.epochs), seed=cfg.seed + 1,
-                                         **common)
+                                         max_epochs=cfg.max_epochs - result.epochs, seed=cfg.seed + rounds, **common)
                     result.steps += polish.steps
                     result.epochs += polish.epochs
                     result.epoch_active += polish.epoch_active
@@ -441,12 +457,14 @@ class PKMMemory(Memory):
                     result.final_loss = polish.final_loss if polish.final_loss is not None else result.final_loss
                     result.exposures += polish.exposures * len(missed) / len(items)
                     result.train_s += polish.train_s
-                    result.stopped = polish.stopped if polish.stopped.startswith("non-finite") else result.stopped
+                    result.polished += len(missed)
+                    if polish.stopped.startswith("non-finite"):
+                        result.stopped = polish.stopped
                     t0 = time.perf_counter()
                     result.margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
                                                     lambda: self._scope())
                     result.eval_s += polish.eval_s + time.perf_counter() - t0
-                    result.polished = len(missed)
+                    missed = [it for it, m in zip(items, result.margins) if m <= 0]
         finally:
             for p in params:
                 p.requires_grad_(False)
@@ -498,7 +516,7 @@ class PKMMemory(Memory):
             items = random.Random(cfg.seed).sample(list(items), max_facts)
         prefixes = prefixes or PrefixCache(self.lm.model)
         pos: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():  # gate inputs need no float32 exactness
             groups: dict[tuple, list[Item]] = {}
             for it in items:
                 groups.setdefault(it.prefix, []).append(it)
@@ -517,7 +535,8 @@ class PKMMemory(Memory):
         seqs = [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (*NEUTRAL_TEXTS, *negatives)]
         seqs = [s[: self.lm.max_context] for s in seqs]
         seqs += [self.lm.chat_ids(q, system=cfg.system)[0].tolist() for q in (*GENERAL_QUESTIONS, *questions)]
-        neg = self._mlp_inputs(seqs, memory=True)
+        with self._autocast():
+            neg = self._mlp_inputs(seqs, memory=True)
         report: dict[str, Any] = {}
         for n, i in enumerate(self.layer_ids):
             zp, zn = torch.cat(pos[i]), torch.cat(neg[i])
