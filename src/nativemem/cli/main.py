@@ -17,11 +17,13 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from ..errors import InputError
 
 app = typer.Typer(
     name="nativemem", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -158,7 +160,8 @@ def _split_list(value: str) -> list[str]:
 @app.command()
 @_handle_errors
 def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = "squad",
-          arms: Annotated[str, typer.Option(help="comma-separated arm names")] = "none,rag_bm25",
+          arms: Annotated[str, typer.Option(help="comma-separated arm names (default: none,rag_bm25, or the "
+                                                       "task's own arms for pg19/mmlu/locomo/facts)")] = "",
           limit: Annotated[int | None, typer.Option(min=1, help="first N items in seeded order (all if unset)")] = None,
           out: Annotated[Path, typer.Option(help="folder for results.json and items.jsonl")] = Path("results/bench"),
           seed: Annotated[int, typer.Option(help="seed of the item order and bootstrap")] = 0,
@@ -166,6 +169,10 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
           k: Annotated[int, typer.Option(min=1, help="chunks retrieved per question")] = 3,
           max_new_tokens: Annotated[int, typer.Option(min=1, help="cap on generated tokens")] = 32,
           list_all: Annotated[bool, typer.Option("--list", help="list tasks and arms, then exit")] = False,
+          facts: Annotated[int | None, typer.Option(min=1, help="facts task: number of facts stored")] = None,
+          option: Annotated[list[str] | None, typer.Option("--option", "-o", help="task option KEY=VALUE (VALUE "
+                                                           "read as JSON when it parses), repeatable; e.g. -o "
+                                                           "max_tokens=32768 for pg19")] = None,
           model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
     """Run a benchmark task over several arms; writes results.json and items.jsonl to --out."""
     _quiet_libraries()
@@ -174,16 +181,67 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
     if list_all:
         console.print("tasks: " + ", ".join(list_tasks()))
         console.print("arms:  " + ", ".join(list_arms()))
+        console.print("own loops: " + ", ".join(f"{t} ({', '.join(a)})" for t, a in _LOOP_ARMS.items()))
         return
-    arm_names = _split_list(arms)
+    arm_names = _split_list(arms) or ([] if task in _LOOP_TASKS else ["none", "rag_bm25"])  # []: the loop's own
+    from .memory_cmds import parse_options
+
+    options = parse_options(option)
+    if facts is not None:
+        if task != "facts":
+            raise InputError("--facts applies to the facts task only")
+        options["num_facts"] = facts
+    if task in _LOOP_TASKS:  # tasks with their own loop (streaming, logits, training on facts)
+        _run_loop_task(task, arm_names, options, out=out, data=data, limit=limit, seed=seed, k=k,
+                       max_new_tokens=max_new_tokens, model=model, dtype=dtype, device=device)
+        return
     for a in arm_names:  # fail on unknown names and bad data before loading the model
         get_arm(a)
     get_task(task)(data=data)
     lm = _load(model, dtype, device)
     results = run_benchmark(task, lm, arms=arm_names, limit=limit, out=out, seed=seed, data=data, k=k,
-                            max_new_tokens=max_new_tokens, progress=True)
+                            max_new_tokens=max_new_tokens, progress=True, **options)
     console.print(report([out]), highlight=False, markup=False)
     console.print(f"wrote {out / 'results.json'} (n={results['n']})")
+
+
+# tasks that run their own loop: module, function, the arms it knows
+_LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
+               "mmlu": ("nativemem.bench.tasks.mmlu", "run_mmlu"),
+               "locomo": ("nativemem.bench.tasks.locomo", "run_locomo"),
+               "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark")}
+_LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
+              "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
+              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25")}
+
+
+def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
+                   max_new_tokens, model, dtype, device) -> None:
+    import importlib
+    import inspect
+
+    module, name = _LOOP_TASKS[task]
+    fn = getattr(importlib.import_module(module), name)
+    known = inspect.signature(fn).parameters
+    common = {"arms": arms or known["arms"].default, "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
+              "max_new_tokens": max_new_tokens, "progress": True}
+    bad = sorted(set(options) - set(known))
+    if bad:
+        raise InputError(f"unknown {task} options {bad}; known: {sorted(set(known) - set(common) - {'lm'})}")
+    unknown_arms = [a for a in arms if a not in _LOOP_ARMS[task]]
+    if unknown_arms:
+        raise InputError(f"unknown {task} arms {unknown_arms}; use {', '.join(_LOOP_ARMS[task])}")
+    kwargs = {key: value for key, value in common.items() if key in known}
+    if "limit" not in known and limit is not None:
+        raise InputError(f"--limit does not apply to {task}; see its options")
+    lm = _load(model, dtype, device)
+    results = fn(lm, **kwargs, **options)
+    console.print(f"wrote {Path(out) / 'results.json'}", highlight=False)
+    summary = results.get("arms", {})
+    for arm, block in summary.items():
+        metrics = block.get("metrics", {})
+        console.print(f"{arm}: " + ", ".join(f"{m} {v:.4g}" for m, v in metrics.items() if isinstance(v, float)),
+                      highlight=False, markup=False)
 
 
 @app.command("report")
@@ -199,9 +257,11 @@ def report_cmd(dirs: Annotated[list[Path], typer.Argument(help="result folders w
 
 from .activation_cmds import register as _register_activation_cmds  # noqa: E402
 from .memory_cmds import register as _register_memory_cmds  # noqa: E402
+from .server_cmds import register as _register_server_cmds  # noqa: E402
 
 _register_memory_cmds(app)
 _register_activation_cmds(app)
+_register_server_cmds(app)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,217 @@
+"""The server's single point of contact with the model and the memory store.
+
+How concurrency works: one process holds one model and one memory folder. Every call that runs the model
+(generation, writing, searching: they all encode with it) holds ``model_lock``, an asyncio lock taken in
+the event loop before the work is handed to a thread, so a request waiting for the model holds no thread
+and a cancelled wait holds nothing. Every call that touches the store (index and blobs) holds
+``store_lock``, a threading lock taken inside that thread; the order is always model, then store, so they
+cannot deadlock. Listing, getting and deleting memories take only the store lock and are served while
+the model generates.
+
+Every memory operation is scoped to the caller's user id here, not in the routes: a memory id of another
+user behaves exactly like an id that does not exist. User id ``""`` is the anonymous user (memories written
+without a user id), served only when the server runs without API keys.
+
+Cancellation: generation checks a per-request :class:`Stop` (client gone, or deadline passed) at every
+new token and raises :class:`Cancelled`, which unwinds the memory's ``active()`` scope (hooks removed in
+``finally``). A write runs to completion or is rolled back: an add that fails part-way deletes the chunks
+it wrote, so a failed or cancelled request leaves no partial write.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InputError
+from ..memories.base import Injection
+from ..model import Generation
+from ..text import check_text
+
+__all__ = ["Engine", "Stop", "Cancelled", "Answer", "public_record"]
+
+
+class Cancelled(Exception):
+    """A request was cancelled (client disconnected) or passed its deadline while the model worked."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class Stop:
+    """Cancellation signal of one request: set by the event loop, polled by the worker thread."""
+
+    deadline: float  # time.monotonic() after which the work is abandoned
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Cancelled("the request was cancelled")
+        if time.monotonic() > self.deadline:
+            raise Cancelled("the request timed out")
+
+
+@dataclass
+class Answer:
+    generation: Generation
+    memory_ids: list[str]
+
+
+def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """What a caller sees of one stored chunk (its own): no store internals, no user id."""
+    return {"id": point_id, "object": "memory", "text": payload.get("text", ""),
+            "source_id": payload.get("source_id"), "chunk_index": payload.get("chunk_index"),
+            "tokens": payload.get("tokens"), "created": payload.get("created"),
+            "metadata": payload.get("metadata") or {}}
+
+
+class _Selected:
+    """Memory-like object for one generation: injects the caller's top-k chunks for the query.
+
+    Retrieval runs inside ``active()`` (under the store lock), so it is part of the measured time to first
+    token, as in-process generation with the memory is.
+    """
+
+    def __init__(self, engine: Engine, user_id: str, top_k: int, chosen: list[str]):
+        self.engine, self.user_id, self.top_k, self.chosen = engine, user_id, top_k, chosen
+        self.fingerprint = engine.memory.fingerprint
+
+    @contextmanager
+    def active(self, *, lm=None, user_id=None, query=None) -> Iterator[Injection]:
+        mem = self.engine.memory
+        if lm is not None and lm is not mem.lm:
+            self.fingerprint.check(lm.fingerprint)
+        with self.engine.store_lock:
+            hits = (mem.search(query, k=self.top_k, user_id=self.user_id or None) if query and query.strip()
+                    else [])
+            payloads, total = [], 0
+            for h in hits:  # the memory's own budget and order rules
+                if h.payload.get("user_id") != self.user_id:  # defence in depth; the search filters by user
+                    raise RuntimeError("store returned another user's chunk")
+                n = int(h.payload.get("tokens", 0))
+                if total + n > mem.config.max_prefix_tokens:
+                    continue
+                payloads.append(h.payload)
+                total += n
+            if mem.config.prefix_order == "best_last":
+                payloads = payloads[::-1]
+            injection, used = mem._injection(payloads) if mem.config.payload != "none" else (Injection(), [])
+        self.chosen[:] = used
+        yield injection
+
+
+class Engine:
+    """The model, the memory and the locks around them (see the module docstring).
+
+    Args:
+        lm: a LanguageModel.
+        memory: an activation memory (anything with search, add, delete and an index store).
+    """
+
+    def __init__(self, lm, memory):
+        import asyncio
+
+        if not getattr(memory, "supports_search", False) or not hasattr(memory, "store"):
+            raise InputError(f"the server needs an activation memory; {memory.kind!r} memories cannot be searched "
+                             "per user")
+        self.lm = lm
+        self.memory = memory
+        self.model_lock = asyncio.Lock()
+        self.store_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
+                 top_k: int | None, stop: Stop, on_token: Callable[[list[int]], None] | None = None) -> Answer:
+        """Greedy answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``)."""
+        for i, m in enumerate(messages):
+            check_text(m["content"], what=f"message {i} content")
+        query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        ids = self.lm.chat_ids(messages)
+        chosen: list[str] = []
+        memory = _Selected(self, user_id, top_k or self.memory.config.top_k, chosen) if use_memory else None
+
+        def tick(token_ids: list[int]) -> None:
+            stop.check()
+            if on_token is not None:
+                on_token(token_ids)
+
+        stop.check()
+        gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
+                               on_token=tick)
+        return Answer(gen, list(chosen))
+
+    # ------------------------------------------------------------------ memories
+    def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop) -> dict[str, Any]:
+        """Write ``texts`` for ``user_id`` (call under ``model_lock``); all or nothing."""
+        texts = [check_text(t, what=f"text {i}" if len(texts) > 1 else "text") for i, t in enumerate(texts)]
+        if "source_id" in metadata:
+            raise InputError("metadata.source_id is reserved: the server gives each text its own source id")
+        sources = [str(uuid.uuid4()) for _ in texts]
+        stop.check()
+        with self.store_lock:
+            try:
+                receipt = self.memory.add(texts, user_id=user_id or None, metadata=metadata, source_ids=sources)
+            except BaseException:  # batches written before the failure are removed: all or nothing
+                for source in sources:
+                    self._delete_source(source, user_id)
+                raise
+            rows = self.memory.store.index.get(receipt.ids)  # in write order: text by text, chunk by chunk
+        return {"object": "memory.add", "ids": [pid for pid, _ in rows], "source_ids": sources,
+                "data": [public_record(pid, p) for pid, p in rows], "notes": list(receipt.notes)}
+
+    def _delete_source(self, source: str, user_id: str) -> None:
+        rows = self.memory.store.index.scroll(user_id=user_id, field_name="source_id", values=[source],
+                                              with_payload=["user_id"])
+        for pid, _ in rows:
+            self.memory.delete(pid)
+
+    def search(self, query: str, *, user_id: str, k: int) -> list[dict[str, Any]]:
+        """The caller's top-k chunks for ``query`` (call under ``model_lock``)."""
+        query = check_text(query, what="query")
+        with self.store_lock:
+            hits = self.memory.search(query, k=k, user_id=user_id or None)
+        return [{**public_record(h.id, h.payload), "score": h.score} for h in hits
+                if h.payload.get("user_id") == user_id]
+
+    def list(self, *, user_id: str, limit: int, offset: int) -> dict[str, Any]:
+        with self.store_lock:
+            rows = self.memory.store.index.scroll(user_id=user_id)
+        rows = [r for r in rows if r[1].get("user_id") == user_id]
+        rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("source_id", ""), r[1].get("chunk_index", 0)))
+        page = rows[offset: offset + limit]
+        return {"object": "list", "data": [public_record(pid, p) for pid, p in page], "total": len(rows),
+                "offset": offset, "has_more": offset + limit < len(rows)}
+
+    def get(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
+        with self.store_lock:
+            rows = self.memory.store.index.get([memory_id])
+        for pid, p in rows:
+            if p.get("user_id") == user_id:
+                return public_record(pid, p)
+        return None
+
+    def delete(self, memory_id: str, *, user_id: str) -> list[str] | None:
+        """Delete one chunk, or every chunk of one source, of the caller; None when the caller has neither."""
+        with self.store_lock:
+            index = self.memory.store.index
+            rows = [r for r in index.get([memory_id]) if r[1].get("user_id") == user_id]
+            if not rows:
+                rows = index.scroll(user_id=user_id, field_name="source_id", values=[memory_id],
+                                    with_payload=["user_id"])
+                rows = [r for r in rows if r[1].get("user_id") == user_id]
+            if not rows:
+                return None
+            for pid, _ in rows:
+                self.memory.delete(pid)
+        return [pid for pid, _ in rows]
+
+    def count(self) -> int:
+        with self.store_lock:
+            return self.memory.store.index.count()

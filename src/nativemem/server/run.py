@@ -1,0 +1,90 @@
+"""Running the server: :func:`serve` (what ``nativemem serve`` calls) and :class:`ServerThread` (a live
+uvicorn on loopback inside this process, for tests and the reliability suite)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from .app import ServerSettings, create_app
+from .auth import load_api_keys
+
+__all__ = ["serve", "ServerThread", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_keys: str | os.PathLike | None = None, no_auth: bool = False, settings: ServerSettings | None = None,
+          dtype: str | None = None, device: str = "cpu", log_level: str = "info") -> None:
+    """Load the model and the memory folder (an activation memory; created if missing), then serve until stopped.
+
+    Raises:
+        InputError: no API keys without ``no_auth``, ``no_auth`` off loopback, a bad key file or folder.
+    """
+    import uvicorn
+
+    import nativemem as nm
+
+    settings = settings or ServerSettings()
+    keys = load_api_keys(api_keys)
+    if keys is not None and no_auth:
+        raise InputError("--no-auth and API keys exclude each other")
+    if keys is None and not no_auth:
+        raise InputError("no API keys: pass --api-keys FILE (a JSON object {\"KEY\": \"USER_ID\"}) or set "
+                         "NATIVEMEM_API_KEYS_FILE; --no-auth serves one anonymous user on loopback")
+    if no_auth and not is_loopback(host):
+        raise InputError(f"--no-auth is allowed only on a loopback address, not {host!r}")
+    settings.anonymous = no_auth
+    path = Path(memory)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--memory {path} is not a folder")
+    lm = nm.load_model(model, dtype=dtype, device=device)
+    mem = nm.open_memory(path, lm, kind="activation")
+    app = create_app(keys=keys, settings=settings, lm=lm, memory=mem)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                server_header=False)
+
+
+class ServerThread:
+    """A uvicorn server for ``app`` on a free loopback port, run in a background thread.
+
+    Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``.
+    """
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=2, server_header=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="nativemem-server", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        sock: socket.socket = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,99 @@
+"""Request bodies of the server (pydantic) and the limits they enforce, as named constants.
+
+The chat schema is OpenAI's ``/v1/chat/completions`` subset that a greedy local model can honour; fields
+OpenAI clients send and that change nothing here (``temperature``, ``top_p``, ``seed``, ``user``, ...) are
+accepted and ignored. nativemem's own options travel as extra fields (``extra_body`` in the openai client):
+``memory`` (inject the caller's memory, default true) and ``top_k`` (chunks injected).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "MAX_MESSAGES", "MAX_MESSAGE_CHARS",
+           "MAX_NEW_TOKENS", "DEFAULT_MAX_TOKENS", "MAX_TOP_K", "MAX_TEXTS_PER_ADD", "MAX_TEXT_CHARS",
+           "MAX_SEARCH_K", "MAX_LIST_LIMIT", "MAX_METADATA_CHARS"]
+
+MAX_MESSAGES = 256
+MAX_MESSAGE_CHARS = 200_000
+MAX_NEW_TOKENS = 4096
+DEFAULT_MAX_TOKENS = 128
+MAX_TOP_K = 32
+MAX_TEXTS_PER_ADD = 256
+MAX_TEXT_CHARS = 1_000_000
+MAX_SEARCH_K = 100
+MAX_LIST_LIMIT = 1000
+MAX_METADATA_CHARS = 16_384
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_max_length=MAX_TEXT_CHARS)
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart] = Field(max_length=MAX_MESSAGE_CHARS)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    # accepted for compatibility; generation is greedy
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    # nativemem's extra fields
+    memory: bool = True
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("messages must contain at least one user message")
+        return messages
+
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+class AddRequest(_Strict):
+    """``text`` or ``texts`` (not both); ``metadata`` is stored with every chunk."""
+
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    texts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS_PER_ADD)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def all_texts(self) -> list[str]:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' and 'texts'")
+        return [self.text] if self.text is not None else list(self.texts)
+
+
+class SearchRequest(_Strict):
+    query: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    k: int = Field(default=4, ge=1, le=MAX_SEARCH_K)

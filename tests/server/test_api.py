@@ -1,0 +1,304 @@
+"""The HTTP API over real uvicorn on 127.0.0.1: OpenAI client, memories per user, bad input, cancellation."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+from conftest import MAX_BODY, start_server
+
+from nativemem.errors import InputError
+from nativemem.server import ServerSettings, load_api_keys
+from nativemem.server.engine import Cancelled, Stop
+
+
+def _client(served, user=None):
+    return httpx.Client(base_url=served.url, headers=served.headers(user) if user else {}, timeout=60)
+
+
+def _chat(question="What is my note?", **extra):
+    return {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 6, **extra}
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_health_is_open_and_everything_else_needs_a_key(served):
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/memories"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/memories"), ("POST", "/v1/memories/search"), ("DELETE", "/v1/memories/x")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {served.keys['alice']}"}):
+            r = httpx.request(method, served.url + path, headers=headers, json={})
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["type"] == "authentication_error"
+            assert served.keys["alice"] not in r.text
+
+
+def test_openai_client_chat_streaming_and_models(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=served.keys["alice"], max_retries=0)
+    with _client(served, "alice") as c:
+        assert c.post("/v1/memories", json={"text": "Alice's locker code is zq0123456789ab."}).status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [served.lm.name]
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is my locker code?"}]
+    resp = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=6,
+                                          extra_body={"top_k": 1})
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.usage.completion_tokens >= 1 and resp.choices[0].finish_reason in ("stop", "length")
+    extra = resp.model_extra["nativemem"]
+    assert len(extra["memory_ids"]) == 1 and extra["prefix_tokens"] > 0
+    stream = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=6, stream=True,
+                                            extra_body={"top_k": 1}, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == resp.choices[0].message.content  # greedy: the same answer, streamed
+    assert usage.completion_tokens == resp.usage.completion_tokens
+    off = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=6,
+                                         extra_body={"memory": False})
+    assert off.model_extra["nativemem"]["memory_ids"] == [] and off.model_extra["nativemem"]["prefix_tokens"] == 0
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=-1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_memories_are_visible_only_to_their_owner(served):
+    with _client(served, "alice") as a, _client(served, "bob") as b:
+        r = a.post("/v1/memories", json={"texts": ["Alice hides zq00000000a11c in the attic.",
+                                                   "Alice's second note zq00000000a12c."], "metadata": {"tag": "t"}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ids, sources = body["ids"], body["source_ids"]
+        assert len(ids) == 2 and len(sources) == 2 and body["data"][0]["metadata"] == {"tag": "t"}
+        for mid in ids:
+            assert a.get(f"/v1/memories/{mid}").json()["text"].startswith("Alice")
+            got = b.get(f"/v1/memories/{mid}")
+            assert got.status_code == 404 and mid not in got.text
+            assert b.delete(f"/v1/memories/{mid}").status_code == 404
+        assert b.delete(f"/v1/memories/{sources[0]}").status_code == 404  # nor by source id
+        listed = b.get("/v1/memories").json()
+        assert all(m["id"] not in ids for m in listed["data"]) and "a11c" not in json.dumps(listed)
+        hits = b.post("/v1/memories/search", json={"query": "Alice attic zq00000000a11c", "k": 50}).json()["data"]
+        assert all(h["id"] not in ids for h in hits)
+        chat = b.post("/v1/chat/completions", json=_chat("Where does Alice hide it?", top_k=8)).json()
+        assert not set(chat["nativemem"]["memory_ids"]) & set(ids)
+        mine = a.post("/v1/chat/completions", json=_chat("Where does Alice hide zq00000000a11c?", top_k=8)).json()
+        owned = {m["id"] for m in a.get("/v1/memories", params={"limit": 1000}).json()["data"]}
+        assert set(mine["nativemem"]["memory_ids"]) <= owned and mine["nativemem"]["memory_ids"]
+        # the owner deletes one chunk by id and the other by its source id
+        assert a.delete(f"/v1/memories/{ids[0]}").json()["ids"] == [ids[0]]
+        assert a.delete(f"/v1/memories/{sources[1]}").json()["ids"] == [ids[1]]
+        assert a.get(f"/v1/memories/{ids[1]}").status_code == 404
+
+
+def test_list_pagination(served):
+    with _client(served, "carol") as c:
+        c.post("/v1/memories", json={"texts": [f"Carol's note number {i}." for i in range(5)]}).raise_for_status()
+        page = c.get("/v1/memories", params={"limit": 2, "offset": 1}).json()
+        assert page["total"] >= 5 and len(page["data"]) == 2 and page["has_more"]
+        for bad in ({"limit": 0}, {"limit": 10 ** 9}, {"offset": -1}, {"limit": "x"}):
+            assert c.get("/v1/memories", params=bad).status_code == 400
+
+
+BAD_BODIES = [
+    ("/v1/chat/completions", b"{", "not valid JSON"),
+    ("/v1/chat/completions", b"\xff\xfe{}", "UTF-8"),
+    ("/v1/chat/completions", b"", "empty"),
+    ("/v1/chat/completions", b"[1, 2]", "JSON object"),
+    ("/v1/chat/completions", b"\x00\x01binary\x02", "JSON"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": []}', "messages"),
+    ("/v1/chat/completions", json.dumps(_chat(max_tokens=-5)).encode(), "max_tokens"),
+    ("/v1/chat/completions", json.dumps(_chat(max_tokens=10 ** 30)).encode(), "64 bits"),
+    ("/v1/chat/completions", json.dumps(_chat(max_tokens=4000)).encode(), "window"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k=0)).encode(), "top_k"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k=10 ** 6)).encode(), "top_k"),
+    ("/v1/chat/completions", json.dumps(_chat(n=3)).encode(), "n"),
+    ("/v1/chat/completions", json.dumps(_chat(question="\x00\x01\x02")).encode(), "binary"),
+    ("/v1/chat/completions", json.dumps(_chat(question="  ")).encode(), "whitespace"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "tool", "content": "x"}]}', "role"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}',
+     "NaN"),
+    ("/v1/chat/completions", b"[" * 5000 + b"]" * 5000, "nested"),
+    ("/v1/memories", b'{"text": "a", "texts": ["b"]}', "exactly one"),
+    ("/v1/memories", b'{"texts": []}', "texts"),
+    ("/v1/memories", b'{"text": 5}', "text"),
+    ("/v1/memories", b'{"text": "ok", "metadata": {"source_id": "x"}}', "reserved"),
+    ("/v1/memories", b'{"text": "ok", "metadata": [1]}', "metadata"),
+    ("/v1/memories", b'{"text": "ok", "metadata": {"n": 1e999}}', "not finite"),
+    ("/v1/memories/search", b'{"query": "x", "k": -1}', "k"),
+    ("/v1/memories/search", b'{"query": ""}', "query"),
+]
+
+
+@pytest.mark.parametrize("path,body,words", BAD_BODIES, ids=[f"{p}:{b[:20]!r}" for p, b, _ in BAD_BODIES])
+def test_bad_input_gets_a_clear_400_and_changes_nothing(served, path, body, words):
+    before = served.memory.store.index.count()
+    with _client(served, "alice") as c:
+        r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert words.lower() in r.json()["error"]["message"].lower(), r.text
+    assert served.memory.store.index.count() == before
+
+
+def test_oversize_body_gets_413(served):
+    with _client(served, "alice") as c:
+        r = c.post("/v1/memories", content=b'{"text": "' + b"a" * MAX_BODY + b'"}')
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted while reading
+            for _ in range(MAX_BODY // 1000 + 2):
+                yield b"a" * 1000
+
+        assert c.post("/v1/memories", content=chunks()).status_code == 413
+        assert c.get("/v1/memories").status_code == 200  # the server is fine
+
+
+def test_unknown_routes_and_methods_are_4xx(served):
+    with _client(served, "alice") as c:
+        assert c.get("/v1/nothing").status_code == 404
+        assert c.put("/v1/memories").status_code == 405
+        assert c.get("/v1/models/other-model").status_code == 404
+        assert c.get(f"/v1/models/{served.lm.name}").json()["id"] == served.lm.name
+
+
+def test_concurrent_requests_give_the_answers_they_give_alone(served):
+    with _client(served, "bob") as b:
+        b.post("/v1/memories", json={"texts": ["Bob's bike is zq0000000b1ce0.", "Bob likes green tea."]})
+    questions = [("alice", "What is my code?"), ("bob", "What is my bike?"), ("carol", "What is note 3?"),
+                 ("bob", "Which tea?")] * 3
+    alone = {}
+    for user, q in set(questions):
+        with _client(served, user) as c:
+            alone[user, q] = c.post("/v1/chat/completions", json=_chat(q, max_tokens=12)).json()
+    results, errors = {}, []
+
+    def ask(i, user, q, stream):
+        try:
+            with _client(served, user) as c:
+                if stream:
+                    r = c.post("/v1/chat/completions", json=_chat(q, max_tokens=12, stream=True))
+                    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                                   for line in r.text.splitlines() if line.startswith("data: {")
+                                   and json.loads(line[6:])["choices"])
+                else:
+                    text = c.post("/v1/chat/completions", json=_chat(q, max_tokens=12)).json()["choices"][0][
+                        "message"]["content"]
+                results[i] = (user, q, text)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i, u, q, i % 2 == 1)) for i, (u, q) in enumerate(questions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for user, q, text in results.values():
+        assert text == alone[user, q]["choices"][0]["message"]["content"]
+    assert _hooks(served.lm.model) == 0
+
+
+def test_a_cancelled_stream_leaves_no_hook_and_frees_the_model(served):
+    with _client(served, "alice") as c:
+        with c.stream("POST", "/v1/chat/completions", json=_chat("Tell me a long story.", max_tokens=300,
+                                                                  stream=True)) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event, then the client goes away mid-generation
+        r = c.post("/v1/chat/completions", json=_chat(max_tokens=3))
+        assert r.status_code == 200
+    assert _hooks(served.lm.model) == 0
+
+
+def test_generation_stops_at_the_deadline_without_leftovers(served):
+    from nativemem.server.engine import Engine
+
+    engine = Engine(served.lm, served.memory)
+    before = served.memory.store.index.count()
+    with pytest.raises(Cancelled, match="timed out"):
+        engine.generate([{"role": "user", "content": "hello"}], user_id="alice", max_new_tokens=50, use_memory=True,
+                        top_k=2, stop=Stop(deadline=0.0))
+    with pytest.raises(Cancelled):
+        engine.add(["never written"], user_id="alice", metadata={}, stop=Stop(deadline=0.0))
+    stop = Stop(deadline=float("inf"))
+    tokens = []
+
+    def cancel_after_two(ids):
+        tokens.append(ids)
+        if len(tokens) == 2:
+            stop.event.set()
+
+    with pytest.raises(Cancelled, match="cancelled"):
+        engine.generate([{"role": "user", "content": "hello"}], user_id="alice", max_new_tokens=50, use_memory=True,
+                        top_k=2, stop=stop, on_token=cancel_after_two)
+    assert len(tokens) == 2 and _hooks(served.lm.model) == 0
+    assert served.memory.store.index.count() == before
+
+
+def test_a_failed_write_is_rolled_back(served, monkeypatch):
+    mem = served.memory
+    before = mem.store.index.count()
+    real_add = mem.add
+
+    def add_then_fail(*args, **kwargs):
+        real_add(*args, **kwargs)  # the chunks are stored...
+        raise RuntimeError("disk on fire")  # ...then something breaks before the acknowledgement
+
+    monkeypatch.setattr(mem, "add", add_then_fail)
+    with _client(served, "alice") as c:
+        r = c.post("/v1/memories", json={"texts": ["first text", "second text"]})
+    assert r.status_code == 500 and "disk on fire" not in r.text
+    assert mem.store.index.count() == before
+
+
+def test_request_timeout_answers_503_or_504(model_dir):
+    with start_server(model_dir, ["u"], settings=ServerSettings(request_timeout_s=0.001)) as s:
+        with httpx.Client(base_url=s.url, headers=s.headers("u"), timeout=60) as c:
+            r = c.post("/v1/chat/completions", json=_chat(max_tokens=200))
+            assert r.status_code in (503, 504), r.text
+            assert c.get("/v1/memories").status_code == 200
+        assert _hooks(s.lm.model) == 0
+
+
+def test_api_key_file_errors_never_show_keys(tmp_path, monkeypatch):
+    secret = "sk-very-secret-123"
+    cases = [b"", b"\xff\xfe", f'{{"{secret}": "alice",'.encode(), f'["{secret}"]'.encode(),
+             f'{{"{secret}": ""}}'.encode(), f'{{"{secret}": 5}}'.encode(), b"{}", f'{{" {secret}": "a"}}'.encode()]
+    for i, content in enumerate(cases):
+        path = tmp_path / f"keys{i}.json"
+        path.write_bytes(content)
+        with pytest.raises(InputError) as e:
+            load_api_keys(path)
+        assert secret not in str(e.value)
+    with pytest.raises(InputError, match="does not exist"):
+        load_api_keys(tmp_path / "missing.json")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({secret: "alice", "other-key": "bob"}))
+    monkeypatch.setenv("NATIVEMEM_API_KEYS_FILE", str(good))
+    ring = load_api_keys()
+    assert ring.user_for(secret) == "alice" and ring.user_for("nope") is None and ring.users() == {"alice", "bob"}
+
+
+def test_serve_command_refuses_to_run_without_keys_or_off_loopback(tmp_path, model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from nativemem.cli.main import app
+
+    monkeypatch.delenv("NATIVEMEM_API_KEYS_FILE", raising=False)
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve", "--memory", str(tmp_path / "m"), "--model", str(model_dir)])
+    assert res.exit_code == 2 and "no API keys" in res.output
+    res = runner.invoke(app, ["serve", "--memory", str(tmp_path / "m"), "--no-auth", "--host", "0.0.0.0"])
+    assert res.exit_code == 2 and "loopback" in res.output
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"k": ')
+    res = runner.invoke(app, ["serve", "--memory", str(tmp_path / "m"), "--api-keys", str(bad)])
+    assert res.exit_code == 2 and "not valid JSON" in " ".join(res.output.split())
