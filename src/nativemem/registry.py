@@ -29,7 +29,9 @@ class Registry(Generic[T]):
         if not name or name != name.lower() or not name.replace("_", "").isalnum():
             raise ValueError(f"{self.what} name must be lowercase snake_case, got {name!r}")
         with self._lock:
-            if name in self._items and not replace and self._items[name] is not obj:
+            old = self._items.get(name)
+            lazy_resolved = isinstance(old, str) and not isinstance(obj, str)  # the module a lazy target names
+            if name in self._items and not replace and old is not obj and not lazy_resolved:
                 raise ValueError(f"{self.what} {name!r} is already registered")
             self._items[name] = obj
 

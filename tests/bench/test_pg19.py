@@ -81,3 +81,30 @@ def test_bad_pg19_input(books, tmp_path):
         run_pg19(lm, out=tmp_path, data=books, arms=["rag_bm25"], progress=False)
     with pytest.raises(InputError, match="unknown pg19 options"):
         run_pg19(lm, out=tmp_path, data=books, windw=16, progress=False)
+
+
+def test_bench_cli_runs_pg19_with_task_options(books, tmp_path):
+    from typer.testing import CliRunner
+
+    from nativemem.cli.main import app
+
+    model = tmp_path / "tiny-model"
+    lm = tiny_lm()
+    lm.model.save_pretrained(model)
+    lm.tokenizer.save_pretrained(model)
+    out = tmp_path / "cli"
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "pg19", "--arms", "window_only,side_ffn", "--data", str(books), "--model",
+                              str(model), "--out", str(out), "-o", "window=16", "-o", "context=16",
+                              "-o", "max_tokens=48", "-o", "width=2", "-o", "checkpoints=[32]"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["arms"]) == {"window_only", "side_ffn"} and results["config"]["max_tokens"] == 48
+    assert all(b["tokens"] == 48 for b in results["books"]) and "side_ffn: " in res.output
+    # bad names fail before the model loads, naming what is known
+    for args, message in ((["-o", "windw=16"], "unknown pg19 options ['windw']"),
+                          (["--arms", "window_only,rag"], "unknown pg19 arms ['rag']"),
+                          (["--facts", "10"], "--facts applies to the facts task only")):
+        res = runner.invoke(app, ["bench", "pg19", "--data", str(books), "--model", str(model),
+                                  "--out", str(out), *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output

@@ -169,3 +169,16 @@ def test_dense_arm_with_real_minilm(squad_file, tmp_path, tiny_model):
     block = res["arms"]["rag_dense"]
     assert block["cost"]["bytes_stored"] == res["config"]["pool_size"] * 384 * 4  # float32 MiniLM embeddings
     assert 0.0 <= block["metrics"]["hit@1"] <= 1.0
+
+
+def test_memory_arms_are_known_without_importing_their_modules():
+    import subprocess
+    import sys
+
+    code = ("from nativemem.bench import get_arm, list_arms; import sys; "
+            "assert 'nativemem.bench.arms_activation' not in sys.modules; "
+            "names = list_arms(); assert {'activation', 'text_same_order', 'side_ffn', 'lora'} <= set(names), names; "
+            "cls = get_arm('text_same_order'); print(cls.__module__, cls.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["nativemem.bench.arms_activation", "text_same_order"]

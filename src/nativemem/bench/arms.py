@@ -257,3 +257,17 @@ class LongContextArm(Arm):
     def answer(self, item: QAItem) -> ArmOutput:
         """Answer from every chunk of the item's source."""
         return self.generate_answer(item, [c.text for c in self.task.source_of(item)])
+
+
+# arms of the memory kinds: registered lazily so that `get_arm("activation")` works without importing them first
+for _name, _target in {
+    "activation": "ActivationArm", "activation_pooled": "ActivationPooledArm",
+    "activation_tokens": "ActivationTokensArm", "activation_hybrid": "ActivationHybridArm",
+    "activation_oracle": "OracleArm", "random_memory": "RandomMemoryArm", "text_same_order": "TextSameOrderArm",
+}.items():
+    _ARMS.register(_name, f"nativemem.bench.arms_activation:{_target}")
+for _name, _target in {
+    "full_context": "FullContextArm", "side_ffn": "SideFFNArm", "side_ffn_ctx": "SideFFNContextArm",
+    "lora": "LoRAArm", "lora_ctx": "LoRAContextArm",
+}.items():
+    _ARMS.register(_name, f"nativemem.bench.memory_arms:{_target}")

@@ -226,6 +226,8 @@ def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: 
     common = {"arms": arms or known["arms"].default, "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
               "max_new_tokens": max_new_tokens, "progress": True}
     bad = sorted(set(options) - set(known))
+    if any(p.kind is p.VAR_KEYWORD for p in known.values()):
+        bad = []  # the loop checks its own options (e.g. pg19's PG19Options)
     if bad:
         raise InputError(f"unknown {task} options {bad}; known: {sorted(set(known) - set(common) - {'lm'})}")
     unknown_arms = [a for a in arms if a not in _LOOP_ARMS[task]]
