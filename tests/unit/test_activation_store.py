@@ -35,7 +35,7 @@ def blob_files(folder):
 
 
 def test_search_and_injection_never_cross_users(lm, fast_dir):
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=4)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=4, index_pooled=True)
     a = mem.add(ALICE, user_id="alice").ids
     b = mem.add(BOB, user_id="bob").ids
     anon = mem.add("Nobody owns this sentence about the weather.").ids
@@ -198,8 +198,9 @@ def test_lock_is_released_when_the_last_memory_object_goes(lm, tmp_path):
 @pytest.mark.parametrize("variant", ["pooled", "tokens", "hybrid", "hybrid_tokens", "bm25"])
 def test_qdrant_client_backend_is_congruent_with_edge(lm, fast_dir, variant):
     texts = ALICE + BOB + ["The spare tyre is in the boot.", "Keys are often lost under sofas."]
-    mems = [nm.open_memory(fast_dir / "edge", lm, kind="activation"),
-            nm.open_memory(fast_dir / "client", lm, kind="activation", backend="qdrant", qdrant_location=":memory:")]
+    mems = [nm.open_memory(fast_dir / "edge", lm, kind="activation", index_pooled=True),
+            nm.open_memory(fast_dir / "client", lm, kind="activation", backend="qdrant", qdrant_location=":memory:",
+                           index_pooled=True)]
     for mem in mems:
         for i, t in enumerate(texts):
             mem.add(t, user_id="u" if i % 3 else "v", metadata={"source_id": f"s{i}"})
@@ -233,3 +234,30 @@ def test_a_missing_index_folder_is_a_clear_error(lm, fast_dir):
     shutil.rmtree(fast_dir / "m" / "store")
     with pytest.raises(MemoryFormatError, match="store is missing"):
         nm.open_memory(fast_dir / "m", lm)
+
+
+def test_default_memory_writes_in_one_pass_and_refuses_pooled_search(lm, fast_dir):
+    """Without pooled vectors (the default for token variants) a write is one forward pass per batch."""
+    from nativemem.errors import InputError
+
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    calls = []
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        receipt = mem.add(["Short one.", "A much longer text about the weather in the mountains, " * 3, "Mid size text."],
+                          user_id="u")
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and receipt.details["chunks"][0]["tokens"] < receipt.details["chunks"][1]["tokens"]
+    assert [c["id"] for c in receipt.details["chunks"]] == receipt.ids  # input order kept after length sorting
+    assert mem.search("weather", k=1, user_id="u")[0].id == receipt.ids[1]
+    with pytest.raises(InputError, match="index_pooled=True"):
+        mem.search("weather", k=1, user_id="u", variant="pooled")
+    pooled = nm.open_memory(fast_dir / "p", lm, kind="activation", index_pooled=True)
+    calls.clear()
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pooled.add(["Short one."], user_id="u")
+    finally:
+        handle.remove()
+    assert len(calls) == 2

@@ -64,12 +64,13 @@ def fit_texts(task: Task, pool: Sequence[Chunk], *, n: int = FIT_TEXTS_MAX, seed
 class _Shared:
     """One memory per (model, pool, k): written once, used by every activation arm of a run."""
 
-    def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool):
+    def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool, pooled: bool = False):
         import nativemem as nm
 
         self.folder = Path(tempfile.mkdtemp(prefix="nativemem-bench-", dir=os.environ.get(TMP_ENV)))
+        self.pooled = pooled
         self.memory = nm.open_memory(self.folder / "memory", lm, kind="activation", top_k=k,
-                                     **BENCH_MEMORY_CONFIG)
+                                     index_pooled=pooled, **BENCH_MEMORY_CONFIG)
         texts = fit_texts(task, pool)
         self.fit_report = self.memory.fit(texts).details if len(texts) >= 2 else None
         from tqdm.auto import tqdm
@@ -102,12 +103,17 @@ def _cleanup(memory, folder: str) -> None:
 _SHARED: dict[tuple, _Shared] = {}
 
 
-def shared_memory(lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool = False) -> _Shared:
-    """The run's shared benchmark memory (the last one built is kept; older ones are dropped)."""
+def shared_memory(lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool = False,
+                  pooled: bool = False) -> _Shared:
+    """The run's shared benchmark memory (the last one built is kept; older ones are dropped).
+
+    ``pooled``: the arm retrieves by pooled vectors; a memory written without them is rebuilt with them
+    (list pooled arms first to write the pool once).
+    """
     key = (id(lm), tuple(c.id for c in pool), task.name, k)
-    if key not in _SHARED:
+    if key not in _SHARED or (pooled and not _SHARED[key].pooled):
         _SHARED.clear()
-        _SHARED[key] = _Shared(lm, pool, task, k, progress)
+        _SHARED[key] = _Shared(lm, pool, task, k, progress, pooled)
     return _SHARED[key]
 
 
@@ -118,7 +124,8 @@ class _MemoryArm(Arm):
 
     def prepare(self, pool, lm, *, items, task) -> None:
         super().prepare(pool, lm, items=items, task=task)
-        self.shared = shared_memory(lm, pool, task, self.k, self.progress)
+        self.shared = shared_memory(lm, pool, task, self.k, self.progress,
+                                    pooled=self.variant in ("pooled", "hybrid"))
         self.memory = self.shared.memory
 
     def bytes_stored(self) -> int:

@@ -209,10 +209,11 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
 _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "mmlu": ("nativemem.bench.tasks.mmlu", "run_mmlu"),
                "locomo": ("nativemem.bench.tasks.locomo", "run_locomo"),
-               "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark")}
+               "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark"),
+               "write": ("nativemem.bench.write_speed", "run_write")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
-              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25")}
+              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": ()}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
@@ -223,7 +224,7 @@ def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: 
     module, name = _LOOP_TASKS[task]
     fn = getattr(importlib.import_module(module), name)
     known = inspect.signature(fn).parameters
-    common = {"arms": arms or known["arms"].default, "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
+    common = {"arms": arms or (known["arms"].default if "arms" in known else []), "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
               "max_new_tokens": max_new_tokens, "progress": True}
     bad = sorted(set(options) - set(known))
     if any(p.kind is p.VAR_KEYWORD for p in known.values()):

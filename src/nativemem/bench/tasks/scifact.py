@@ -139,8 +139,9 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
         else:
             index_s = 0.0  # the shared memory's build time is counted once, for the first own-state ranker
             if memory is None:
+                pooled = any(r in ("pooled", "hybrid") for r in rankers)  # else one pass per document
                 memory, tmp, fit_info = _own_state_memory(lm, chunks, corpus, queries, judged, fit_q, seed,
-                                                          progress, memory_config or {})
+                                                          progress, {"index_pooled": pooled, **(memory_config or {})})
                 index_s = time.perf_counter() - start
                 costs["_own_states"] = {"index_s": index_s, "fit": fit_info}
             runs[name] = {q: _own_search(memory, queries[q], name, depth) for q in eval_q}

@@ -58,6 +58,10 @@ class ActivationConfig(MemoryConfig):
         "help": "default retrieval: pooled (KV-Embedding vector) | tokens (MaxSim over content tokens) | "
                 "hybrid (pooled + BM25, RRF) | hybrid_tokens (tokens + BM25, RRF) | bm25 (reference). Default: "
                 "the best own-state variant measured on SQuAD with SmolLM2 (hit@1 0.80 vs pooled 0.22)"})
+    index_pooled: bool | None = field(default=None, metadata={
+        "help": "store the pooled KV-Embedding vector of every chunk (a second forward pass per chunk); None = only "
+                "when the default variant needs it (pooled, hybrid). Without it, writes take one pass and the "
+                "pooled and hybrid variants are unavailable"})
     top_k: int = field(default=2, metadata={"help": "chunks injected per generation call"})
     max_prefix_tokens: int = field(default=2048, metadata={"help": "cap on injected prefix tokens"})
     prefix_order: str = field(default="best_first", metadata={

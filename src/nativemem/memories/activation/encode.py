@@ -174,7 +174,8 @@ def encode(model: nn.Module, layouts: Sequence[Layout], *, layer: int, reroute: 
         reroute: re-routed layers of pass 2.
         payload: return the pass-1 capture of the payload positions (KV, and the checkpoint residual).
     """
-    seqs = [lay.pass_ids for lay in layouts]
+    # the compression prompt only serves the pooled vector; causal attention keeps the rest independent of it
+    seqs = [lay.pass_ids if pooled else list(lay.ids) for lay in layouts]
     inputs = [checkpoint_layer] if (payload and checkpoint_layer is not None) else []
     caps = capture(model, seqs, kv=payload or pooled, hidden_layers=[layer], input_layers=inputs, pad_id=pad_id)
     hiddens = [None] * len(seqs)

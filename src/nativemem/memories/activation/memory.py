@@ -224,32 +224,47 @@ class ActivationMemory(Memory):
             receipt.notes.append("retrieval transform not fitted (raw states, cosine): call fit() on a separate "
                                  "fit set before adding for better retrieval")
         store = self.store
-        for b in range(0, len(pending), self.config.batch_size):
-            batch = pending[b: b + self.config.batch_size]
-            encoded = self._encode([p[3] for p in batch], pooled=True, payload=self.config.payload != "none")
+        # batches of similar lengths (less padding); the receipt keeps the input order
+        order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
+        done: dict[int, dict[str, Any]] = {}
+        for b in range(0, len(order), self.config.batch_size):
+            picked = order[b: b + self.config.batch_size]
+            batch = [pending[n] for n in picked]
+            encoded = self._encode([p[3] for p in batch], pooled=self.indexes_pooled,
+                                   payload=self.config.payload != "none")
             points, infos = [], []
             for (source, j, chunk, layout), enc in zip(batch, encoded):
                 blob = self._blob_bytes(layout, enc) if self.config.payload != "none" else b""
                 sha = store.blobs.put(blob) if blob else ""  # durable before the index knows about it
                 mid = new_id()
                 n_tokens = len(layout.ids) - len(self._bos())
-                pooled = self.pooled_transform.apply(enc.pooled)
+                pooled = self.pooled_transform.apply(enc.pooled) if enc.pooled is not None else None
                 tokens = self.token_transform.apply(enc.tokens)
-                points.append(IndexPoint(mid, pooled.tolist(), tokens.tolist(), bm25_document(chunk), {
+                points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
+                                         bm25_document(chunk), {
                     "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
                     "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": sha,
                     "tokens": n_tokens, "payload_kind": self.config.payload, "metadata": metadata}))
-                index_bytes = 4 * (pooled.numel() + tokens.numel())
+                index_bytes = 4 * ((pooled.numel() if pooled is not None else 0) + tokens.numel())
                 infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
                               "blob_bytes": len(blob), "index_vector_bytes": index_bytes, "blob": sha})
             store.index.upsert(points)  # flushed: acknowledged from here on
-            for info in infos:
-                receipt.ids.append(info["id"])
-                receipt.tokens += info["tokens"]
-                receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
-                receipt.details["chunks"].append(info)
+            done.update(zip(picked, infos))
+        for n in range(len(pending)):
+            info = done[n]
+            receipt.ids.append(info["id"])
+            receipt.tokens += info["tokens"]
+            receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
+            receipt.details["chunks"].append(info)
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
+
+    @property
+    def indexes_pooled(self) -> bool:
+        """Whether chunks get a pooled KV-Embedding vector (``index_pooled``; auto: the variant needs it)."""
+        if self.config.index_pooled is not None:
+            return bool(self.config.index_pooled)
+        return self.config.variant in ("pooled", "hybrid")
 
     def bytes_per_token(self) -> int:
         if self.config.payload == "none":
@@ -387,6 +402,10 @@ class ActivationMemory(Memory):
         variant = variant or self.config.variant
         if variant not in VARIANTS:
             raise InputError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+        if variant in ("pooled", "hybrid") and not self.indexes_pooled:
+            raise InputError(f"variant {variant!r} needs pooled vectors, which this memory does not store "
+                             f"(index_pooled=False, or variant={self.config.variant!r} by default); create the "
+                             "memory with index_pooled=True")
         if not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         from ...text import check_text

@@ -54,10 +54,18 @@ class IndexPoint:
     """One chunk as the index sees it."""
 
     id: str
-    pooled: list[float]
+    pooled: list[float] | None
     tokens: list[list[float]]
     sparse: tuple[list[int], list[float]]
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+def _vectors(point: IndexPoint, sparse) -> dict[str, Any]:
+    """Named vectors of a point (``pooled`` left out when the memory does not index it)."""
+    out: dict[str, Any] = {"tokens": point.tokens, "bm25": sparse(point.sparse)}
+    if point.pooled is not None:
+        out["pooled"] = point.pooled
+    return out
 
 
 def _bm25():
@@ -180,8 +188,7 @@ class EdgeIndex(Index):
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         q = self.q
-        pts = [q.Point(p.id, {"pooled": p.pooled, "tokens": p.tokens,
-                              "bm25": q.SparseVector(p.sparse[0], p.sparse[1])}, p.payload) for p in points]
+        pts = [q.Point(p.id, _vectors(p, lambda v: q.SparseVector(v[0], v[1])), p.payload) for p in points]
         self.shard.update(q.UpdateOperation.upsert_points(pts))
         self.shard.flush()
 
@@ -289,9 +296,9 @@ class ClientIndex(Index):
 
     def upsert(self, points):
         m = self.m
-        pts = [m.PointStruct(id=p.id, payload=p.payload, vector={
-            "pooled": p.pooled, "tokens": p.tokens,
-            "bm25": m.SparseVector(indices=p.sparse[0], values=p.sparse[1])}) for p in points]
+        pts = [m.PointStruct(id=p.id, payload=p.payload,
+                             vector=_vectors(p, lambda v: m.SparseVector(indices=v[0], values=v[1])))
+               for p in points]
         self.client.upsert(self.collection, pts, wait=True)
 
     def _filter(self, user_id, memory_ids=None, field_name=None, values=()):
