@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
                                                                "the model and generate (then 503/504)")] = 300.0,
               log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info "
                                                      "| debug")] = "info",
+              access_log: Annotated[bool, typer.Option(help="log one line per request (never headers or "
+                                                       "bodies)")] = True,
               model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
         """Serve the model with per-user memory: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
         /v1/memories, /health)."""
@@ -47,4 +49,37 @@ def register(app: typer.Typer) -> None:
 
         settings = ServerSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
         run_server(memory, model=model, host=host, port=port, api_keys=api_keys, no_auth=no_auth,
-                   settings=settings, dtype=dtype, device=device, log_level=log_level)
+                   settings=settings, dtype=dtype, device=device, log_level=log_level,
+                   access_log=access_log)
+
+    @app.command()
+    @_handle_errors
+    def reliability(size: Annotated[str, typer.Option(help="small (CI: 2 kills, 400 requests, 3 s of load, 150 "
+                                                      "fuzz inputs) | full (20 kills, 10,000 requests, 60 s, "
+                                                      "3,000 inputs)")] = "small",
+                    out: Annotated[Path, typer.Option(help="folder for reliability.json (and its work/ folder)")] =
+                    Path("results/reliability"),
+                    parts: Annotated[str, typer.Option(help="comma-separated: durability, isolation, load, fuzz, "
+                                                       "ttft")] = "durability,isolation,load,fuzz,ttft",
+                    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+                    model: ModelOpt = None) -> None:
+        """Reliability and security suite against real `nativemem serve` subprocesses: SIGKILL durability,
+        cross-user isolation, 50-client load, fuzzing of every endpoint, and TTFT over HTTP."""
+        import json
+
+        _quiet_libraries()
+        from ..errors import InputError
+        from ..server.reliability import PARTS, run_suite
+
+        chosen = [p.strip() for p in parts.split(",") if p.strip()]
+        unknown = sorted(set(chosen) - set(PARTS))
+        if unknown:
+            raise InputError(f"unknown parts {unknown}; use some of {', '.join(PARTS)}")
+        res = run_suite(out, size=size, model=model, parts=chosen, seed=seed,
+                        log=lambda m: console.print(m, highlight=False, markup=False))
+        summary = {k: v for k, v in res.items() if k in PARTS}
+        console.print(json.dumps(summary, indent=2), highlight=False, markup=False)
+        console.print(f"{'PASSED' if res['passed'] else 'FAILED'}: wrote {out / 'reliability.json'} "
+                      f"in {res['elapsed_s']} s", highlight=False, markup=False)
+        if not res["passed"]:
+            raise typer.Exit(1)

@@ -79,8 +79,8 @@ class _Selected:
     token, as in-process generation with the memory is.
     """
 
-    def __init__(self, engine: Engine, user_id: str, top_k: int, chosen: list[str]):
-        self.engine, self.user_id, self.top_k, self.chosen = engine, user_id, top_k, chosen
+    def __init__(self, engine: Engine, user_id: str, top_k: int, budget: int, chosen: list[str]):
+        self.engine, self.user_id, self.top_k, self.budget, self.chosen = engine, user_id, top_k, budget, chosen
         self.fingerprint = engine.memory.fingerprint
 
     @contextmanager
@@ -92,11 +92,11 @@ class _Selected:
             hits = (mem.search(query, k=self.top_k, user_id=self.user_id or None) if query and query.strip()
                     else [])
             payloads, total = [], 0
-            for h in hits:  # the memory's own budget and order rules
+            for h in hits:  # the memory's own budget and order rules, within what the window has left
                 if h.payload.get("user_id") != self.user_id:  # defence in depth; the search filters by user
                     raise RuntimeError("store returned another user's chunk")
                 n = int(h.payload.get("tokens", 0))
-                if total + n > mem.config.max_prefix_tokens:
+                if total + n > min(mem.config.max_prefix_tokens, self.budget):
                     continue
                 payloads.append(h.payload)
                 total += n
@@ -135,7 +135,11 @@ class Engine:
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         ids = self.lm.chat_ids(messages)
         chosen: list[str] = []
-        memory = _Selected(self, user_id, top_k or self.memory.config.top_k, chosen) if use_memory else None
+        # chunks that would push the prompt past the window are left out (the answer lists what was injected)
+        bos = 0 if self.lm.tokenizer.bos_token_id is None else 1
+        budget = self.lm.max_context - int(ids.shape[1]) - max_new_tokens - bos
+        memory = (_Selected(self, user_id, top_k or self.memory.config.top_k, budget, chosen) if use_memory
+                  else None)
 
         def tick(token_ids: list[int]) -> None:
             stop.check()

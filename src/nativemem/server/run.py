@@ -28,7 +28,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_keys: str | os.PathLike | None = None, no_auth: bool = False, settings: ServerSettings | None = None,
-          dtype: str | None = None, device: str = "cpu", log_level: str = "info") -> None:
+          dtype: str | None = None, device: str = "cpu", log_level: str = "info", access_log: bool = True) -> None:
     """Load the model and the memory folder (an activation memory; created if missing), then serve until stopped.
 
     Raises:
@@ -54,8 +54,8 @@ def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "1
     lm = nm.load_model(model, dtype=dtype, device=device)
     mem = nm.open_memory(path, lm, kind="activation")
     app = create_app(keys=keys, settings=settings, lm=lm, memory=mem)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                server_header=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                timeout_graceful_shutdown=5, server_header=False)
 
 
 class ServerThread:

@@ -1,0 +1,47 @@
+"""The reliability suite at a reduced size (the full size is `nativemem reliability --size full`).
+
+Durability kills a real `nativemem serve` subprocess with SIGKILL; isolation, load and fuzzing run against
+a live in-process uvicorn on 127.0.0.1 with real HTTP.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MAX_BODY, start_server
+
+from nativemem.server.reliability import run_durability, run_fuzz, run_isolation, run_load
+
+
+@pytest.fixture(scope="module")
+def shared(model_dir):
+    with start_server(model_dir, ["u0", "u1", "u2", "u3"]) as s:
+        yield s
+
+
+def test_durability_no_acknowledged_write_is_lost_under_sigkill(tmp_path, model_dir):
+    res = run_durability(tmp_path, model=str(model_dir), kills=1, kill_window_s=(0.8, 1.6), seed=3, log=lambda m: None)
+    assert res["acknowledged_chunks"] > 0 and res["server_starts"] == 2
+    assert res["lost_acknowledged"] == 0 and res["changed_text"] == 0, res
+    assert res["unreadable_acknowledged"] == 0 and res["api_keys_in_log"] == 0, res
+
+
+def test_isolation_no_response_carries_another_users_memory(shared):
+    res = run_isolation(shared.url, shared.keys, requests=300, workers=4, seed=1, log=lambda m: None)
+    assert res["requests"] >= 300 and res["chunks_written"] > 12
+    assert res["leaks"] == 0, res["examples"]
+    assert res["errors"] == 0 and res["live_chunks_missing"] == 0, res["examples"]
+    assert res["by_op"].get("get_other", 0) > 0 and res["by_op"].get("chat_stream", 0) > 0
+
+
+def test_load_50_concurrent_clients_without_errors(shared):
+    res = run_load(shared.url, shared.keys, clients=50, duration_s=2.0, seed=2, log=lambda m: None)
+    assert res["errors"] == 0, res["error_examples"]
+    assert res["requests"] >= 50 and res["p99_ms"] >= res["p50_ms"] > 0
+
+
+def test_fuzz_every_endpoint_no_5xx_nothing_lost(shared):
+    res = run_fuzz(shared.url, shared.keys, examples=150, max_body_bytes=MAX_BODY, seed=4, log=lambda m: None)
+    assert res["failures"] == [], res["failures"]
+    assert res["server_errors"] == 0 and res["stored_lost"] == 0 and res["server_alive"]
+    assert res["http_inputs"] >= 150 and res["cli_inputs"] >= 20
+    assert {"400", "401", "413"} <= set(res["by_status"]), res["by_status"]
