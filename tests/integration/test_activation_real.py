@@ -28,3 +28,18 @@ def test_one_chunk_injection_equals_text_and_uses_the_memory(real_lm, fast_dir):
     g = real_lm.generate(prompt, max_new_tokens=20, memory=pinned)
     assert g.token_ids == real_lm.generate(torch.cat([torch.tensor([prefix]), prompt], 1), max_new_tokens=20).token_ids
     assert "Quell" in g.text and g.prompt_tokens == prompt.shape[1] and g.prefix_tokens == len(prefix)
+
+
+def test_activation_demo_retrieves_the_right_document_for_every_question(real_lm):
+    """`make demo` (activation kind): each question's first retrieved chunk holds its answer, and the
+    activation answer prefills only the question while RAG prefills the pasted document too."""
+    import os
+
+    from rich.console import Console
+
+    from nativemem.activation_demo import run_activation_demo
+
+    rows = run_activation_demo(real_lm, Console(file=open(os.devnull, "w")))
+    for row in rows:
+        assert row["expected"] in row["retrieved"][0], row
+        assert row["prompt_tokens"] < row["rag_prompt_tokens"] and row["prefix_tokens"] > 0

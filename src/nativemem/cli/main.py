@@ -145,12 +145,22 @@ def ask(question: Annotated[str, typer.Argument(help="the question, or - to read
 
 @app.command()
 @_handle_errors
-def demo(model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+def demo(kind: Annotated[str, typer.Option(help="activation: the documents' own KV injected as a prefix, compared "
+                                                "with pasted text and no memory | bm25: text retrieval (RAG) only")
+                         ] = "activation",
+         model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
     """Write a few short documents into a memory and answer questions about them."""
-    from ..demo import run_demo
-
+    if kind not in ("activation", "bm25"):
+        raise InputError(f"unknown demo kind {kind!r}; use activation or bm25")
     lm = _load(model, dtype, device)
-    run_demo(lm, console)
+    if kind == "bm25":
+        from ..demo import run_demo
+
+        run_demo(lm, console)
+    else:
+        from ..activation_demo import run_activation_demo
+
+        run_activation_demo(lm, console)
 
 
 def _split_list(value: str) -> list[str]:
