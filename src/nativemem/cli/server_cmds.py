@@ -19,7 +19,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    from .main import DeviceOpt, DtypeOpt, ModelOpt, _handle_errors, _quiet_libraries, console
+    from .main import DeviceOpt, DtypeOpt, ModelOpt, _handle_errors, _load, _quiet_libraries, console
 
     @app.command()
     @_handle_errors
@@ -83,3 +83,43 @@ def register(app: typer.Typer) -> None:
                       f"in {res['elapsed_s']} s", highlight=False, markup=False)
         if not res["passed"]:
             raise typer.Exit(1)
+
+    @app.command()
+    @_handle_errors
+    def consolidate(memory: Annotated[Path, typer.Option("--memory", help="activation memory folder to read")],
+                    into: Annotated[str, typer.Option(help="side_ffn | pkm")],
+                    out: Annotated[Path, typer.Option(help="target memory folder (created, or grown if it "
+                                                      "exists)")],
+                    user: Annotated[str | None, typer.Option(help="whose memories (default: the anonymous "
+                                                             "user's)")] = None,
+                    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="KEY=VALUE config "
+                                                                     "field of a new target memory")] = None,
+                    model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+        """Move a user's activation memories into a parametric memory (side_ffn or pkm); prints recall of the
+        stored sentences without retrieval, before and after."""
+        import nativemem as nm
+
+        from ..consolidate import consolidate as run_consolidation
+        from ..errors import InputError
+        from .memory_cmds import parse_options
+
+        if into not in ("side_ffn", "pkm"):
+            raise InputError(f"--into must be side_ffn or pkm, not {into!r}")
+        if not (memory / "memory_config.json").is_file():
+            raise InputError(f"{memory} is not a memory folder")
+        config = parse_options(option)
+        lm = _load(model, dtype, device)
+        source = nm.open_memory(memory, lm, kind="activation")
+        target = nm.open_memory(out, lm, kind=into, **config)
+        with console.status(f"consolidating into {into}…"):
+            receipt = run_consolidation(source, target, user_id=user)
+        if not receipt.did_nothing:
+            target.save(out)
+        console.print(str(receipt), highlight=False)
+        for note in receipt.notes:
+            console.print(f"note: {note}", highlight=False)
+        b, a = receipt.details.get("before"), receipt.details.get("after")
+        if b and a:
+            console.print(f"mean NLL of the stored sentences: {b['mean_nll']:.4f} before, {a['mean_nll']:.4f} after",
+                          highlight=False)
+            console.print(f"saved {out}", highlight=False)

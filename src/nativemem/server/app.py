@@ -11,6 +11,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
   nothing, acknowledged only once durable. ``GET /v1/memories?limit=&offset=``: list.
   ``POST /v1/memories/search`` (``{"query": ..., "k": 4}``). ``GET /v1/memories/{id}``.
   ``DELETE /v1/memories/{id}`` (a chunk id, or a source id to delete all its chunks).
+  ``POST /v1/memories/consolidate`` (``{"into": "side_ffn" | "pkm"}``): train the caller's chunks into a
+  parametric memory of their own (see :mod:`nativemem.consolidate`); the receipt has recall before/after.
   Only the caller's memories exist for the caller: another user's id answers 404 like an unknown one.
 - ``GET /health``: liveness, no authentication, no counts.
 
@@ -42,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ContextOverflowError, InputError, MemoryLockedError, NativememError, UnknownNameError
 from .auth import KeyRing
 from .engine import Cancelled, Engine, Stop
-from .schemas import MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ChatRequest, SearchRequest
+from .schemas import MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ChatRequest, ConsolidateRequest, SearchRequest
 
 __all__ = ["create_app", "ServerSettings", "ApiError", "DEFAULT_MAX_BODY_BYTES"]
 
@@ -476,6 +478,13 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         eng = engine(request)
         hits = await with_model(request, lambda stop: eng.search(req.query, user_id=user, k=req.k))
         return {"object": "list", "data": hits}
+
+    @app.post("/v1/memories/consolidate")
+    async def consolidate_memories(request: Request):
+        user = user_of(request)
+        req = await _read_json(request, ConsolidateRequest)
+        eng = engine(request)
+        return await with_model(request, lambda stop: eng.consolidate(req.into, user_id=user))
 
     def _not_found(memory_id: str) -> ApiError:
         # the id is not echoed: a response must never carry a memory id its caller does not own

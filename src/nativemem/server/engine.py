@@ -216,6 +216,28 @@ class Engine:
                 self.memory.delete(pid)
         return [pid for pid, _ in rows]
 
+    def consolidate(self, into: str, *, user_id: str) -> dict[str, Any]:
+        """Train the caller's chunks into a parametric memory of ``into`` kind (call under ``model_lock``).
+
+        The target lives in ``<memory>/consolidated/<user digest>-<kind>`` and grows with every call.
+        """
+        import hashlib
+
+        from ..consolidate import consolidate
+        from ..memories.base import open_memory
+
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+        folder = self.memory.path / "consolidated" / f"{digest}-{into}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        target = open_memory(folder, self.lm, kind=into)
+        with self.store_lock:
+            receipt = consolidate(self.memory, target, user_id=user_id or None)
+        if not receipt.did_nothing:
+            target.save(folder)
+        out = receipt.to_dict()
+        out["details"].pop("user_id", None)
+        return {"object": "memory.consolidation", "into": into, **out}
+
     def count(self) -> int:
         with self.store_lock:
             return self.memory.store.index.count()

@@ -551,8 +551,11 @@ def run_fuzz(url: str, keys: dict[str, str], *, examples: int = 3000, max_body_b
     add = st.fixed_dictionaries({}, optional={"text": texty | json_value, "texts": st.lists(texty, max_size=3)
                                               | json_value, "metadata": json_value})
     search = st.fixed_dictionaries({}, optional={"query": texty | json_value, "k": absurd_int})
+    consolidate = st.fixed_dictionaries({}, optional={"into": st.sampled_from(["side_ffn", "activation", "PKM", ""])
+                                                      | json_value})
     endpoints = [("POST", "/v1/chat/completions", chat), ("POST", "/v1/memories", add),
-                 ("POST", "/v1/memories/search", search), ("GET", "/v1/memories", None),
+                 ("POST", "/v1/memories/search", search), ("POST", "/v1/memories/consolidate", consolidate),
+                 ("GET", "/v1/memories", None),
                  ("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/v1/memories/{id}", None),
                  ("DELETE", "/v1/memories/{id}", None), ("GET", "/v1/models/{id}", None),
                  ("PUT", "/v1/memories", None)]

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "MAX_MESSAGES", "MAX_MESSAGE_CHARS",
+__all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "ConsolidateRequest", "MAX_MESSAGES",
+           "MAX_MESSAGE_CHARS",
            "MAX_NEW_TOKENS", "DEFAULT_MAX_TOKENS", "MAX_TOP_K", "MAX_TEXTS_PER_ADD", "MAX_TEXT_CHARS",
            "MAX_SEARCH_K", "MAX_LIST_LIMIT", "MAX_METADATA_CHARS"]
 
@@ -92,6 +93,10 @@ class AddRequest(_Strict):
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of 'text' and 'texts'")
         return [self.text] if self.text is not None else list(self.texts)
+
+
+class ConsolidateRequest(_Strict):
+    into: Literal["side_ffn", "pkm"]
 
 
 class SearchRequest(_Strict):

@@ -1,0 +1,66 @@
+"""Consolidation of a user's activation memories into side_ffn / pkm: library, CLI and endpoint."""
+
+from __future__ import annotations
+
+import gc
+
+import httpx
+from typer.testing import CliRunner
+
+import nativemem as nm
+from nativemem.consolidate import completion_probes, consolidate
+
+TEXTS = ["The Velmora Institute was founded by Ada Quell in Tollen. The Amber Finch nests on Tollen Island.",
+         "Bob keeps his red bicycle in the garden shed."]
+
+
+def test_completion_probes_take_the_last_word():
+    probes = completion_probes(["The Amber Finch nests on Tollen Island. Too short."])
+    assert probes == [("The Amber Finch nests on Tollen Island.", "The Amber Finch nests on Tollen", "Island.")]
+
+
+def test_consolidate_reads_only_the_users_chunks_and_reports_before_after(tmp_path, model_dir):
+    lm = nm.load_model(model_dir)
+    act = nm.open_memory(tmp_path / "act", lm, kind="activation")
+    mine = act.add(TEXTS[:1], user_id="alice").ids
+    act.add(TEXTS[1:], user_id="bob")
+    for kind in ("side_ffn", "pkm"):
+        target = nm.open_memory(tmp_path / kind, lm, kind=kind)
+        receipt = consolidate(act, target, user_id="alice")
+        assert receipt.op == "consolidate" and not receipt.did_nothing
+        assert receipt.details["source_ids"] == mine and receipt.details["probes"] == 2
+        for when in ("before", "after"):
+            assert 0.0 <= receipt.details[when]["recall"] <= 1.0 and receipt.details[when]["mean_nll"] > 0
+        assert consolidate(act, target, user_id="carol").did_nothing
+    act.close()
+    del act
+    gc.collect()
+
+
+def test_consolidate_command_and_endpoint(tmp_path, model_dir, served):
+    from nativemem.cli.main import app
+
+    lm = nm.load_model(model_dir)
+    act = nm.open_memory(tmp_path / "act", lm, kind="activation")
+    act.add(TEXTS, user_id="alice")
+    act.close()
+    del act
+    gc.collect()
+    res = CliRunner().invoke(app, ["consolidate", "--memory", str(tmp_path / "act"), "--into", "side_ffn", "--out",
+                                   str(tmp_path / "side"), "--user", "alice", "--model", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    assert "before" in res.output and (tmp_path / "side" / "memory_config.json").is_file()
+    res = CliRunner().invoke(app, ["consolidate", "--memory", str(tmp_path / "act"), "--into", "lora", "--out",
+                                   str(tmp_path / "x"), "--model", str(model_dir)])
+    assert res.exit_code == 2 and "side_ffn or pkm" in res.output
+
+    with httpx.Client(base_url=served.url, headers=served.headers("carol"), timeout=120) as c:
+        c.post("/v1/memories", json={"text": "Carol planted seven apple trees behind the old mill."})
+        r = c.post("/v1/memories/consolidate", json={"into": "side_ffn"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        owned = {m["id"] for m in c.get("/v1/memories", params={"limit": 1000}).json()["data"]}
+        assert body["op"] == "consolidate" and set(body["details"]["source_ids"]) <= owned
+        assert "after" in body["details"]
+        assert c.post("/v1/memories/consolidate", json={"into": "activation"}).status_code == 400
+    assert httpx.post(served.url + "/v1/memories/consolidate", json={"into": "pkm"}).status_code == 401
