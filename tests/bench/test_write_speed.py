@@ -10,7 +10,7 @@ from nativemem.errors import InputError
 
 def test_write_benchmark_times_the_same_tokens_both_ways(tiny_model, squad_file, tmp_path):
     res = run_write(tiny_model, out=tmp_path / "w", data=squad_file, limit=3, progress=False)
-    assert res["n"] == 3 and res["add"]["chunks"] == 3  # one memory chunk per paragraph
+    assert res["n"] == 3 and res["add"]["chunks"] == res["config"]["chunks"] >= 3  # the same chunks both ways
     assert res["add"]["tokens"] == res["forward"]["tokens"] > res["add"]["tokens_stored"] > 0  # BOS not stored
     assert res["add_over_forward"] == pytest.approx(res["forward"]["seconds"] / res["add"]["seconds"])
     assert res["config"]["index_pooled"] is False and res["add"]["bytes_on_disk"] >= res["add"]["bytes_written"] > 0

@@ -74,9 +74,11 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
     try:
         memory = nm.open_memory(folder / "memory", lm, kind="activation", **(memory_config or {}))
         config = memory.config
-        # one memory chunk per paragraph, as written: refuse a config that would split them (different work)
-        sequences = [list(memory.chunk_layout(t).ids) for t in texts]
-        too_long = sum(len(s) > config.chunk_tokens + 64 for s in sequences)
+        # exactly the chunks add() writes (long paragraphs are split by the memory's chunker)
+        from ..text import chunk_text
+
+        pieces = [c for t in texts for c in chunk_text(t, config.chunk_tokens, lm.count_tokens)]
+        sequences = [list(memory.chunk_layout(c).ids) for c in pieces]
         pad = memory._pad_id()
         log(f"{len(texts)} paragraphs, {sum(map(len, sequences))} tokens, batch {config.batch_size}")
         _forward_seconds(lm.model, sequences[: config.batch_size], config.batch_size, pad)  # warm-up
@@ -98,7 +100,7 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         "task": "write", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(texts),
         "config": {"data": str(path), "limit": limit, "seed": seed, "batch_size": config.batch_size,
                    "payload": config.payload, "kv_dtype": config.kv_dtype, "index_pooled": memory.indexes_pooled,
-                   "variant": config.variant, "chunks_split": too_long},
+                   "variant": config.variant, "chunks": len(pieces)},
         "forward": {"seconds": forward_s, "seconds_runs": [before, after], "tokens": tokens_forward,
                     "tokens_per_s": tokens_forward / forward_s},
         "add": {"seconds": add_s, "tokens": tokens_forward, "tokens_stored": receipt.tokens,
