@@ -302,3 +302,18 @@ def test_serve_command_refuses_to_run_without_keys_or_off_loopback(tmp_path, mod
     bad.write_text('{"k": ')
     res = runner.invoke(app, ["serve", "--memory", str(tmp_path / "m"), "--api-keys", str(bad)])
     assert res.exit_code == 2 and "not valid JSON" in " ".join(res.output.split())
+
+
+def test_a_client_that_gives_up_frees_the_model(served):
+    """A non-streamed request whose client times out is stopped; the next request is served at once."""
+    import time
+
+    with _client(served, "alice") as c:
+        with pytest.raises(httpx.TimeoutException):
+            c.post("/v1/chat/completions", json=_chat("Tell me a long story.", max_tokens=400, memory=False),
+                   timeout=0.05)
+        t = time.perf_counter()
+        r = c.post("/v1/chat/completions", json=_chat(max_tokens=2, memory=False))
+        assert r.status_code == 200
+    assert _hooks(served.lm.model) == 0
+    assert time.perf_counter() - t < 30

@@ -324,15 +324,26 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception was never retrieved"
         return task
 
+    async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> None:
+        """Stop the worker at its next token when the client goes away (a plain response has no other signal)."""
+        while not task.done():
+            if await request.is_disconnected():
+                stop.event.set()
+                return
+            await asyncio.sleep(0.1)
+
     async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
         eng, stop = engine(request), new_stop()
         await acquire_model(eng, stop)
         task = start_model_work(eng, lambda: fn(stop))
+        watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             stop.event.set()
             raise
+        finally:
+            watcher.cancel()
 
     async def in_thread(fn: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(fn)

@@ -306,7 +306,7 @@ def run_isolation(url: str, keys: dict[str, str], *, requests: int = 10_000, wor
 
     world = _World(keys)
     users = sorted(keys)
-    rng = random.Random(seed)
+    rng = random.Random(f"isolation-setup-{seed}")
     stats = {"requests": 0, "leaks": 0, "errors": 0, "by_op": {}, "unexpected": []}
     slock = threading.Lock()
 
@@ -326,8 +326,10 @@ def run_isolation(url: str, keys: dict[str, str], *, requests: int = 10_000, wor
     def add(c, user: str, r: random.Random) -> None:
         texts = []
         for _ in range(r.randint(1, 3)):
-            m = _marker(r)
-            with world.lock:
+            with world.lock:  # a marker names one user only (else the checker would blame the wrong one)
+                m = _marker(r)
+                while m in world.marker_owner:
+                    m = _marker(r)
                 world.marker_owner[m] = user
             text = _sentence(r, user, m)
             if r.random() < 0.2:
@@ -411,7 +413,7 @@ def run_isolation(url: str, keys: dict[str, str], *, requests: int = 10_000, wor
     t0 = time.perf_counter()
 
     def worker(i: int) -> None:
-        r = random.Random(seed * 1000 + i)
+        r = random.Random(f"isolation-worker-{seed}-{i}")
         clients = {u: _client(url, keys[u]) for u in users}
         try:
             for _ in range(per_worker[i]):
