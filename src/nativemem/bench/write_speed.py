@@ -4,7 +4,8 @@
 out as the memory stores it (BOS, chunk template, text), and times
 
 - ``forward``: the model's plain batched forward over exactly those token sequences, batched as the memory
-  batches them (sorted by length, ``batch_size`` per pass), no cache, nothing kept;
+  batches them (sorted by length, ``batch_size`` per pass, right padding without a mask), no cache, logits
+  of the last position only (as a prefill computes them), nothing kept;
 - ``add``: ``memory.add(texts)`` into a fresh memory folder: chunking, the forward pass with KV and token
   capture, serialisation and fsync of the payload blobs, and the Qdrant upsert and flush.
 
@@ -36,11 +37,10 @@ def _forward_seconds(model, sequences: list[list[int]], batch_size: int, pad_id:
             batch = [sequences[n] for n in order[b: b + batch_size]]
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
             for i, s in enumerate(batch):
                 ids[i, : len(s)] = torch.tensor(s, device=device)
-                mask[i, : len(s)] = 1
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            # right padding needs no mask in a causal model; logits of the last position only, as a prefill
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return time.perf_counter() - start
 
 
