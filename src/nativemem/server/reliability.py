@@ -421,7 +421,8 @@ def run_isolation(url: str, keys: dict[str, str], *, requests: int = 10_000, wor
                 try:
                     one(clients[user], user, r)
                 except httpx.HTTPError as e:
-                    note("transport", user, 0, str(e), (200,))
+                    where = f"{e.request.method} {e.request.url.path}" if hasattr(e, "_request") else "?"
+                    note("transport", user, 0, f"{where}: {type(e).__name__}: {e}", (200,))
         finally:
             for c in clients.values():
                 c.close()

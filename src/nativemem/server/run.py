@@ -14,7 +14,12 @@ from ..errors import InputError
 from .app import ServerSettings, create_app
 from .auth import load_api_keys
 
-__all__ = ["serve", "ServerThread", "is_loopback"]
+__all__ = ["serve", "ServerThread", "is_loopback", "KEEP_ALIVE_S"]
+
+# idle seconds before the server closes a keep-alive connection. uvicorn's default (5 s) loses a race with
+# clients that reuse a connection after a pause: their next request meets a closing socket ("connection
+# reset"). 75 s is nginx's default.
+KEEP_ALIVE_S = 75
 
 
 def is_loopback(host: str) -> bool:
@@ -55,7 +60,7 @@ def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "1
     mem = nm.open_memory(path, lm, kind="activation")
     app = create_app(keys=keys, settings=settings, lm=lm, memory=mem)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                timeout_graceful_shutdown=5, server_header=False)
+                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5, server_header=False)
 
 
 class ServerThread:
@@ -68,7 +73,7 @@ class ServerThread:
         import uvicorn
 
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=2, server_header=False)
+                                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=2, server_header=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="nativemem-server", daemon=True)
         self.url = ""
