@@ -63,4 +63,12 @@ def test_consolidate_command_and_endpoint(tmp_path, model_dir, served):
         assert body["op"] == "consolidate" and set(body["details"]["source_ids"]) <= owned
         assert "after" in body["details"]
         assert c.post("/v1/memories/consolidate", json={"into": "activation"}).status_code == 400
+        chat = {"model": "nativemem", "max_tokens": 2, "messages": [{"role": "user", "content": "Who planted trees?"}]}
+        r = c.post("/v1/chat/completions", json=chat)  # the caller's consolidated memory answers along
+        assert r.status_code == 200 and r.json()["nativemem"]["parametric"] == ["side_ffn"], r.text
+        r = c.post("/v1/chat/completions", json={**chat, "memory": False})
+        assert r.json()["nativemem"]["parametric"] == []
+    with httpx.Client(base_url=served.url, headers=served.headers("alice"), timeout=120) as c:
+        r = c.post("/v1/chat/completions", json=chat)  # never another user's
+        assert r.status_code == 200 and r.json()["nativemem"]["parametric"] == []
     assert httpx.post(served.url + "/v1/memories/consolidate", json={"into": "pkm"}).status_code == 401

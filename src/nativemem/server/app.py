@@ -533,7 +533,8 @@ def _usage(gen) -> dict[str, int]:
 
 def _extra(answer) -> dict[str, Any]:
     gen = answer.generation
-    return {"memory_ids": answer.memory_ids, "prefix_tokens": gen.prefix_tokens, "ttft_s": round(gen.ttft_s, 6)}
+    return {"memory_ids": answer.memory_ids, "prefix_tokens": gen.prefix_tokens, "ttft_s": round(gen.ttft_s, 6),
+            "parametric": answer.parametric}
 
 
 def _map_error(exc: BaseException) -> ApiError:

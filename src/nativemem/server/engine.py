@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ class Stop:
 class Answer:
     generation: Generation
     memory_ids: list[str]
+    parametric: list[str] = field(default_factory=list)  # kinds of the caller's consolidated memories used
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class Engine:
         self.memory = memory
         self.model_lock = asyncio.Lock()
         self.store_lock = threading.Lock()
+        self._parametric_cache: dict[str, tuple[int, Any]] = {}
 
     # ------------------------------------------------------------------ generation
     def generate(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
@@ -147,9 +149,37 @@ class Engine:
                 on_token(token_ids)
 
         stop.check()
-        gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
-                               on_token=tick)
-        return Answer(gen, list(chosen))
+        parametric = self._parametric(user_id) if use_memory else []
+        with ExitStack() as scope:  # the caller's consolidated memories (hooks) around the KV-prefix injection
+            for target in parametric:
+                scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
+            gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
+                                   on_token=tick)
+        return Answer(gen, list(chosen), [t.kind for t in parametric])
+
+    def _consolidated_folder(self, user_id: str, into: str):
+        import hashlib
+
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+        return self.memory.path / "consolidated" / f"{digest}-{into}"
+
+    def _parametric(self, user_id: str) -> list:
+        """The caller's consolidated parametric memories (opened once, reopened after a new consolidation)."""
+        from ..memories.base import MEMORY_CONFIG_NAME, open_memory
+
+        out = []
+        for into in ("side_ffn", "pkm"):
+            folder = self._consolidated_folder(user_id, into)
+            config = folder / MEMORY_CONFIG_NAME
+            if not config.is_file():
+                continue
+            stamp = config.stat().st_mtime_ns
+            cached = self._parametric_cache.get(str(folder))
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, open_memory(folder, self.lm))
+                self._parametric_cache[str(folder)] = cached
+            out.append(cached[1])
+        return out
 
     # ------------------------------------------------------------------ memories
     def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop) -> dict[str, Any]:
@@ -221,13 +251,11 @@ class Engine:
 
         The target lives in ``<memory>/consolidated/<user digest>-<kind>`` and grows with every call.
         """
-        import hashlib
-
         from ..consolidate import consolidate
         from ..memories.base import open_memory
 
-        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
-        folder = self.memory.path / "consolidated" / f"{digest}-{into}"
+        folder = self._consolidated_folder(user_id, into)
+        self._parametric_cache.pop(str(folder), None)
         folder.parent.mkdir(parents=True, exist_ok=True)
         target = open_memory(folder, self.lm, kind=into)
         with self.store_lock:
