@@ -34,3 +34,17 @@ def tiny():
     from testing import tiny_lm
 
     return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matmuls are far slower with 2 OpenMP threads on a shared 2-core machine.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -86,6 +86,14 @@ def tiny_lm(arch: str = "llama", seed: int = 0, name: str | None = None, **overr
     return LanguageModel(model, tok, name=name or f"tiny-{arch}")
 
 
+def save_tiny_lm(path, arch: str = "llama", **overrides):
+    """Save a tiny random model and its tokenizer to ``path`` (loadable with ``--model path``); returns path."""
+    lm = tiny_lm(arch, **overrides)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------- a test-only memory kind
 @dataclass
 class SteerConfig(MemoryConfig):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from testing import tiny_lm
 
 from nativemem.bench import list_tasks, run_benchmark
@@ -24,12 +23,7 @@ PROSE = ("The harbour was quiet in the early morning and the boats rocked gently
          "circled above the market square. ")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

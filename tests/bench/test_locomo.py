@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from testing import tiny_lm
 
 from nativemem.bench.tasks.locomo import load_locomo, run_locomo, score_item
@@ -14,12 +13,7 @@ from nativemem.errors import DataError
 FILE = Path(__file__).parent / "data" / "locomo" / "locomo-tiny.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_load_orders_sessions_by_date_and_applies_question_rules():

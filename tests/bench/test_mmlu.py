@@ -16,12 +16,7 @@ BOOK = ("The keeper of the lighthouse wrote in his log every night. The ships pa
         "lamp burned until dawn. ") * 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ import json
 import math
 
 import pytest
-import torch
-from testing import tiny_lm
+from testing import save_tiny_lm, tiny_lm
 
 from nativemem.bench.tasks.pg19 import cut_gutenberg, load_books, run_pg19
 from nativemem.errors import DataError, InputError
@@ -17,12 +16,7 @@ BOOK = (f"The Project Gutenberg eBook of A Made-Up Tale\n\nLicence text.\n\n"
         f"***END OF THE PROJECT GUTENBERG EBOOK A MADE-UP TALE***\n\nMore licence text.\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -88,10 +82,7 @@ def test_bench_cli_runs_pg19_with_task_options(books, tmp_path):
 
     from nativemem.cli.main import app
 
-    model = tmp_path / "tiny-model"
-    lm = tiny_lm()
-    lm.model.save_pretrained(model)
-    lm.tokenizer.save_pretrained(model)
+    model = save_tiny_lm(tmp_path / "tiny-model")
     out = tmp_path / "cli"
     runner = CliRunner()
     res = runner.invoke(app, ["bench", "pg19", "--arms", "window_only,side_ffn", "--data", str(books), "--model",

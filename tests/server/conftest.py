@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testing import tiny_lm
+from testing import save_tiny_lm
 
 import nativemem as nm
 from nativemem.server import KeyRing, ServerSettings, ServerThread, create_app
@@ -24,11 +24,7 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random llama + tokenizer saved with save_pretrained (loadable by `--model FOLDER`)."""
-    root = tmp_path_factory.mktemp("tiny-model")
-    lm = tiny_lm("llama")
-    lm.model.save_pretrained(root)
-    lm.tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-model"))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import typer
 from activation_helpers import fast_dir  # noqa: F401
-from testing import tiny_lm
+from testing import save_tiny_lm, tiny_lm
 from typer.testing import CliRunner
 
 import nativemem as nm
@@ -13,9 +13,7 @@ from nativemem.cli.activation_cmds import register
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    lm = tiny_lm("llama")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
+    save_tiny_lm(root / "model")
     loaded = nm.load_model(root / "model")
     mem = nm.open_memory(root / "m", loaded, kind="activation")
     mem.add(["Ada Quell founded the Velmora Institute in 1987.", "The Amber Finch nests on Tollen Island."],

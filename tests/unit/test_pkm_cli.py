@@ -1,29 +1,19 @@
 """`nativemem add facts.jsonl --kind pkm` then `nativemem ask --memory` on a tiny model saved to a folder."""
 
 import pytest
-import torch
-from testing import tiny_lm
+from testing import save_tiny_lm
 from typer.testing import CliRunner
 
 from nativemem.cli.main import app
 from nativemem.memories.pkm import generate_facts, save_facts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    lm = tiny_lm(initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-model"), initializer_range=0.2)
 
 
 def test_add_a_facts_file_then_ask(model_dir, tmp_path):

@@ -10,12 +10,7 @@ from nativemem.hooks import count_hooks
 from nativemem.memories.pkm import PKMConfig, PKMMemory, generate_facts, load_facts, save_facts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(layers=(0, 1), num_keys=16, heads=2, top_k=4, key_dim=16, lr=0.1, batch_size=4, max_epochs=60,

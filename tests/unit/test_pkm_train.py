@@ -13,13 +13,7 @@ from nativemem.memories.pkm.train import (PrefixCache, capture_residual, fact_ma
                                           skip_layers)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are far slower with 2 OpenMP threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(lm, **cfg) -> PKMMemory:

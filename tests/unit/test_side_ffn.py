@@ -17,13 +17,7 @@ TEXT = ("Marie Curie was born in Warsaw in 1867 and won two Nobel prizes. Paris 
 PROMPT = "Where was Marie Curie born?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower with 2 OpenMP threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def memory(lm, **cfg) -> SideFFNMemory:

@@ -1,8 +1,7 @@
 """`nativemem add` and `nativemem fuse` on a tiny model saved to a folder; the fused folder answers `ask`."""
 
 import pytest
-import torch
-from testing import tiny_lm
+from testing import save_tiny_lm
 from typer.testing import CliRunner
 
 from nativemem.cli.main import app
@@ -10,21 +9,12 @@ from nativemem.cli.memory_cmds import parse_options
 from nativemem.errors import InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    lm = tiny_lm()
-    path = tmp_path_factory.mktemp("tiny-model")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_add_then_fuse_then_ask(model_dir, tmp_path):

@@ -10,12 +10,7 @@ from nativemem.memories.side_ffn import SideFFNConfig, SideFFNMemory
 TEXT = "Marie Curie was born in Warsaw in 1867 and won two Nobel prizes. Paris is the capital of France. " * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(lm, **cfg) -> SideFFNMemory:
