@@ -234,7 +234,8 @@ def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: 
     module, name = _LOOP_TASKS[task]
     fn = getattr(importlib.import_module(module), name)
     known = inspect.signature(fn).parameters
-    common = {"arms": arms or (known["arms"].default if "arms" in known else []), "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
+    default_arms = known["arms"].default if "arms" in known else []
+    common = {"arms": arms or default_arms, "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
               "max_new_tokens": max_new_tokens, "progress": True}
     bad = sorted(set(options) - set(known))
     if any(p.kind is p.VAR_KEYWORD for p in known.values()):
