@@ -33,7 +33,7 @@ class Generation:
     total_s: float
     prompt_tokens: int  # tokens prefilled in this call (a reused KV prefix is not counted)
     new_tokens: int
-    prefix_tokens: int = 0  # tokens supplied by a memory's KV prefix
+    prefix_tokens: int = 0  # tokens supplied by a memory's KV prefix (a spliced prompt head included)
     token_ids: list[int] = field(default_factory=list, repr=False)
 
 
@@ -130,6 +130,18 @@ class LanguageModel:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return torch.tensor([list(ids)], device=self.device)
 
+    def chat_head_ids(self, system: str | None) -> list[int]:
+        """Ids every chat prompt with this system prompt starts with, up to where the user's text begins.
+
+        Found as the common start of two prompts whose user texts differ from their first character on.
+        """
+        a = self.chat_ids("Alpha question?", system=system)[0].tolist()
+        b = self.chat_ids("Zulu query.", system=system)[0].tolist()
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
+
     # ---------------------------------------------------------------------------- forward
     @torch.inference_mode()
     def logits(self, input_ids: torch.LongTensor, *, memory=None, user_id: str | None = None) -> torch.Tensor:
@@ -181,13 +193,13 @@ class LanguageModel:
             return self._generate(input_ids, max_new_tokens, start, inj, on_token)
 
     def _generate(self, input_ids, max_new_tokens, start, inj, on_token) -> Generation:
-        prefix_len = 0 if inj is None else inj.prefix_length
-        total = prefix_len + input_ids.shape[1] + max_new_tokens
+        cached = 0 if inj is None else inj.prefix_length
+        kwargs = {} if inj is None else inj.generate_kwargs(input_ids)
+        full_ids = kwargs.pop("input_ids", input_ids)
+        total = full_ids.shape[1] + max_new_tokens
         if total > self.max_context:
             raise ContextOverflowError(total, self.max_context, what="prompt plus max_new_tokens")
         timer = _FirstTokenTimer(start, on_token)
-        kwargs = {} if inj is None else inj.generate_kwargs(input_ids)
-        full_ids = kwargs.pop("input_ids", input_ids)
         out = self.model.generate(
             input_ids=full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, streamer=timer,
@@ -199,8 +211,9 @@ class LanguageModel:
             new.pop()
         return Generation(
             text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-            ttft_s=(timer.first or end) - start, total_s=end - start, prompt_tokens=int(input_ids.shape[1]),
-            new_tokens=len(new), prefix_tokens=prefix_len, token_ids=new)
+            ttft_s=(timer.first or end) - start, total_s=end - start,
+            prompt_tokens=int(full_ids.shape[1]) - cached, new_tokens=len(new),
+            prefix_tokens=cached, token_ids=new)
 
     def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,
              system: str | None = DEFAULT_SYSTEM, max_new_tokens: int = 64) -> str:

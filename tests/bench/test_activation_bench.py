@@ -150,3 +150,31 @@ def test_scifact_rankers_on_a_tiny_corpus(beir, tmp_path, tiny_model):
     assert len(lines) == 4 * 3
     with pytest.raises(InputError, match="unknown ranker"):
         run_scifact(tiny_model, rankers=["colbert"], data=beir, out=out)
+
+
+def test_kept_benchmark_memory_is_reused_for_the_same_pool(squad_file, tiny_model, tmp_path, monkeypatch):
+    """$NATIVEMEM_BENCH_MEMORY: the pool is written once; a later run opens it (same chunks, no blob
+    written); a kept folder that lacks part of the pool is refused."""
+    from nativemem.bench.arms_activation import _SHARED, shared_memory
+
+    monkeypatch.setenv("NATIVEMEM_BENCH_MEMORY", str(tmp_path / "kept"))
+    task = get_task("squad")(data=squad_file)
+    pool = task.pool_for(task.select(3, 0))
+    _SHARED.clear()
+    first = shared_memory(tiny_model, pool, task, 2)
+    folder, by_source = first.folder, first.by_source
+    assert folder.parent == tmp_path / "kept" and set(by_source) == {c.id for c in pool}
+    blobs = sorted(p.name for p in folder.rglob("*.safetensors"))
+    first.memory.close()
+    _SHARED.clear()
+    del first
+    again = shared_memory(tiny_model, pool, task, 2)
+    assert again.folder == folder and again.by_source == by_source
+    assert sorted(p.name for p in folder.rglob("*.safetensors")) == blobs
+    again.memory.delete(next(iter(by_source)))
+    again.memory.close()
+    _SHARED.clear()
+    del again
+    with pytest.raises(InputError, match="does not hold this pool"):
+        shared_memory(tiny_model, pool, task, 2)
+    _SHARED.clear()

@@ -182,3 +182,32 @@ def test_memory_arms_are_known_without_importing_their_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["nativemem.bench.arms_activation", "text_same_order"]
+
+
+def test_merging_runs_of_other_arms_equals_one_run_of_all_arms(run_dir, tiny_model, tmp_path):
+    """Arms run in separate processes, merged: same arm blocks, and the same paired comparisons as the
+    run that had every arm (they are recomputed from the per-item scores)."""
+    from nativemem.bench import merge_runs
+
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(SQUAD))
+    whole = load_results(run_dir)
+    parts = []
+    for arms in (["none"], ["rag_bm25", "long_context"]):
+        parts.append(tmp_path / "+".join(arms))
+        run_benchmark("squad", tiny_model, arms=arms, limit=4, out=parts[-1], data=run_dir.parent / "squad.json",
+                      max_new_tokens=4, progress=False)
+    merged = merge_runs(parts, tmp_path / "merged")
+    assert list(merged["arms"]) == ["none", "rag_bm25", "long_context"]
+    for arm in merged["arms"]:
+        assert merged["arms"][arm]["metrics"] == whole["arms"][arm]["metrics"]
+    assert merged["comparisons"] == whole["comparisons"]
+    assert {r["arm"] for r in read_items(tmp_path / "merged")} == set(merged["arms"])
+    assert "| none |" in report([tmp_path / "merged"])
+
+    run_benchmark("squad", tiny_model, arms=["none"], limit=3, out=tmp_path / "three",
+                  data=data, max_new_tokens=4, progress=False)
+    with pytest.raises(InputError, match="cannot merge"):  # other items
+        merge_runs([parts[1], tmp_path / "three"], tmp_path / "bad")
+    with pytest.raises(InputError, match="also in another run"):
+        merge_runs([parts[0], parts[0]], tmp_path / "bad")

@@ -5,7 +5,7 @@ import torch
 from activation_helpers import fast_dir  # noqa: F401
 
 import nativemem as nm
-from nativemem.bench.prompts import build_messages
+from nativemem.bench.prompts import SYSTEM_PROMPT, build_messages
 
 pytestmark = pytest.mark.slow
 
@@ -15,19 +15,24 @@ QUESTION = "Who founded the Velmora Institute?"
 
 
 def test_one_chunk_injection_equals_text_and_uses_the_memory(real_lm, fast_dir):
-    mem = nm.open_memory(fast_dir / "m", real_lm, kind="activation", kv_dtype="float32")
+    """The chunk is written in the user turn of the benchmark's chat prompt; injected, it equals that text."""
+    mem = nm.open_memory(fast_dir / "m", real_lm, kind="activation", kv_dtype="float32", frame_system=SYSTEM_PROMPT)
     ids = mem.add([DOC, "Captain Orrin Delacroix commands the research ship Saltmarrow."], user_id="u").ids
     assert mem.search(QUESTION, k=1, user_id="u", variant="bm25")[0].id == ids[0]
-    rows = dict(mem.store.index.get(ids[:1]))
-    prefix = [real_lm.tokenizer.bos_token_id, *mem.load_chunk(rows[ids[0]])[0]]
     prompt = real_lm.chat_ids(build_messages(QUESTION))
+    text = mem.as_text(prompt, ids[:1])
     pinned = mem.injecting(ids[:1])
-    got = real_lm.logits(prompt, memory=pinned)
-    want = real_lm.logits(torch.cat([torch.tensor([prefix]), prompt], 1))[:, len(prefix):]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pinned.active(lm=real_lm) as inj:
+        kwargs = inj.generate_kwargs(prompt)
+    assert torch.equal(kwargs["input_ids"], text)
+    n = inj.prefix_length
+    with torch.inference_mode():
+        got = real_lm.model(input_ids=text[:, n:], past_key_values=kwargs["past_key_values"]).logits
+    torch.testing.assert_close(got, real_lm.logits(text)[:, n:], rtol=1e-4, atol=1e-4)
     g = real_lm.generate(prompt, max_new_tokens=20, memory=pinned)
-    assert g.token_ids == real_lm.generate(torch.cat([torch.tensor([prefix]), prompt], 1), max_new_tokens=20).token_ids
-    assert "Quell" in g.text and g.prompt_tokens == prompt.shape[1] and g.prefix_tokens == len(prefix)
+    assert g.token_ids == real_lm.generate(text, max_new_tokens=20).token_ids
+    assert "Quell" in g.text and g.prompt_tokens + g.prefix_tokens == text.shape[1]
+    assert g.prompt_tokens < prompt.shape[1] - 20  # the system turn came from the memory's frame
 
 
 def test_activation_demo_retrieves_the_right_document_for_every_question(real_lm):

@@ -13,6 +13,7 @@ from testing import ARCHS, tiny_lm
 import nativemem as nm
 from nativemem.memories.activation import ActivationMemory, build_cache, capture
 from nativemem.memories.activation.kv import kv_geometry, rotate_keys
+from nativemem.memories.activation.store import BlobError
 
 TEXT = ("Marie Curie was born in Warsaw in 1867. She won two Nobel prizes. " * 3).strip()
 OTHER = "Paris is the capital of France. Berlin is the capital of Germany."
@@ -49,6 +50,7 @@ def test_rotating_stored_keys_reproduces_the_models_own_cache(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_injected_chunk_equals_the_same_tokens_as_text(arch, fast_dir):
+    """A prompt with another system prompt than the frame's: the whole prefix (frame, chunk) goes before it."""
     lm = tiny_lm(arch)
     mem, ids = one_chunk(lm, fast_dir, kv_dtype="float32")
     pinned = mem.injecting(ids)
@@ -62,6 +64,45 @@ def test_one_injected_chunk_equals_the_same_tokens_as_text(arch, fast_dir):
     g_txt = lm.generate(torch.cat([torch.tensor([prefix]), prompt], 1), max_new_tokens=8)
     assert g_mem.token_ids == g_txt.token_ids
     assert g_mem.prefix_tokens == len(prefix) and g_mem.prompt_tokens == prompt.shape[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chat_frame_puts_the_chunk_inside_the_user_turn_exactly_as_text(arch, fast_dir):
+    """frame=chat: a prompt with the frame's system prompt continues after the chunk, which sits in the user
+    turn before the question; logits and answer equal the spliced token sequence given as text."""
+    lm = tiny_lm(arch)
+    mem, ids = one_chunk(lm, fast_dir, kv_dtype="float32", frame_system="Answer from the context.")
+    prompt = lm.chat_ids(QUESTION, system="Answer from the context.")
+    frame, splice = mem.frame_ids()
+    assert splice == len(frame) > 1 and prompt[0, :splice].tolist() == frame
+    text = mem.as_text(prompt, ids)
+    chunk_ids = mem.load_chunk(mem.store.index.get(ids)[0][1])[0]
+    assert text[0].tolist() == frame + chunk_ids + prompt[0, splice:].tolist()
+    with mem.injecting(ids).active(lm=lm) as inj:
+        assert inj.spliced(prompt)
+        kwargs = inj.generate_kwargs(prompt)
+    assert torch.equal(kwargs["input_ids"], text)
+    n = inj.prefix_length
+    with torch.inference_mode():
+        got = lm.model(input_ids=text[:, n:], past_key_values=kwargs["past_key_values"]).logits
+    torch.testing.assert_close(got, lm.logits(text)[:, n:], rtol=1e-5, atol=1e-5)
+    g_mem = lm.generate(prompt, max_new_tokens=8, memory=mem.injecting(ids))
+    assert g_mem.token_ids == lm.generate(text, max_new_tokens=8).token_ids
+    assert g_mem.prompt_tokens == prompt.shape[1] - splice  # only the question part is prefilled
+    assert g_mem.prefix_tokens == len(frame) + len(chunk_ids)  # the head is served from the frame's KV
+
+
+def test_a_chunk_written_after_another_frame_is_not_injected(fast_dir):
+    lm = tiny_lm("llama")
+    mem, ids = one_chunk(lm, fast_dir, frame_system="First system prompt.")
+    payload = mem.store.index.get(ids)[0][1]
+    mem.config.frame_system = "Another system prompt."
+    mem._frame_cache = None
+    with pytest.raises(BlobError, match="another frame"):
+        mem.load_chunk(payload)
+    mem.config.frame, mem._frame_cache = "raw", None
+    with pytest.raises(BlobError, match="another frame"):
+        mem.load_chunk(payload)
 
 
 @pytest.mark.parametrize("kv_dtype,atol", [("float16", 2e-3), ("bfloat16", 3e-2), ("int8", 3e-2)])
@@ -93,13 +134,14 @@ def test_several_chunks_first_matches_text_later_ones_lack_cross_attention(fast_
     lm = tiny_lm("llama")
     mem = nm.open_memory(fast_dir / "m", lm, kind="activation", kv_dtype="float32")
     ids = mem.add([TEXT, OTHER], user_id="u").ids
-    segments = [mem._bos_state()["kv"]] + [mem.load_chunk(p)[1] for p in
-                                           [p for _, p in mem.store.index.get(ids)]]
+    segments = [mem._frame_state()["kv"]] + [mem.load_chunk(p)[1] for p in
+                                             [p for _, p in mem.store.index.get(ids)]]
     cache = build_cache(lm.model, segments)
-    prefix = [0] + sum((mem.load_chunk(p)[0] for _, p in mem.store.index.get(ids)), [])
+    frame = mem.frame_ids()[0]
+    prefix = frame + sum((mem.load_chunk(p)[0] for _, p in mem.store.index.get(ids)), [])
     with torch.inference_mode():
         text_cache = lm.model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
-    n1 = 1 + segments[1].length
+    n1 = len(frame) + segments[1].length
     for layer in range(2):
         mine, theirs = cache.layers[layer].keys, text_cache.layers[layer].keys
         torch.testing.assert_close(mine[:, :, :n1], theirs[:, :, :n1], rtol=0, atol=1e-5)

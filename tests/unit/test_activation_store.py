@@ -95,7 +95,7 @@ def test_damaged_or_missing_blob_is_reported_and_skipped(lm, fast_dir):
     assert {h.id for h in mem.search(QUESTION, k=2, user_id="alice")} == set(ids)  # the index still answers
     with pytest.warns(ChunkSkippedWarning, match=ids[0]):
         g = lm.generate(lm.chat_ids(QUESTION), max_new_tokens=3, memory=mem, user_id="alice", query=QUESTION)
-    good_len = len(mem.load_chunk(payloads[ids[1]])[0]) + 1
+    good_len = len(mem.load_chunk(payloads[ids[1]])[0]) + len(mem.frame_ids()[0])  # frame + chunk (not spliced)
     assert g.prefix_tokens == good_len  # the other chunk is still served
     bad.unlink()
     with pytest.raises(BlobError, match="missing"):
@@ -195,12 +195,13 @@ def test_lock_is_released_when_the_last_memory_object_goes(lm, tmp_path):
     _acquire_lock(tmp_path / "m").release()
 
 
-@pytest.mark.parametrize("variant", ["pooled", "tokens", "hybrid", "hybrid_tokens", "bm25"])
-def test_qdrant_client_backend_is_congruent_with_edge(lm, fast_dir, variant):
+@pytest.mark.parametrize("variant,bm25_weight", [("pooled", 1.0), ("tokens", 1.0), ("hybrid", 1.0),
+                                                 ("hybrid_tokens", 1.0), ("hybrid_tokens", 2.5), ("bm25", 1.0)])
+def test_qdrant_client_backend_is_congruent_with_edge(lm, fast_dir, variant, bm25_weight):
     texts = ALICE + BOB + ["The spare tyre is in the boot.", "Keys are often lost under sofas."]
-    mems = [nm.open_memory(fast_dir / "edge", lm, kind="activation", index_pooled=True),
+    mems = [nm.open_memory(fast_dir / "edge", lm, kind="activation", index_pooled=True, bm25_weight=bm25_weight),
             nm.open_memory(fast_dir / "client", lm, kind="activation", backend="qdrant", qdrant_location=":memory:",
-                           index_pooled=True)]
+                           index_pooled=True, bm25_weight=bm25_weight)]
     for mem in mems:
         for i, t in enumerate(texts):
             mem.add(t, user_id="u" if i % 3 else "v", metadata={"source_id": f"s{i}"})
@@ -211,6 +212,24 @@ def test_qdrant_client_backend_is_congruent_with_edge(lm, fast_dir, variant):
     assert mems[0].stats()["chunks"] == mems[1].stats()["chunks"] == len(texts)
     sid = mems[1].search(QUESTION, k=1, user_id="u", variant=variant)[0].payload["source_id"]
     assert mems[1].delete(sid).ids and mems[1].stats()["chunks"] == len(texts) - 1
+
+
+def test_bm25_weight_moves_the_hybrid_ranking_between_its_two_rankers(lm, fast_dir):
+    texts = ALICE + BOB + ["The spare tyre is in the boot.", "Keys are often lost under sofas.",
+                           "A blue door opens onto the garden.", "The pot of tea went cold."]
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add(texts, user_id="u")
+
+    def ranking(variant, weight=1.0):
+        mem.config.bm25_weight = weight
+        return [h.id for h in mem.search(QUESTION, k=len(texts), user_id="u", variant=variant)]
+
+    bm25, tokens = ranking("bm25"), ranking("tokens")
+    assert bm25[:3] != tokens[:3]  # the two rankers disagree on this query, so the weight matters
+    assert ranking("hybrid_tokens", 0.0)[:3] == tokens[:3]
+    assert ranking("hybrid_tokens", 100.0)[:len(bm25)] == bm25
+    with pytest.raises(InputError, match="bm25_weight"):
+        nm.open_memory(fast_dir / "bad", lm, kind="activation", bm25_weight=-1)
 
 
 def test_reopening_in_the_same_process_shares_the_store(lm, fast_dir):

@@ -16,11 +16,12 @@ Tasks (``list_tasks()``): ``squad``, ``triviaqa``. Arms (``list_arms()``): ``non
 
 from .arms import Arm, ArmOutput, RetrievalArm, get_arm, list_arms, register_arm
 from .report import report
-from .runner import run_benchmark
+from .runner import merge_runs, run_benchmark
 from .tasks import Chunk, QAItem, Task, TaskData, get_task, list_tasks, register_task
 
 __all__ = [
     "run_benchmark",
+    "merge_runs",
     "report",
     "list_tasks",
     "list_arms",

@@ -4,7 +4,8 @@ Every arm here shares one :class:`~nativemem.memories.activation.ActivationMemor
 first arm that needs it, reused by the others in the same process): the whole pool is written to it, each
 pool chunk as one memory chunk whose ``source_id`` is the pool chunk id. The memory's retrieval transform
 is fitted first on a fit set disjoint from the pool (:func:`fit_texts`: the task's chunks outside the
-pool, seeded sample), as the research note demands (§8.5).
+pool, seeded sample), as the research note demands (§8.5); with fewer than :data:`MIN_FIT_TEXTS` such
+texts (SQuAD from 300 questions on: the pool is the whole file) the memory stays unfitted.
 
 - ``activation``: retrieve the top-``k`` chunks of the whole pool with the memory's default variant
   (``hybrid_tokens``: token-level MaxSim fused with BM25 by RRF - a hybrid, report it as such) and inject
@@ -13,8 +14,8 @@ pool, seeded sample), as the research note demands (§8.5).
   KV-Embedding vector, token MaxSim alone, and pooled + BM25.
 - ``activation_oracle``: inject the gold chunk(s) of the item (no retrieval).
 - ``random_memory``: inject one random pool chunk that is not gold (seeded by the item id).
-- ``text_same_order``: the exact token sequence of the ``activation`` arm (BOS, the retrieved chunks in the
-  same order, then the chat prompt) given as plain text; its answers should match ``activation``'s (up to
+- ``text_same_order``: the exact token sequence of the ``activation`` arm (the chat prompt's head, the
+  retrieved chunks in the same order, then the rest of the chat prompt) given as plain text; its answers should match ``activation``'s (up to
   the fp16 payload), which :func:`answer_agreement` checks on a finished run.
 
 Retrieval time is outside TTFT for these arms, as for ``rag_*`` (both retrieve before generating); payload
@@ -24,6 +25,8 @@ loading, re-rotation and cache assembly are inside it. Tasks that set ``retrieva
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -33,20 +36,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, InputError
 from .arms import Arm, ArmOutput, register_arm
-from .prompts import build_messages, postprocess_answer
+from .prompts import SYSTEM_PROMPT, build_messages, postprocess_answer
 from .tasks import Chunk, QAItem, Task
 
 __all__ = ["ActivationArm", "fit_texts", "answer_agreement", "BENCH_MEMORY_CONFIG", "shared_memory"]
 
-BENCH_MEMORY_CONFIG: dict[str, Any] = {"chunk_tokens": 1024, "max_prefix_tokens": 4096}
-"""Config of the benchmark memory: one pool chunk = one memory chunk; ``top_k`` is the arm's ``k``."""
+BENCH_MEMORY_CONFIG: dict[str, Any] = {"chunk_tokens": 1024, "max_prefix_tokens": 4096, "frame": "chat",
+                                       "frame_system": SYSTEM_PROMPT}
+"""Config of the benchmark memory: one pool chunk = one memory chunk, written in the user turn of the
+arms' own chat prompt (system prompt included), so an injected chunk sits where ``rag_*`` arms paste their
+passages; ``top_k`` is the arm's ``k``."""
 FIT_TEXTS_MAX = 256
+MIN_FIT_TEXTS = 64  # below this, the memory is left unfitted (raw states, cosine)
 BENCH_USER = "bench"
 TMP_ENV = "NATIVEMEM_BENCH_TMP"  # where benchmark memories are written (default: the system temp folder)
+KEEP_ENV = "NATIVEMEM_BENCH_MEMORY"  # keep benchmark memories here and reuse them for the same pool
 
 
 def fit_texts(task: Task, pool: Sequence[Chunk], *, n: int = FIT_TEXTS_MAX, seed: int = 0) -> list[str]:
@@ -62,30 +68,56 @@ def fit_texts(task: Task, pool: Sequence[Chunk], *, n: int = FIT_TEXTS_MAX, seed
 
 
 class _Shared:
-    """One memory per (model, pool, k): written once, used by every activation arm of a run."""
+    """One memory per (model, pool, k): written once, used by every activation arm of a run.
+
+    With ``$NATIVEMEM_BENCH_MEMORY`` set to a folder, the memory is kept there (one sub-folder per task,
+    pool, model and memory config) and a later run with the same pool opens it instead of writing it again.
+    """
 
     def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool, pooled: bool = False):
         import nativemem as nm
 
-        self.folder = Path(tempfile.mkdtemp(prefix="nativemem-bench-", dir=os.environ.get(TMP_ENV)))
         self.pooled = pooled
-        self.memory = nm.open_memory(self.folder / "memory", lm, kind="activation", top_k=k,
-                                     index_pooled=pooled, **BENCH_MEMORY_CONFIG)
+        config = {"top_k": k, "index_pooled": pooled, **BENCH_MEMORY_CONFIG}
+        keep = os.environ.get(KEEP_ENV)
+        if keep:
+            digest = hashlib.sha256(json.dumps([[c.id, c.text] for c in pool]).encode())
+            digest.update(json.dumps([lm.fingerprint.short, task.name, pooled, BENCH_MEMORY_CONFIG]).encode())
+            self.folder = Path(keep) / f"{task.name}-{len(pool)}-{digest.hexdigest()[:12]}"
+            if (self.folder / "memory" / "memory_config.json").is_file():
+                self.memory = nm.open_memory(self.folder / "memory", lm)
+                self.memory.config.top_k = k
+                self.fit_report = self.memory.config.fit_report
+                self._index(pool)
+                if set(self.by_source) == {c.id for c in pool}:
+                    return
+                raise InputError(f"the kept benchmark memory {self.folder} does not hold this pool (an interrupted "
+                                 "write?); remove the folder")
+            self.folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self.folder = Path(tempfile.mkdtemp(prefix="nativemem-bench-", dir=os.environ.get(TMP_ENV)))
+        self.memory = nm.open_memory(self.folder / "memory", lm, kind="activation", **config)
         texts = fit_texts(task, pool)
-        self.fit_report = self.memory.fit(texts).details if len(texts) >= 2 else None
+        # too small a fit set hurts: on SQuAD, 21 leftover paragraphs gave hit@1 0.59 where raw states gave 0.78
+        self.fit_report = self.memory.fit(texts).details if len(texts) >= MIN_FIT_TEXTS else None
         from tqdm.auto import tqdm
 
-        self.by_source: dict[str, list[str]] = {}
-        self.source_of: dict[str, str] = {}
         step = 64
         for i in tqdm(range(0, len(pool), step), desc="activation memory: add pool", disable=not progress):
             part = pool[i: i + step]
-            receipt = self.memory.add([c.text for c in part], user_id=BENCH_USER, source_ids=[c.id for c in part])
-            for info in receipt.details["chunks"]:
-                self.by_source.setdefault(info["source_id"], []).append(info["id"])
-                self.source_of[info["id"]] = info["source_id"]
+            self.memory.add([c.text for c in part], user_id=BENCH_USER, source_ids=[c.id for c in part])
+        self._index(pool)
+        if not keep:
+            weakref.finalize(self, _cleanup, self.memory, str(self.folder))
+
+    def _index(self, pool: Sequence[Chunk]) -> None:
+        self.by_source: dict[str, list[str]] = {}
+        self.source_of: dict[str, str] = {}
+        rows = self.memory.store.index.scroll(user_id=BENCH_USER, with_payload=["source_id", "chunk_index"])
+        for mid, payload in sorted(rows, key=lambda r: (str(r[1].get("source_id")), r[1].get("chunk_index", 0))):
+            self.by_source.setdefault(str(payload["source_id"]), []).append(mid)
+            self.source_of[mid] = str(payload["source_id"])
         self.pool_ids = [c.id for c in pool]
-        weakref.finalize(self, _cleanup, self.memory, str(self.folder))
 
     def bytes_stored(self) -> int:
         return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
@@ -207,19 +239,13 @@ class RandomMemoryArm(_MemoryArm):
 
 @register_arm("text_same_order")
 class TextSameOrderArm(_MemoryArm):
-    """The ``activation`` arm's exact token sequence (BOS, retrieved chunks, chat prompt) as plain text."""
+    """The ``activation`` arm's exact token sequence (prompt head, retrieved chunks, rest of the prompt) as text."""
 
     uses_retrieval = True
 
     def answer(self, item: QAItem) -> ArmOutput:
         ids, retrieved = self.retrieve(item)
-        prefix = list(self.memory._bos())
-        rows = dict(self.memory.store.index.get(ids))
-        for mid in self.ordered(ids):
-            if mid in rows:
-                prefix += self.memory.load_chunk(rows[mid])[0]
-        prompt = self.lm.chat_ids(build_messages(item.question))
-        full = torch.cat([torch.tensor([prefix], dtype=torch.long, device=prompt.device), prompt], dim=1)
+        full = self.memory.as_text(self.lm.chat_ids(build_messages(item.question)), self.ordered(ids))
         limit = int(self.lm.max_context)
         if full.shape[1] + self.max_new_tokens > limit:
             return self._overflow(int(full.shape[1]), limit, retrieved)

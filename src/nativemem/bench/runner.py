@@ -36,7 +36,7 @@ from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
 from .stats import bootstrap_mean_ci, compare_paired
 from .tasks import QAItem, get_task
 
-__all__ = ["run_benchmark", "peak_rss_bytes"]
+__all__ = ["run_benchmark", "merge_runs", "peak_rss_bytes"]
 
 
 def peak_rss_bytes() -> int | None:
@@ -328,3 +328,63 @@ def run_benchmark(
     write_results(out, results)
     write_items(out, records)
     return results
+
+
+_SAME_IN_MERGE = ("task", "task_version", "n", "seed")
+_SAME_CONFIG_IN_MERGE = ("limit", "k", "max_new_tokens", "data", "task_options", "pool_size", "decoding")
+
+
+def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """Merge runs of the same task, items and settings that ran different arms (e.g. in parallel processes).
+
+    The arms' blocks are kept as they were measured; the paired comparisons are recomputed over every arm
+    of the merged run from the per-item scores in ``items.jsonl``.
+
+    Raises:
+        InputError: fewer than two folders, runs that differ in task, model, items or settings, or an arm
+            that appears in two of them.
+    """
+    from .results import load_results, read_items
+
+    if len(dirs) < 2:
+        raise InputError("merge needs at least two run folders")
+    runs = [load_results(d) for d in dirs]
+    items_by_run = [read_items(d) for d in dirs]
+    first = runs[0]
+    arms: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    order: list[str] | None = None
+    for d, res, items in zip(dirs, runs, items_by_run):
+        for key in _SAME_IN_MERGE:
+            if res.get(key) != first.get(key):
+                raise InputError(f"cannot merge {d}: {key} is {res.get(key)!r} there but {first.get(key)!r} in {dirs[0]}")
+        if res.get("model") != first.get("model"):
+            raise InputError(f"cannot merge {d}: it was run on another model")
+        for key in _SAME_CONFIG_IN_MERGE:
+            if res["config"].get(key) != first["config"].get(key):
+                raise InputError(f"cannot merge {d}: config {key} is {res['config'].get(key)!r} there but "
+                                 f"{first['config'].get(key)!r} in {dirs[0]}")
+        for name in res["config"].get("arms") or list(res["arms"]):
+            block = res["arms"][name]
+            if name in arms:
+                raise InputError(f"cannot merge {d}: arm {name!r} is also in another run")
+            arms[name] = block
+            mine = sorted((r for r in items if r["arm"] == name), key=lambda r: r["rank"])
+            ids = [r["item_id"] for r in mine]
+            if order is None:
+                order = ids
+            elif ids != order:
+                raise InputError(f"cannot merge {d}: arm {name!r} answered other items, or in another order")
+            records.extend(mine)
+    scores = {name: [r["metrics"] if not r.get("skipped") else None for r in records if r["arm"] == name]
+              for name in arms}
+    merged = dict(first)
+    merged["arms"] = arms
+    merged["config"] = {**first["config"], "arms": list(arms), "merged_from": [str(Path(d)) for d in dirs]}
+    metric_names = sorted({m for block in arms.values() for m in block["metrics"]})
+    merged["higher_is_better"] = dict.fromkeys(metric_names, True)
+    merged["comparisons"] = _compare(list(arms), scores, int(first["seed"]))
+    merged = to_jsonable(merged)
+    write_results(out, merged)
+    write_items(out, records)
+    return merged

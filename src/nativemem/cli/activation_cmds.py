@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 return
             try:
                 question = check_text(line, what="question")
-                ids = lm.chat_ids(question, system=DEFAULT_SYSTEM)
+                ids = lm.chat_ids(question, system=getattr(mem, "chat_system", None) or DEFAULT_SYSTEM)
                 gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem, user_id=user, query=question)
             except NativememError as e:  # one bad line does not end the session
                 console.print(f"[red]error:[/] {e}", highlight=False)

@@ -269,6 +269,19 @@ def report_cmd(dirs: Annotated[list[Path], typer.Argument(help="result folders w
     console.print(report(dirs, out=out), highlight=False, markup=False)
 
 
+@app.command("merge")
+@_handle_errors
+def merge_cmd(dirs: Annotated[list[Path], typer.Argument(help="run folders of one task and item set, each with "
+                                                             "other arms (e.g. run in parallel processes)")],
+              out: Annotated[Path, typer.Option(help="folder of the merged run")]) -> None:
+    """Merge runs of the same task and items into one run; paired comparisons are recomputed across all arms."""
+    from ..bench import merge_runs, report
+
+    merged = merge_runs(dirs, out)
+    console.print(f"merged {len(dirs)} runs: arms {', '.join(merged['arms'])} -> {out}", highlight=False)
+    console.print(report([out]), highlight=False, markup=False)
+
+
 from .activation_cmds import register as _register_activation_cmds  # noqa: E402
 from .memory_cmds import register as _register_memory_cmds  # noqa: E402
 from .server_cmds import register as _register_server_cmds  # noqa: E402

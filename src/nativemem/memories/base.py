@@ -114,20 +114,32 @@ class Injection:
     """What a memory adds to one generation call besides its hooks.
 
     ``past_key_values`` stands for ``prefix_ids`` placed before the prompt (a KV prefix). It is deep-copied
-    for each call, so a stored cache is never mutated by generation.
+    for each call, so a stored cache is never mutated by generation. With ``splice = n``, the prefix's first
+    ``n`` ids are the head every matching prompt starts with (a chat template's system turn and user-turn
+    opening): :meth:`generate_kwargs` drops them from a prompt that starts with them, so the rest of the
+    prefix sits inside the prompt, right after its head. A prompt with another head gets the whole prefix
+    before it.
     """
 
     prefix_ids: torch.LongTensor | None = None  # (1, P)
     past_key_values: Any = None
+    splice: int = 0
 
     @property
     def prefix_length(self) -> int:
         return 0 if self.prefix_ids is None else int(self.prefix_ids.shape[1])
 
+    def spliced(self, input_ids: torch.LongTensor) -> bool:
+        """Whether ``input_ids`` starts with the prefix's head (and so continues the prefix without it)."""
+        n = self.splice
+        return bool(n) and input_ids.shape[1] > n and torch.equal(
+            input_ids[0, :n].cpu(), self.prefix_ids[0, :n].cpu())
+
     def generate_kwargs(self, input_ids: torch.LongTensor) -> dict[str, Any]:
         if self.past_key_values is None:
             return {}
-        full = torch.cat([self.prefix_ids.to(input_ids.device), input_ids], dim=1)
+        rest = input_ids[:, self.splice:] if self.spliced(input_ids) else input_ids
+        full = torch.cat([self.prefix_ids.to(input_ids.device), rest], dim=1)
         return {"input_ids": full, "past_key_values": copy.deepcopy(self.past_key_values)}
 
     def forward_kwargs(self, input_ids: torch.LongTensor) -> dict[str, Any]:

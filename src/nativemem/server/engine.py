@@ -135,11 +135,14 @@ class Engine:
         for i, m in enumerate(messages):
             check_text(m["content"], what=f"message {i} content")
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        ids = self.lm.chat_ids(messages)
+        # without a system message, the one the memory's chunks were written under (so they sit in the user turn)
+        has_system = any(m["role"] == "system" for m in messages)
+        ids = self.lm.chat_ids(messages, system=None if has_system else self.memory.chat_system)
         chosen: list[str] = []
         # chunks that would push the prompt past the window are left out (the answer lists what was injected)
-        bos = 0 if self.lm.tokenizer.bos_token_id is None else 1
-        budget = self.lm.max_context - int(ids.shape[1]) - max_new_tokens - bos
+        frame, splice = self.memory.frame_ids()
+        spliced = splice if ids[0, :splice].tolist() == frame[:splice] else 0
+        budget = self.lm.max_context - int(ids.shape[1]) - max_new_tokens - len(frame) + spliced
         memory = (_Selected(self, user_id, top_k or self.memory.config.top_k, budget, chosen) if use_memory
                   else None)
 

@@ -5,9 +5,15 @@ payload forward pass (KV with pre-RoPE keys, token vectors, the KV-Embedding slo
 (pooled vector); blobs are written and fsynced, then the index points are upserted and flushed, then the
 chunk is acknowledged in the receipt.
 
+Frame (``config.frame``): every chunk is written after the same head. ``chat`` (default on chat models):
+the chat template's system turn (``frame_system``) and the opening of the user turn, so ``Context: <chunk>``
+sits inside the user message, where RAG prompts paste passages; ``raw``: after BOS alone.
+
 Read (:meth:`search`, :meth:`active`): the query is encoded the same way and searched with the configured
-variant, restricted to the caller's ``user_id``; the retrieved chunks' KV become a prefix cache (keys
-rotated for their new positions) and ``lm.generate`` prefills only the chat-formatted question after it.
+variant, restricted to the caller's ``user_id``; the frame's KV and the retrieved chunks' KV become a
+prefix cache (keys rotated for their new positions). A prompt that starts with the frame's head (same
+system prompt) continues right after the chunks without it (:attr:`Injection.splice`), so ``lm.generate``
+prefills only the question and the end of the user turn; another prompt gets the whole prefix before it.
 A chunk whose blob is missing or corrupted is skipped with a :class:`ChunkSkippedWarning`; the others are
 still served. Several chunks are encoded independently, so a later chunk never attended to an earlier one
 (unlike the same tokens given as text); with one chunk, injection equals the text prompt exactly.
@@ -64,7 +70,7 @@ class ActivationMemory(Memory):
         self.token_transform = Transform()
         self._store: Store | None = None
         self._tmpdir: str | None = None
-        self._bos_cache: dict[str, Any] | None = None
+        self._frame_cache: dict[str, Any] | None = None
         L = self.geometry.num_layers
         for name in ("retrieval_layer", "checkpoint_layer"):
             value = getattr(self.config, name)
@@ -106,12 +112,35 @@ class ActivationMemory(Memory):
         bos = self.lm.tokenizer.bos_token_id
         return [] if bos is None else [int(bos)]
 
+    @property
+    def chat_system(self) -> str | None:
+        """The system prompt chunks are written under (``frame="chat"`` on a chat model), else None."""
+        if self.config.frame != "chat" or not getattr(self.lm.tokenizer, "chat_template", None):
+            return None
+        from ...model import DEFAULT_SYSTEM
+
+        return self.config.frame_system if self.config.frame_system is not None else DEFAULT_SYSTEM
+
+    def frame_ids(self) -> tuple[list[int], int]:
+        """Ids every chunk is written after, and how many of them a matching prompt starts with (the splice).
+
+        ``frame="chat"``: the chat template's system turn (``frame_system``) and user-turn opening, all spliced;
+        ``frame="raw"`` (or a model without a chat template): BOS alone, nothing spliced.
+        """
+        if self._frame_cache is None:
+            system = self.chat_system
+            head = self.lm.chat_head_ids(system) if system is not None else None
+            ids = list(head) if head else self._bos()
+            self._frame_cache = {"ids": ids, "splice": len(ids) if head else 0,
+                                 "digest": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}
+        return list(self._frame_cache["ids"]), int(self._frame_cache["splice"])
+
     def _enc(self, text: str) -> list[int]:
         return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def chunk_layout(self, text: str) -> Layout:
-        """``[BOS] + chunk_prefix + " " + text + chunk_suffix`` (+ the compression prompt for pass 1/2)."""
-        head = self._bos() + self._enc(self.config.chunk_prefix)
+        """``frame + chunk_prefix + " " + text + chunk_suffix`` (+ the compression prompt for pass 1/2)."""
+        head = self.frame_ids()[0] + self._enc(self.config.chunk_prefix)
         content = self._enc(" " + text if self.config.chunk_prefix else text)
         ids = head + content + self._enc(self.config.chunk_suffix)
         return Layout(tuple(ids), (len(head), len(head) + len(content)), tuple(self._enc(self.config.compress_prompt)))
@@ -237,7 +266,7 @@ class ActivationMemory(Memory):
                 blob = self._blob_bytes(layout, enc) if self.config.payload != "none" else b""
                 sha = store.blobs.put(blob) if blob else ""  # durable before the index knows about it
                 mid = new_id()
-                n_tokens = len(layout.ids) - len(self._bos())
+                n_tokens = len(layout.ids) - len(self.frame_ids()[0])
                 pooled = self.pooled_transform.apply(enc.pooled) if enc.pooled is not None else None
                 tokens = self.token_transform.apply(enc.tokens)
                 points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
@@ -272,8 +301,8 @@ class ActivationMemory(Memory):
         return self.geometry.bytes_per_token(self.config.kv_dtype, self.config.payload, self.checkpoint_layer)
 
     def _blob_bytes(self, layout: Layout, enc: Encoded) -> bytes:
-        """Serialise one chunk's payload (BOS position dropped) deterministically."""
-        skip = len(self._bos())
+        """Serialise one chunk's payload (frame positions dropped) deterministically."""
+        skip = len(self.frame_ids()[0])
         kv = enc.captured.kv
         upto = self.geometry.num_layers if self.checkpoint_layer is None else self.checkpoint_layer
         tensors: dict[str, torch.Tensor] = {"input_ids": torch.tensor(layout.ids[skip:], dtype=torch.int64)}
@@ -291,24 +320,25 @@ class ActivationMemory(Memory):
         g = self.geometry
         meta = {"format": BLOB_FORMAT, "fingerprint": self.fingerprint.short, "payload": self.config.payload,
                 "kv_dtype": self.config.kv_dtype, "num_layers": str(g.num_layers), "num_kv_heads": str(g.num_kv_heads),
-                "head_dim": str(g.head_dim), "hidden_size": str(g.hidden_size), "bos": str(bool(skip)),
+                "head_dim": str(g.head_dim), "hidden_size": str(g.hidden_size), "bos": str(bool(self._bos())),
+                "frame": self._frame_cache["digest"],
                 "checkpoint_layer": str(self.checkpoint_layer)}
         return serialize(tensors, meta)
 
     # ------------------------------------------------------------------ payload read
-    def _bos_state(self) -> dict[str, Any]:
-        """KV (and checkpoint residual) of the BOS token alone: the same for every prefix."""
-        if self._bos_cache is None:
-            bos = self._bos()
-            state: dict[str, Any] = {"ids": bos, "kv": None, "residual": None}
-            if bos:
+    def _frame_state(self) -> dict[str, Any]:
+        """KV (and checkpoint residual) of the frame alone: the same for every prefix."""
+        if self._frame_cache is None or "kv" not in self._frame_cache:
+            ids, splice = self.frame_ids()
+            state: dict[str, Any] = {"kv": None, "residual": None}
+            if ids:
                 c = self.checkpoint_layer
-                cap = capture(self.lm.model, [bos], kv=True, input_layers=[c] if c is not None else [])[0]
+                cap = capture(self.lm.model, [ids], kv=True, input_layers=[c] if c is not None else [])[0]
                 state["kv"] = cap.kv
                 if c is not None:
                     state["residual"] = cap.hidden[-c - 1]
-            self._bos_cache = state
-        return self._bos_cache
+            self._frame_cache.update(state)
+        return self._frame_cache
 
     def load_chunk(self, payload: dict[str, Any]) -> tuple[list[int], ChunkKV]:
         """Token ids and pre-RoPE KV of one stored chunk (a copy: the blob is never modified).
@@ -326,6 +356,14 @@ class ActivationMemory(Memory):
         g = self.geometry
         if meta.get("format") != BLOB_FORMAT:
             raise BlobError(f"payload blob {sha} has format {meta.get('format')!r}, expected {BLOB_FORMAT!r}")
+        frame = self._frame_state()
+        if "frame" in meta:
+            same_frame = meta["frame"] == frame["digest"]
+        else:  # written before frames existed: after BOS alone
+            same_frame = frame["splice"] == 0 and frame["ids"] == self._bos()
+        if not same_frame:
+            raise BlobError(f"payload blob {sha} was written after another frame than this memory's (frame or "
+                            "frame_system changed since): its KV cannot be injected; re-add the text")
         for name, want in (("fingerprint", self.fingerprint.short), ("num_layers", str(g.num_layers)),
                            ("num_kv_heads", str(g.num_kv_heads)), ("head_dim", str(g.head_dim))):
             if meta.get(name) != want:
@@ -343,10 +381,9 @@ class ActivationMemory(Memory):
                 out.append(x)
         if c is not None:
             resid = tensors["residual"]
-            bos = self._bos_state()
-            if bos["residual"] is not None:
-                resid = torch.cat([bos["residual"].to(resid.dtype), resid], dim=0)
-            skip = len(bos["ids"])
+            if frame["residual"] is not None:
+                resid = torch.cat([frame["residual"].to(resid.dtype), resid], dim=0)
+            skip = len(frame["ids"])
             for k, v in recompute_kv(self.lm.model, resid, c):
                 keys.append(k[:, skip:])
                 values.append(v[:, skip:])
@@ -354,9 +391,9 @@ class ActivationMemory(Memory):
 
     def _injection(self, payloads: Sequence[dict[str, Any]]) -> tuple[Injection, list[str]]:
         """Injection for the given chunks (in order); unreadable chunks are skipped with a warning."""
-        bos = self._bos_state()
-        ids: list[int] = list(bos["ids"])
-        segments: list[ChunkKV] = [bos["kv"]] if bos["kv"] is not None else []
+        frame = self._frame_state()
+        ids: list[int] = list(frame["ids"])
+        segments: list[ChunkKV] = [frame["kv"]] if frame["kv"] is not None else []
         used = []
         for p in payloads:
             try:
@@ -371,7 +408,7 @@ class ActivationMemory(Memory):
             return Injection(), []
         cache = build_cache(self.lm.model, segments)
         prefix = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
-        return Injection(prefix_ids=prefix, past_key_values=cache), used
+        return Injection(prefix_ids=prefix, past_key_values=cache, splice=frame["splice"]), used
 
     # ------------------------------------------------------------------ search
     def encode_query(self, query: str, *, variant: str) -> dict[str, Any]:
@@ -414,20 +451,35 @@ class ActivationMemory(Memory):
         vectors = self.encode_query(query, variant=variant)
         rows = self.store.index.query(variant, user_id=_check_user(user_id), limit=k,
                                       candidates=max(self.config.candidates, k), rrf_k=self.config.rrf_k,
+                                      bm25_weight=self.config.bm25_weight,
                                       memory_ids=memory_ids, **vectors)
         return [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
 
     def prefix_for(self, query: str | None, *, user_id: str | None = None) -> tuple[list[int], list[dict]]:
         """The chunks ``active()`` would inject for ``query`` (payloads, in prefix order) and the prefix token ids
-        they stand for; used by the ``text_same_order`` benchmark arm."""
+        they stand for (the frame first)."""
         payloads = self._select(query, user_id)
-        ids = list(self._bos())
+        ids = self.frame_ids()[0]
         for p in payloads:
             try:
                 ids += self.load_chunk(p)[0]
             except BlobError:
                 continue
         return ids, payloads
+
+    def as_text(self, prompt_ids: torch.LongTensor, memory_ids: Sequence[str]) -> torch.LongTensor:
+        """The token sequence that injecting ``memory_ids`` (in this order) before ``prompt_ids`` stands for: the
+        frame, the chunks, then the prompt (without its head when it starts with the frame's spliced head)."""
+        frame, splice = self.frame_ids()
+        ids = list(frame)
+        rows = dict(self.store.index.get(list(memory_ids)))
+        for mid in memory_ids:
+            if mid in rows:
+                ids += self.load_chunk(rows[mid])[0]
+        prompt = prompt_ids[0].tolist()
+        if splice and prompt[:splice] == frame[:splice] and len(prompt) > splice:
+            prompt = prompt[splice:]
+        return torch.tensor([ids + prompt], dtype=torch.long, device=prompt_ids.device)
 
     def _select(self, query: str | None, user_id: str | None) -> list[dict]:
         """Payloads to inject, in prefix order: the top_k search hits for ``query`` that fit the token budget.

@@ -102,8 +102,12 @@ class Index(ABC):
 
     @abstractmethod
     def query(self, variant: str, *, pooled=None, tokens=None, sparse=None, user_id: str, limit: int,
-              candidates: int, rrf_k: int, memory_ids: Sequence[str] | None = None) -> list[tuple[str, float, dict]]:
-        """Top ``limit`` points of ``user_id`` for one retrieval variant: ``[(id, score, payload)]``."""
+              candidates: int, rrf_k: int, bm25_weight: float = 1.0,
+              memory_ids: Sequence[str] | None = None) -> list[tuple[str, float, dict]]:
+        """Top ``limit`` points of ``user_id`` for one retrieval variant: ``[(id, score, payload)]``.
+
+        Hybrid variants fuse the dense and the BM25 rankings by reciprocal-rank fusion, the BM25 ranks
+        weighted by ``bm25_weight`` (the dense ones by 1)."""
 
     @abstractmethod
     def scroll(self, *, user_id: str | None = None, field_name: str | None = None, values: Sequence[str] = (),
@@ -205,7 +209,7 @@ class EdgeIndex(Index):
         return q.Filter(must=must) if must else None
 
     def query(self, variant, *, pooled=None, tokens=None, sparse=None, user_id, limit, candidates, rrf_k,
-              memory_ids=None):
+              bm25_weight=1.0, memory_ids=None):
         q = self.q
         flt = self._filter(user_id, memory_ids)
         nearest = {"pooled": lambda: q.Query.Nearest(pooled, using="pooled"),
@@ -215,7 +219,7 @@ class EdgeIndex(Index):
             req = q.QueryRequest(limit=limit, query=nearest[variant](), filter=flt, with_payload=True)
         else:
             dense = "pooled" if variant == "hybrid" else "tokens"
-            req = q.QueryRequest(limit=limit, query=q.Fusion.Rrf(k=rrf_k), with_payload=True, prefetches=[
+            req = q.QueryRequest(limit=limit, query=q.Fusion.Rrf(k=rrf_k, weights=[1.0, bm25_weight]), with_payload=True, prefetches=[
                 q.Prefetch(limit=candidates, query=nearest[dense](), filter=flt),
                 q.Prefetch(limit=candidates, query=nearest["bm25"](), filter=flt)])
         return [(str(p.id), float(p.score), dict(p.payload or {})) for p in self.shard.query(req)]
@@ -313,7 +317,7 @@ class ClientIndex(Index):
         return m.Filter(must=must) if must else None
 
     def query(self, variant, *, pooled=None, tokens=None, sparse=None, user_id, limit, candidates, rrf_k,
-              memory_ids=None):
+              bm25_weight=1.0, memory_ids=None):
         m = self.m
         flt = self._filter(user_id, memory_ids)
         vec = {"pooled": lambda: pooled, "tokens": lambda: tokens,
@@ -324,7 +328,7 @@ class ClientIndex(Index):
         else:
             dense = "pooled" if variant == "hybrid" else "tokens"
             res = self.client.query_points(
-                self.collection, limit=limit, with_payload=True, query=m.RrfQuery(rrf=m.Rrf(k=rrf_k)),
+                self.collection, limit=limit, with_payload=True, query=m.RrfQuery(rrf=m.Rrf(k=rrf_k, weights=[1.0, bm25_weight])),
                 prefetch=[m.Prefetch(query=vec[dense](), using=dense, limit=candidates, filter=flt),
                           m.Prefetch(query=vec["bm25"](), using="bm25", limit=candidates, filter=flt)])
         return [(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]

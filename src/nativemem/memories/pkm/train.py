@@ -74,12 +74,7 @@ class Item:
 
 def chat_prefix(lm, system: str | None) -> list[int]:
     """Token ids every chat prompt starts with (system prompt and user header)."""
-    a = lm.chat_ids("Alpha question?", system=system)[0].tolist()
-    b = lm.chat_ids("Zulu words!", system=system)[0].tolist()
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
+    return lm.chat_head_ids(system)
 
 
 def encode_fact(lm, fact: Fact, *, system: str | None, prefix: Sequence[int], train_prefix: bool) -> Item:
