@@ -47,6 +47,7 @@ from .store import (DEFAULT_USER, BlobError, IndexPoint, Store, bm25_document, b
 __all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
 
 BLOB_FORMAT = "nativemem-activation-blob/1"
+TIE_MARGIN = 8  # extra rows fetched per search to order tied scores deterministically
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -449,10 +450,12 @@ class ActivationMemory(Memory):
 
         query = check_text(query, what="query")
         vectors = self.encode_query(query, variant=variant)
-        rows = self.store.index.query(variant, user_id=_check_user(user_id), limit=k,
+        # a few extra rows so that equal scores (frequent with rank fusion) are broken by id, not by chance
+        rows = self.store.index.query(variant, user_id=_check_user(user_id), limit=k + TIE_MARGIN,
                                       candidates=max(self.config.candidates, k), rrf_k=self.config.rrf_k,
                                       bm25_weight=self.config.bm25_weight,
                                       memory_ids=memory_ids, **vectors)
+        rows = sorted(rows, key=lambda r: (-round(r[1], 9), r[0]))[:k]
         return [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
 
     def prefix_for(self, query: str | None, *, user_id: str | None = None) -> tuple[list[int], list[dict]]:
