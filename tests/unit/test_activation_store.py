@@ -256,10 +256,12 @@ def test_a_missing_index_folder_is_a_clear_error(lm, fast_dir):
 
 
 def test_default_memory_writes_in_one_pass_and_refuses_pooled_search(lm, fast_dir):
-    """Without pooled vectors (the default for token variants) a write is one forward pass per batch."""
+    """Without pooled vectors (the default for token variants) a write is one forward pass per batch (the
+    frame's KV is computed once per memory, by its first write)."""
     from nativemem.errors import InputError
 
     mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add("A first write.", user_id="w")
     calls = []
     handle = lm.model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
     try:

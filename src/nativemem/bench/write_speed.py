@@ -1,7 +1,8 @@
 """Write throughput of the activation memory against the model's plain forward pass on the same chunks.
 
 ``run_write`` takes ``limit`` SQuAD paragraphs (seeded sample; any SQuAD-format file with ``data``), lays each
-out as the memory stores it (BOS, chunk template, text), and times
+out as the memory stores it (chunk template and text, after BOS; the memory's chat frame is left out:
+it is the memory's own overhead), and times
 
 - ``forward``: the model's plain batched forward over exactly those token sequences, batched as the memory
   batches them (sorted by length, ``batch_size`` per pass, right padding without a mask), no cache, logits
@@ -78,7 +79,9 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         from ..text import chunk_text
 
         pieces = [c for t in texts for c in chunk_text(t, config.chunk_tokens, lm.count_tokens)]
-        sequences = [list(memory.chunk_layout(c).ids) for c in pieces]
+        # the text as a plain forward reads it: BOS and the chunk (the memory's frame is not the text's cost)
+        frame, bos = len(memory.frame_ids()[0]), memory._bos()
+        sequences = [bos + list(memory.chunk_layout(c).ids)[frame:] for c in pieces]
         pad = memory._pad_id()
         log(f"{len(texts)} paragraphs, {sum(map(len, sequences))} tokens, batch {config.batch_size}")
         _forward_seconds(lm.model, sequences[: config.batch_size], config.batch_size, pad)  # warm-up

@@ -27,7 +27,7 @@ from torch import nn
 
 from ...errors import InputError
 from ...hooks import resolve_site
-from .kv import _layer_types, _text_model, capture, kv_geometry, rotate_keys
+from .kv import ChunkKV, _layer_types, _text_model, capture, kv_geometry, rotate_keys
 
 __all__ = ["Layout", "Encoded", "Transform", "reroute_pass", "pool", "fit_transform", "twonn",
            "choose_reroute_layers"]
@@ -59,6 +59,7 @@ class Encoded:
     tokens: torch.Tensor  # (n_content, D) retrieval-layer output at content positions, float32
     pooled: torch.Tensor | None  # (D,), float32
     captured: object = None  # kv.Captured of the payload positions (None for queries)
+    start: int = 0  # leading ids of the layout that were not run in this pass (a cached frame)
 
 
 # ---------------------------------------------------------------------------- pass 2 (re-routing)
@@ -165,7 +166,7 @@ def pool(hidden: torch.Tensor, content: tuple[int, int]) -> torch.Tensor:
 
 def encode(model: nn.Module, layouts: Sequence[Layout], *, layer: int, reroute: Sequence[int], bias: float,
            pooled: bool = True, payload: bool = False, checkpoint_layer: int | None = None,
-           pad_id: int = 0) -> list[Encoded]:
+           pad_id: int = 0, frame: ChunkKV | None = None) -> list[Encoded]:
     """Pass 1 (payload KV + token vectors + slot KV) and, when ``pooled``, pass 2 (KV-Embedding vector).
 
     Args:
@@ -173,11 +174,15 @@ def encode(model: nn.Module, layouts: Sequence[Layout], *, layer: int, reroute: 
         layer: retrieval layer.
         reroute: re-routed layers of pass 2.
         payload: return the pass-1 capture of the payload positions (KV, and the checkpoint residual).
+        frame: pre-RoPE KV of the first ``frame.length`` ids, which every layout starts with; pass 1 then
+            runs only the rest (the pooled pass 2 still runs whole sequences).
     """
     # the compression prompt only serves the pooled vector; causal attention keeps the rest independent of it
-    seqs = [lay.pass_ids if pooled else list(lay.ids) for lay in layouts]
+    skip = frame.length if frame is not None and not pooled else 0
+    seqs = [lay.pass_ids if pooled else list(lay.ids)[skip:] for lay in layouts]
     inputs = [checkpoint_layer] if (payload and checkpoint_layer is not None) else []
-    caps = capture(model, seqs, kv=payload or pooled, hidden_layers=[layer], input_layers=inputs, pad_id=pad_id)
+    caps = capture(model, seqs, kv=payload or pooled, hidden_layers=[layer], input_layers=inputs, pad_id=pad_id,
+                   past=frame if skip else None)
     hiddens = [None] * len(seqs)
     if pooled:
         slots = [{l: (cap.kv.keys[l][:, -1], cap.kv.values[l][:, -1]) for l in reroute} for cap in caps]
@@ -185,14 +190,14 @@ def encode(model: nn.Module, layouts: Sequence[Layout], *, layer: int, reroute: 
     out = []
     for lay, cap, hid in zip(layouts, caps, hiddens):
         start, end = lay.content
-        tokens = cap.hidden[layer][start:end].float()
+        tokens = cap.hidden[layer][start - skip:end - skip].float()
         vec = pool(hid[layer], lay.content) if hid is not None else None
         if payload:
-            n = len(lay.ids)
+            n = len(lay.ids) - skip
             cap.kv.keys = [k[:, :n] for k in cap.kv.keys]
             cap.kv.values = [v[:, :n] for v in cap.kv.values]
             cap.hidden = {l: h[:n] for l, h in cap.hidden.items() if l < 0}
-        out.append(Encoded(tokens, vec, cap if payload else None))
+        out.append(Encoded(tokens, vec, cap if payload else None, skip))
     return out
 
 

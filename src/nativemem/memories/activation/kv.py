@@ -143,12 +143,14 @@ def _to_bhtd(x: torch.Tensor, layout: str, geo: KVGeometry) -> torch.Tensor:
 
 def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = True,
             hidden_layers: Sequence[int] = (), input_layers: Sequence[int] = (),
-            pad_id: int = 0) -> list[Captured]:
+            pad_id: int = 0, past: ChunkKV | None = None) -> list[Captured]:
     """One forward pass over a right-padded batch, returning pre-RoPE KV and residual streams per sequence.
 
     Args:
         model: a causal LM (or its decoder).
-        sequences: token id lists (each is run from position 0).
+        sequences: token id lists (each is run from position 0, or right after ``past``).
+        past: pre-RoPE KV of a prefix every sequence continues (computed once, e.g. a memory's frame);
+            only the sequences' own positions are run and captured.
         kv: capture every layer's pre-RoPE keys and values.
         hidden_layers: layers whose *output* residual stream is returned (``Captured.hidden[l]``).
         input_layers: layers whose *input* residual stream is returned (``Captured.hidden[-l-1]``).
@@ -181,8 +183,24 @@ def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = 
         specs.append(("residual_pre", layer, _store_pre(hidden, -(layer % geo.num_layers) - 1)))
     # padding is on the right and the model is causal, so no attention mask is needed for real tokens;
     # passing none keeps the batched pass numerically identical to the same sequences run alone
+    kwargs: dict = {"use_cache": False}
+    if past is not None and past.length:
+        from transformers import DynamicCache
+
+        start, B = past.length, len(sequences)
+        dtype = next(model.parameters()).dtype
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            for layer in range(geo.num_layers):
+                k = past.keys[layer].to(device=device, dtype=dtype).unsqueeze(0)
+                pos = torch.arange(start, device=device).unsqueeze(0)
+                k = rotate_keys(model, k, pos, layer).expand(B, -1, -1, -1).contiguous()
+                v = past.values[layer].to(device=device, dtype=dtype).unsqueeze(0).expand(B, -1, -1, -1).contiguous()
+                cache.update(k, v, layer)
+        positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(len(sequences), -1)
+        kwargs = {"use_cache": True, "past_key_values": cache, "position_ids": positions}
     with torch.inference_mode(), hooks(model, specs):
-        _text_model(model)(input_ids=ids, use_cache=False)
+        _text_model(model)(input_ids=ids, **kwargs)
     out = []
     for i, n in enumerate(lengths):
         chunk = None

@@ -195,10 +195,13 @@ class ActivationMemory(Memory):
             self._tmpdir = None
 
     # ------------------------------------------------------------------ encoding
-    def _encode(self, layouts: Sequence[Layout], *, pooled: bool, payload: bool) -> list[Encoded]:
+    def _encode(self, layouts: Sequence[Layout], *, pooled: bool, payload: bool, framed: bool = False) -> list[Encoded]:
+        """``framed``: the layouts are chunks (they start with the frame, whose KV is computed once and reused)."""
+        # the pooled pass runs whole sequences (the re-routed slot must see the frame too), so no cache then
+        frame = self._frame_state()["kv"] if framed and not pooled and len(self.frame_ids()[0]) > 1 else None
         return encode(self.lm.model, layouts, layer=self.retrieval_layer, reroute=self.reroute_layers,
                       bias=self.config.reroute_bias, pooled=pooled, payload=payload,
-                      checkpoint_layer=self.checkpoint_layer, pad_id=self._pad_id())
+                      checkpoint_layer=self.checkpoint_layer, pad_id=self._pad_id(), frame=frame)
 
     def _pad_id(self) -> int:
         tok = self.lm.tokenizer
@@ -261,7 +264,7 @@ class ActivationMemory(Memory):
             picked = order[b: b + self.config.batch_size]
             batch = [pending[n] for n in picked]
             encoded = self._encode([p[3] for p in batch], pooled=self.indexes_pooled,
-                                   payload=self.config.payload != "none")
+                                   payload=self.config.payload != "none", framed=True)
             points, infos = [], []
             for (source, j, chunk, layout), enc in zip(batch, encoded):
                 blob = self._blob_bytes(layout, enc) if self.config.payload != "none" else b""
@@ -303,10 +306,11 @@ class ActivationMemory(Memory):
 
     def _blob_bytes(self, layout: Layout, enc: Encoded) -> bytes:
         """Serialise one chunk's payload (frame positions dropped) deterministically."""
-        skip = len(self.frame_ids()[0])
+        skip = len(self.frame_ids()[0]) - enc.start  # positions of the frame that this pass captured
         kv = enc.captured.kv
         upto = self.geometry.num_layers if self.checkpoint_layer is None else self.checkpoint_layer
-        tensors: dict[str, torch.Tensor] = {"input_ids": torch.tensor(layout.ids[skip:], dtype=torch.int64)}
+        tensors: dict[str, torch.Tensor] = {"input_ids": torch.tensor(layout.ids[skip + enc.start:],
+                                                                       dtype=torch.int64)}
         for l in range(upto):
             for name, x in (("k", kv.keys[l][:, skip:]), ("v", kv.values[l][:, skip:])):
                 if self.config.kv_dtype == "int8":
