@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
         from ..bench.tasks.needle import NeedleTask, needle_heatmap
 
         arm_names = _split_list(arms)
-        options = {"lengths": _split_list(lengths), "depths": _split_list(depths), "seed": seed}
+        options = {"lengths": _split_list(lengths), "depths": _split_list(depths), "needle_seed": seed}
         NeedleTask(data=data, **options).data  # validate before loading the model
         lm = _load(model, dtype, device)
         run_benchmark("needle", lm, arms=arm_names, limit=None, out=out, seed=seed, data=data, k=k,

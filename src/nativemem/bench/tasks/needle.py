@@ -48,7 +48,7 @@ class NeedleTask(Task):
         depths: needle depths in [0, 1] (0 = start, 1 = end).
         chunk_chars: maximum characters of a filler chunk.
         chars_per_token: characters per nominal token.
-        seed: seed of the needles (city and code per cell).
+        needle_seed: seed of the needles (city and code per cell).
     """
 
     version = "1"
@@ -57,7 +57,7 @@ class NeedleTask(Task):
 
     def __init__(self, data=None, *, lengths: Sequence[int] = DEFAULT_LENGTHS,
                  depths: Sequence[float] = DEFAULT_DEPTHS, chunk_chars: int = 1000, chars_per_token: float = 4.0,
-                 seed: int = 0) -> None:
+                 needle_seed: int = 0) -> None:
         super().__init__(data)
         self.lengths = tuple(int(x) for x in _as_list(lengths))
         self.depths = tuple(float(x) for x in _as_list(depths))
@@ -69,11 +69,11 @@ class NeedleTask(Task):
             raise InputError("chunk_chars must be >= 100 and chars_per_token > 0")
         self.chunk_chars = int(chunk_chars)
         self.chars_per_token = float(chars_per_token)
-        self.seed = int(seed)
+        self.seed = int(needle_seed)
 
     def options(self) -> dict[str, Any]:
         return {"lengths": list(self.lengths), "depths": list(self.depths), "chunk_chars": self.chunk_chars,
-                "chars_per_token": self.chars_per_token, "seed": self.seed}
+                "chars_per_token": self.chars_per_token, "needle_seed": self.seed}
 
     def load(self, path: Path) -> TaskData:
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
