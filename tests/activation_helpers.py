@@ -43,3 +43,17 @@ def fast_dir(tmp_path):
 
         gc.collect()  # close stores of memories the test left behind before their folder goes
         shutil.rmtree(d, ignore_errors=True)
+
+
+def assert_spliced_injection_equals_text(lm, pinned, prompt, text, tol: float) -> None:
+    """Injecting ``pinned`` before ``prompt`` gives the token sequence ``text`` and, for the prompt part, the
+    logits that ``text`` given whole gives."""
+    import torch
+
+    with pinned.active(lm=lm) as inj:
+        kwargs = inj.generate_kwargs(prompt)
+    assert torch.equal(kwargs["input_ids"], text)
+    n = inj.prefix_length
+    with torch.inference_mode():
+        got = lm.model(input_ids=text[:, n:], past_key_values=kwargs["past_key_values"]).logits
+    torch.testing.assert_close(got, lm.logits(text)[:, n:], rtol=tol, atol=tol)

@@ -1,8 +1,7 @@
 """Activation memory on the real default model (SmolLM2-135M-Instruct). Marked slow."""
 
 import pytest
-import torch
-from activation_helpers import fast_dir  # noqa: F401
+from activation_helpers import assert_spliced_injection_equals_text, fast_dir  # noqa: F401
 
 import nativemem as nm
 from nativemem.bench.prompts import SYSTEM_PROMPT, build_messages
@@ -22,13 +21,7 @@ def test_one_chunk_injection_equals_text_and_uses_the_memory(real_lm, fast_dir):
     prompt = real_lm.chat_ids(build_messages(QUESTION))
     text = mem.as_text(prompt, ids[:1])
     pinned = mem.injecting(ids[:1])
-    with pinned.active(lm=real_lm) as inj:
-        kwargs = inj.generate_kwargs(prompt)
-    assert torch.equal(kwargs["input_ids"], text)
-    n = inj.prefix_length
-    with torch.inference_mode():
-        got = real_lm.model(input_ids=text[:, n:], past_key_values=kwargs["past_key_values"]).logits
-    torch.testing.assert_close(got, real_lm.logits(text)[:, n:], rtol=1e-4, atol=1e-4)
+    assert_spliced_injection_equals_text(real_lm, pinned, prompt, text, tol=1e-4)
     g = real_lm.generate(prompt, max_new_tokens=20, memory=pinned)
     assert g.token_ids == real_lm.generate(text, max_new_tokens=20).token_ids
     assert "Quell" in g.text and g.prompt_tokens + g.prefix_tokens == text.shape[1]

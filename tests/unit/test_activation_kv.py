@@ -7,7 +7,7 @@ QK-norm and sliding-window layers, with prompts longer than its window).
 
 import pytest
 import torch
-from activation_helpers import fast_dir  # noqa: F401
+from activation_helpers import assert_spliced_injection_equals_text, fast_dir  # noqa: F401
 from testing import ARCHS, tiny_lm
 
 import nativemem as nm
@@ -80,12 +80,7 @@ def test_chat_frame_puts_the_chunk_inside_the_user_turn_exactly_as_text(arch, fa
     assert text[0].tolist() == frame + chunk_ids + prompt[0, splice:].tolist()
     with mem.injecting(ids).active(lm=lm) as inj:
         assert inj.spliced(prompt)
-        kwargs = inj.generate_kwargs(prompt)
-    assert torch.equal(kwargs["input_ids"], text)
-    n = inj.prefix_length
-    with torch.inference_mode():
-        got = lm.model(input_ids=text[:, n:], past_key_values=kwargs["past_key_values"]).logits
-    torch.testing.assert_close(got, lm.logits(text)[:, n:], rtol=1e-5, atol=1e-5)
+    assert_spliced_injection_equals_text(lm, mem.injecting(ids), prompt, text, tol=1e-5)
     g_mem = lm.generate(prompt, max_new_tokens=8, memory=mem.injecting(ids))
     assert g_mem.token_ids == lm.generate(text, max_new_tokens=8).token_ids
     assert g_mem.prompt_tokens == prompt.shape[1] - splice  # only the question part is prefilled
