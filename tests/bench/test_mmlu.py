@@ -67,12 +67,15 @@ def test_run_mmlu_before_and_after_a_book(tmp_path, book):
 
 def test_states_saved_by_pg19_are_reused(tmp_path, book):
     lm = tiny_lm()
-    run_pg19(lm, out=tmp_path / "pg", data=book, arms=["side_ffn", "lora"], window=32, context=32, width=2,
+    pg = run_pg19(lm, out=tmp_path / "pg", data=book, arms=["side_ffn", "lora"], window=32, context=32, width=2,
              lora_rank=2, progress=False, save_dir=str(tmp_path / "states"))
     res = run_mmlu(lm, out=tmp_path / "mm", data=DATA, per_subject=1, arms=["none", "side_ffn", "lora"],
                    side_ffn_memory=tmp_path / "states" / "side_ffn-book", lora_state=tmp_path / "states" / "lora-book",
                    progress=False)
     assert res["arms"]["side_ffn"]["memory"]["source"].endswith("side_ffn-book")
+    # the saved memory knows what it was trained on (the steps and tokens pg19 reported)
+    assert res["arms"]["side_ffn"]["memory"]["steps"] == pg["arms"]["side_ffn"]["cost"]["steps"] > 0
+    assert res["arms"]["side_ffn"]["memory"]["book_tokens"] == pg["books"][0]["tokens"]
     assert res["arms"]["lora"]["memory"]["extra_params"] > 0
     with pytest.raises(FingerprintMismatchError):
         run_mmlu(tiny_lm(seed=3), out=tmp_path / "x", data=DATA, per_subject=1, arms=["lora"],

@@ -288,7 +288,8 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
         elif arm == "side_ffn":
             if side_ffn_memory is not None:
                 mem = open_memory(side_ffn_memory, lm)
-                block["source"] = str(side_ffn_memory)
+                st = mem.stats()
+                block.update(source=str(side_ffn_memory), book_tokens=st["tokens_trained"], steps=st["steps"])
             else:
                 ids = ids or _book_ids(lm, book, book_max_tokens)
                 mem = SideFFNMemory(lm, SideFFNConfig(width=width, lr=lr, window=window, context=context,
@@ -296,6 +297,7 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
                 mem.memorize(ids[: window + 1])
                 res = stream(lm.model, ids, mem, StreamOptions(window=window, context=context, steps=steps, lr=lr),
                              max_context=lm.max_context)
+                mem.record(res, metadata={"source": str(book)})
                 block.update(source=str(book), book_tokens=res.tokens, book_ppl=res.ppl, steps=res.steps,
                              stopped=res.stopped, train_cpu_s=time.process_time() - cpu0)
             block["extra_params"] = mem.num_parameters

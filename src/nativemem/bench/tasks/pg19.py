@@ -168,6 +168,7 @@ def _stream_arm(arm: str, lm, ids, opts: PG19Options, seed: int, progress, save:
         mem.memorize(ids[: opts.window + 1])  # the first window (values zero: it is still scored unchanged)
         result = stream(lm.model, ids, mem, StreamOptions(lr=opts.lr, **common), max_context=lm.max_context,
                         progress=progress)
+        mem.record(result, metadata={"source": "pg19"})
         if save is not None:
             mem.save(save)
         return result, mem.num_parameters

@@ -269,6 +269,21 @@ class SideFFNMemory(Memory):
         return stream(self.lm.model, ids, self, opts, max_context=self.lm.max_context).token_nll
 
     # ------------------------------------------------------------------ the contract
+    def record(self, result, *, first_neuron: int = 0, user_id: str | None = None,
+               metadata: dict[str, Any] | None = None) -> str:
+        """Log a training run (a :func:`stream` result over this memory) as an item; returns its id.
+
+        ``add`` calls it; so should code that streams a text into the memory itself (e.g. the pg19 bench),
+        so that the saved memory's ``stats()`` count the tokens and steps it was trained on. The item owns
+        the neurons from ``first_neuron`` on (what ``delete`` removes).
+        """
+        item_id = f"{self.kind}-{self._next_id}"
+        self._next_id += 1
+        self.records.append({"id": item_id, "user_id": user_id, "metadata": metadata or {},
+                             "tokens": result.tokens, "steps": result.steps,
+                             "neurons": [first_neuron, self.num_neurons], "ppl_before_training": result.ppl})
+        return item_id
+
     def add(self, texts: str | Sequence[str], *, user_id: str | None = None,
             metadata: dict[str, Any] | None = None, progress=None, **options) -> Receipt:
         """Memorize (first add, or every add with ``grow``) and train on each text; see the module docstring.
@@ -289,11 +304,7 @@ class SideFFNMemory(Memory):
                 self.memorize(ids)
             opts = stream_options(self.config, n_targets=ids.numel() - 1, max_context=self.lm.max_context, **options)
             result = stream(self.lm.model, ids, self, opts, max_context=self.lm.max_context, progress=progress)
-            item_id = f"{self.kind}-{self._next_id}"
-            self._next_id += 1
-            self.records.append({"id": item_id, "user_id": user_id, "metadata": metadata or {},
-                                 "tokens": result.tokens, "steps": result.steps, "neurons": [first, self.num_neurons],
-                                 "ppl_before_training": result.ppl})
+            item_id = self.record(result, first_neuron=first, user_id=user_id, metadata=metadata)
             receipt.ids.append(item_id)
             receipt.tokens += result.tokens
             receipt.steps += result.steps
