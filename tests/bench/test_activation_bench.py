@@ -153,7 +153,7 @@ def test_scifact_rankers_on_a_tiny_corpus(beir, tmp_path, tiny_model):
 
 
 def test_kept_benchmark_memory_is_reused_for_the_same_pool(squad_file, tiny_model, tmp_path, monkeypatch):
-    """$NATIVEMEM_BENCH_MEMORY: the pool is written once; a later run opens it (same chunks, no blob
+    """$NATIVEMEM_BENCH_MEMORY: the pool is written once; a later run opens it (same chunks, no payload
     written); a kept folder that lacks part of the pool is refused."""
     from nativemem.bench.arms_activation import _SHARED, shared_memory
 
@@ -164,13 +164,14 @@ def test_kept_benchmark_memory_is_reused_for_the_same_pool(squad_file, tiny_mode
     first = shared_memory(tiny_model, pool, task, 2)
     folder, by_source = first.folder, first.by_source
     assert folder.parent == tmp_path / "kept" and set(by_source) == {c.id for c in pool}
-    blobs = sorted(p.name for p in folder.rglob("*.safetensors"))
+    stored = sorted((p.name, p.stat().st_size) for p in folder.rglob("*.kv"))
+    assert stored
     first.memory.close()
     _SHARED.clear()
     del first
     again = shared_memory(tiny_model, pool, task, 2)
     assert again.folder == folder and again.by_source == by_source
-    assert sorted(p.name for p in folder.rglob("*.safetensors")) == blobs
+    assert sorted((p.name, p.stat().st_size) for p in folder.rglob("*.kv")) == stored
     again.memory.delete(next(iter(by_source)))
     again.memory.close()
     _SHARED.clear()

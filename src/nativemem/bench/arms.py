@@ -88,14 +88,17 @@ class Arm:
         k: Passages retrieved per question (retrieval arms).
         max_new_tokens: Generation cap.
         progress: Show progress bars while preparing.
+        memory_options: Overrides of the memory config for arms that build a memory (e.g. ``kv_dtype``).
     """
 
     name: ClassVar[str] = ""
     uses_retrieval: ClassVar[bool] = False
     """Whether the arm retrieves from the pool (then ``hit@k``/``ndcg@k`` are scored)."""
 
-    def __init__(self, *, k: int = 3, max_new_tokens: int = 32, progress: bool = False) -> None:
+    def __init__(self, *, k: int = 3, max_new_tokens: int = 32, progress: bool = False,
+                 memory_options: dict[str, Any] | None = None) -> None:
         self.k = k
+        self.memory_options = dict(memory_options or {})
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.lm: Any = None

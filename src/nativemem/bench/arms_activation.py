@@ -74,15 +74,19 @@ class _Shared:
     pool, model and memory config) and a later run with the same pool opens it instead of writing it again.
     """
 
-    def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool, pooled: bool = False):
+    def __init__(self, lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool, pooled: bool = False,
+                 options: dict[str, Any] | None = None):
         import nativemem as nm
 
         self.pooled = pooled
-        config = {"top_k": k, "index_pooled": pooled, **BENCH_MEMORY_CONFIG}
+        options = dict(options or {})
+        config = {"top_k": k, "index_pooled": pooled, **BENCH_MEMORY_CONFIG, **options}
         keep = os.environ.get(KEEP_ENV)
         if keep:
             digest = hashlib.sha256(json.dumps([[c.id, c.text] for c in pool]).encode())
             digest.update(json.dumps([lm.fingerprint.short, task.name, pooled, BENCH_MEMORY_CONFIG]).encode())
+            if options:  # (memories kept before options existed keep their folder names)
+                digest.update(json.dumps(options, sort_keys=True).encode())
             self.folder = Path(keep) / f"{task.name}-{len(pool)}-{digest.hexdigest()[:12]}"
             if (self.folder / "memory" / "memory_config.json").is_file():
                 self.memory = nm.open_memory(self.folder / "memory", lm)
@@ -136,16 +140,16 @@ _SHARED: dict[tuple, _Shared] = {}
 
 
 def shared_memory(lm, pool: Sequence[Chunk], task: Task, k: int, progress: bool = False,
-                  pooled: bool = False) -> _Shared:
+                  pooled: bool = False, options: dict[str, Any] | None = None) -> _Shared:
     """The run's shared benchmark memory (the last one built is kept; older ones are dropped).
 
     ``pooled``: the arm retrieves by pooled vectors; a memory written without them is rebuilt with them
     (list pooled arms first to write the pool once).
     """
-    key = (id(lm), tuple(c.id for c in pool), task.name, k)
+    key = (id(lm), tuple(c.id for c in pool), task.name, k, json.dumps(options or {}, sort_keys=True))
     if key not in _SHARED or (pooled and not _SHARED[key].pooled):
         _SHARED.clear()
-        _SHARED[key] = _Shared(lm, pool, task, k, progress, pooled)
+        _SHARED[key] = _Shared(lm, pool, task, k, progress, pooled, options)
     return _SHARED[key]
 
 
@@ -157,7 +161,7 @@ class _MemoryArm(Arm):
     def prepare(self, pool, lm, *, items, task) -> None:
         super().prepare(pool, lm, items=items, task=task)
         self.shared = shared_memory(lm, pool, task, self.k, self.progress,
-                                    pooled=self.variant in ("pooled", "hybrid"))
+                                    pooled=self.variant in ("pooled", "hybrid"), options=self.memory_options)
         self.memory = self.shared.memory
 
     def bytes_stored(self) -> int:

@@ -2,7 +2,8 @@
 
 :func:`report` reads ``results.json`` from each folder and writes, into ``out``:
 
-- ``report.md``: one table with a row per task x arm (n, scored, skipped, every metric, cost),
+- ``report.md``: the runs (a run on a ``random:NAME`` model is marked: its quality metrics are
+  meaningless), one table with a row per task x arm (n, scored, skipped, every metric, cost),
   then, per run, the paired comparisons (difference, 95% bootstrap interval, p-value, paired n);
 - ``<task>-<model>-metrics.png`` per run: one bar chart per metric, a bar per arm with its 95%
   bootstrap interval;
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import ANSWER_METRICS
-from .results import load_results
+from .results import has_random_weights, load_results
 
 __all__ = ["report", "REPORT_NAME"]
 
 REPORT_NAME = "report.md"
+RANDOM_WEIGHTS_NOTE = ("quality metrics of this run are meaningless "
+                       "(random weights: timings, bytes and throughput only)")
 
 _COST_COLUMNS = (
     ("ttft_median_s", "TTFT med (s)"),
@@ -193,6 +196,8 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
             f"- `{d}`: task `{res['task']}`, model `{res.get('model_name', '?')}`, n={res['n']}, seed={res['seed']}, "
             f"k={cfg.get('k', '?')}, max_new_tokens={cfg.get('max_new_tokens', '?')}, created {res['created']}"
         )
+        if has_random_weights(res):
+            lines.append(f"  - **{RANDOM_WEIGHTS_NOTE}**")
     lines += ["", "## Results", "", *_table(runs), "",
               "Metrics are means over scored items; skipped items did not fit the model's window.", ""]
 

@@ -4,7 +4,9 @@ A run writes two files into its ``--out`` folder:
 
 - ``results.json`` (:class:`Results`): configuration, model fingerprint, per-arm metrics with 95%
   bootstrap intervals, skip counts and cost figures, and paired comparisons of every pair of arms on
-  every metric they share. Written with sorted keys; NaN is written as ``null``.
+  every metric they share, and ``"random_weights": true`` when the model was a ``random:NAME`` model
+  (real shape, random weights: its quality metrics are meaningless). Written with sorted keys; NaN is
+  written as ``null``.
 - ``items.jsonl``: one record per (arm, item) with the question, references, raw and post-processed
   output, per-item metrics, timing, prompt size, retrieved chunk ids and any skip reason.
 """
@@ -15,7 +17,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from ..errors import DataError
 
@@ -32,6 +34,7 @@ __all__ = [
     "read_items",
     "validate_results",
     "to_jsonable",
+    "has_random_weights",
 ]
 
 RESULTS_NAME = "results.json"
@@ -88,6 +91,7 @@ class Results(TypedDict):
     higher_is_better: dict[str, bool]
     arms: dict[str, ArmResult]
     comparisons: list[Comparison]
+    random_weights: NotRequired[bool]  # present (true) only for runs on a random:NAME model
 
 
 _REQUIRED = ("task", "model", "created", "n", "seed", "arms", "comparisons")
@@ -144,6 +148,17 @@ def write_items(out: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
         for rec in records:
             f.write(json.dumps(to_jsonable(rec), sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
     return path
+
+
+def has_random_weights(results: Mapping[str, Any]) -> bool:
+    """Whether a run used a ``random:NAME`` model (random weights: only timings, bytes and throughput count).
+
+    True when the results say ``random_weights``, or when the model fingerprint's revision is
+    ``random-init:...`` (results written by task runners that do not set the flag).
+    """
+    model = results.get("model")
+    revision = model.get("revision", "") if isinstance(model, Mapping) else ""
+    return bool(results.get("random_weights")) or str(revision).startswith("random-init:")
 
 
 def validate_results(results: Any, source: str | Path = "results") -> dict[str, Any]:

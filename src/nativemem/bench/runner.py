@@ -209,6 +209,7 @@ def run_benchmark(
     k: int = 3,
     max_new_tokens: int = 32,
     progress: bool = True,
+    memory_options: dict[str, Any] | None = None,
     **task_options: Any,
 ) -> dict[str, Any]:
     """Run ``task`` with every arm in ``arms`` on ``lm`` and write the results to ``out``.
@@ -224,6 +225,7 @@ def run_benchmark(
         k: Passages retrieved per question by retrieval arms (also the cut-off of hit/nDCG/Recall).
         max_new_tokens: Generation cap per answer.
         progress: Show progress bars.
+        memory_options: Config overrides of the memory that memory arms build (e.g. ``{"kv_dtype": "int8"}``).
         **task_options: Task-specific options (e.g. ``evidence_dir`` for ``triviaqa``).
 
     Returns:
@@ -257,7 +259,7 @@ def run_benchmark(
             import torch
 
             torch.cuda.reset_peak_memory_stats(cuda)
-        arm = cls(k=k, max_new_tokens=max_new_tokens, progress=progress)
+        arm = cls(k=k, max_new_tokens=max_new_tokens, progress=progress, memory_options=memory_options)
         start = time.perf_counter()
         arm.prepare(pool, lm, items=items, task=task_obj)
         prepare_s = time.perf_counter() - start
@@ -318,12 +320,15 @@ def run_benchmark(
             "pool_size": len(pool),
             "max_context": int(getattr(lm, "max_context", 0)) or None,
             "decoding": "greedy",
+            "memory_options": dict(memory_options or {}),
             "version": _library_version(),
         },
         "higher_is_better": dict.fromkeys(metric_names, True),
         "arms": arm_results,
         "comparisons": _compare(arm_names, all_scores, seed),
     }
+    if getattr(lm, "random_weights", False):  # a random:NAME model: only timings and sizes mean anything
+        results["random_weights"] = True
     results = to_jsonable(results)
     write_results(out, results)
     write_items(out, records)

@@ -34,8 +34,12 @@ app = typer.Typer(
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder or "
-                                              ".gguf file; default: SmolLM2-135M-Instruct (offline)")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder, "
+                                              ".gguf file, or random:NAME (or random:NAME@SEED): a published shape "
+                                              "with random weights, for timing at real shapes (e.g. "
+                                              "random:llama-3.1-8b; random:tiny, llama-3.2-1b/3b, qwen2.5-1.5b/7b; "
+                                              "see `nativemem info --model random:NAME`); default: "
+                                              "SmolLM2-135M-Instruct (offline)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (float32 on CPU)")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")]
 
@@ -183,6 +187,9 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
           option: Annotated[list[str] | None, typer.Option("--option", "-o", help="task option KEY=VALUE (VALUE "
                                                            "read as JSON when it parses), repeatable; e.g. -o "
                                                            "max_tokens=32768 for pg19")] = None,
+          memory_option: Annotated[list[str] | None, typer.Option(
+              "--memory-option", help="config of the memory that memory arms build, KEY=VALUE (JSON value), "
+                                      "repeatable; e.g. --memory-option kv_dtype=int8")] = None,
           model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
     """Run a benchmark task over several arms; writes results.json and items.jsonl to --out."""
     _quiet_libraries()
@@ -197,6 +204,9 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
     from .memory_cmds import parse_options
 
     options = parse_options(option)
+    memory_options = parse_options(memory_option)
+    if memory_options and task in _LOOP_TASKS:
+        raise InputError(f"--memory-option applies to tasks run by the arm runner, not {task} (see its -o options)")
     if facts is not None:
         if task != "facts":
             raise InputError("--facts applies to the facts task only")
@@ -210,7 +220,8 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
     get_task(task)(data=data)
     lm = _load(model, dtype, device)
     results = run_benchmark(task, lm, arms=arm_names, limit=limit, out=out, seed=seed, data=data, k=k,
-                            max_new_tokens=max_new_tokens, progress=True, **options)
+                            max_new_tokens=max_new_tokens, progress=True, memory_options=memory_options,
+                            **options)
     console.print(report([out]), highlight=False, markup=False)
     console.print(f"wrote {out / 'results.json'} (n={results['n']})")
 
@@ -220,10 +231,12 @@ _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "mmlu": ("nativemem.bench.tasks.mmlu", "run_mmlu"),
                "locomo": ("nativemem.bench.tasks.locomo", "run_locomo"),
                "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark"),
-               "write": ("nativemem.bench.write_speed", "run_write")}
+               "write": ("nativemem.bench.write_speed", "run_write"),
+               "scale": ("nativemem.bench.scale", "run_scale")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
-              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": ()}
+              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
+              "scale": ()}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,

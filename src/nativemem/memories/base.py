@@ -114,7 +114,8 @@ class Injection:
     """What a memory adds to one generation call besides its hooks.
 
     ``past_key_values`` stands for ``prefix_ids`` placed before the prompt (a KV prefix). It is deep-copied
-    for each call, so a stored cache is never mutated by generation. With ``splice = n``, the prefix's first
+    for each call, so a stored cache is never mutated by generation, unless ``owned`` says it was built for
+    this scope's one call (then that call takes it as it is, and a second call is an error). With ``splice = n``, the prefix's first
     ``n`` ids are the head every matching prompt starts with (a chat template's system turn and user-turn
     opening): :meth:`generate_kwargs` drops them from a prompt that starts with them, so the rest of the
     prefix sits inside the prompt, right after its head. A prompt with another head gets the whole prefix
@@ -124,6 +125,7 @@ class Injection:
     prefix_ids: torch.LongTensor | None = None  # (1, P)
     past_key_values: Any = None
     splice: int = 0
+    owned: bool = False  # the cache was built for one call: that call takes it without a copy
 
     @property
     def prefix_length(self) -> int:
@@ -136,16 +138,26 @@ class Injection:
             input_ids[0, :n].cpu(), self.prefix_ids[0, :n].cpu())
 
     def generate_kwargs(self, input_ids: torch.LongTensor) -> dict[str, Any]:
-        if self.past_key_values is None:
+        if self.past_key_values is None and not self.owned:
             return {}
         rest = input_ids[:, self.splice:] if self.spliced(input_ids) else input_ids
         full = torch.cat([self.prefix_ids.to(input_ids.device), rest], dim=1)
-        return {"input_ids": full, "past_key_values": copy.deepcopy(self.past_key_values)}
+        return {"input_ids": full, "past_key_values": self._take_cache()}
 
     def forward_kwargs(self, input_ids: torch.LongTensor) -> dict[str, Any]:
-        if self.past_key_values is None:
+        if self.past_key_values is None and not self.owned:
             return {}
-        return {"past_key_values": copy.deepcopy(self.past_key_values)}
+        return {"past_key_values": self._take_cache()}
+
+    def _take_cache(self):
+        if not self.owned:
+            return copy.deepcopy(self.past_key_values)
+        # generation extends the cache in place, so an owned cache serves exactly one call
+        cache, self.past_key_values = self.past_key_values, None
+        if cache is None:
+            raise RuntimeError("this injection's KV cache was already used by a call (an owned injection serves "
+                               "one forward or generate call)")
+        return cache
 
 
 class Memory(ABC):

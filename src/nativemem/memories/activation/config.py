@@ -18,7 +18,7 @@ from ..base import MemoryConfig
 __all__ = ["ActivationConfig", "PAYLOADS", "KV_DTYPES", "VARIANTS", "BACKENDS"]
 
 PAYLOADS = ("kv", "residual", "none")
-KV_DTYPES = ("float16", "bfloat16", "float32", "int8")
+KV_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
 WHITEN = ("auto", "always", "never")
 VARIANTS = ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25")
 BACKENDS = ("edge", "qdrant")
@@ -30,8 +30,10 @@ FRAMES = ("chat", "raw")
 class ActivationConfig(MemoryConfig):
     """Activation memory: what is stored per chunk, how it is retrieved and how it is injected.
 
-    Bytes per token of the payload, for L layers, H KV heads of width Dh and hidden size D:
-    ``kv`` fp16 = 4·L·H·Dh; ``kv`` int8 = 2·L·H·(Dh+2); ``residual`` at layer c = 4·c·H·Dh + 2·D.
+    Bytes per token of the payload, for L layers, H KV heads of width Dh and hidden size D (token ids and
+    record headers aside; per-channel key scales cost 4·L·H·Dh bytes per chunk, spread over its tokens):
+    ``kv`` fp16 = 4·L·H·Dh; ``kv`` int8 = 2·L·H·Dh + 2·L·H; ``kv`` int4 = L·H·Dh + 2·L·H;
+    ``residual`` at layer c = 4·c·H·Dh + 2·D.
     """
 
     # ---- write
@@ -58,10 +60,22 @@ class ActivationConfig(MemoryConfig):
         "help": "kv: every layer's KV (pre-RoPE keys); residual: KV of layers < checkpoint_layer plus the "
                 "residual stream entering checkpoint_layer, from which the other layers' KV are recomputed "
                 "at injection (smaller, slower); none: retrieval only (no payload, nothing is injected)"})
-    kv_dtype: str = field(default="float16", metadata={
-        "help": "float16 | bfloat16 | float32 | int8 (symmetric per token and head, fp16 scales)"})
+    kv_dtype: str = field(default="int8", metadata={
+        "help": "precision of the stored KV: float16 | bfloat16 | float32 | int8 | int4. int8/int4 quantise "
+                "KIVI-style: keys per channel over the chunk (asymmetric), values per token (symmetric), fp16 "
+                "scales. Default int8: about half of fp16's bytes; int4 (about a quarter) changed more answers "
+                "of the default model (docs/benchmarks.md)"})
     checkpoint_layer: int | None = field(default=None, metadata={
         "help": "layer whose input residual is stored when payload='residual'; None = one third of the depth"})
+    device_cache_bytes: int | None = field(default=None, metadata={
+        "help": "byte budget of the device tier (chunks' stored KV kept in GPU memory, least recently used out); "
+                "None = 1 GiB on a CUDA device, 0 elsewhere"})
+    host_cache_bytes: int = field(default=2 << 30, metadata={
+        "help": "byte budget of the host-RAM tier (pinned memory when the model is on a GPU)"})
+    recompute_tokens: int = field(default=0, metadata={
+        "help": "with several chunks injected: recompute the KV of the first N tokens of every chunk after the "
+                "first, attending to the chunks before it (CacheBlend-style boundary repair; costs one forward "
+                "of N tokens per chunk). 0 = off"})
     # ---- retrieval
     variant: str = field(default="hybrid_tokens", metadata={
         "help": "default retrieval: pooled (KV-Embedding vector) | tokens (MaxSim over content tokens) | "
@@ -131,6 +145,12 @@ class ActivationConfig(MemoryConfig):
                                      ("frame", self.frame, FRAMES)):
             if value not in allowed:
                 raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+        for name in ("host_cache_bytes", "recompute_tokens", "device_cache_bytes"):
+            value = getattr(self, name)
+            if value is None and name == "device_cache_bytes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("pooled_dim", "token_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

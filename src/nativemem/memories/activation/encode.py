@@ -181,8 +181,11 @@ def encode(model: nn.Module, layouts: Sequence[Layout], *, layer: int, reroute: 
     skip = frame.length if frame is not None and not pooled else 0
     seqs = [lay.pass_ids if pooled else list(lay.ids)[skip:] for lay in layouts]
     inputs = [checkpoint_layer] if (payload and checkpoint_layer is not None) else []
+    # a query (no payload, no pooled pass) runs only up to the retrieval layer
+    stop = layer if not (payload or pooled or inputs) else None
+    # payload KV is stacked and quantised per chunk right after (a copy), so the capture hands out views
     caps = capture(model, seqs, kv=payload or pooled, hidden_layers=[layer], input_layers=inputs, pad_id=pad_id,
-                   past=frame if skip else None)
+                   past=frame if skip else None, stop_after=stop, clone=not payload)
     hiddens = [None] * len(seqs)
     if pooled:
         slots = [{l: (cap.kv.keys[l][:, -1], cap.kv.values[l][:, -1]) for l in reroute} for cap in caps]

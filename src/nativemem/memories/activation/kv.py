@@ -51,9 +51,10 @@ class KVGeometry:
     qk_norm: bool
 
     def bytes_per_token(self, kv_dtype: str, payload: str = "kv", checkpoint_layer: int | None = None) -> int:
-        """Payload bytes per stored token (the formulas of :class:`ActivationConfig`)."""
-        per_layer = {"int8": 2 * self.num_kv_heads * (self.head_dim + 2), "float32": 8 * self.num_kv_heads
-                     * self.head_dim}.get(kv_dtype, 4 * self.num_kv_heads * self.head_dim)
+        """Payload bytes per stored token (the formulas of :class:`ActivationConfig`: codes and per-token value
+        scales; the per-chunk key scales, token ids and record header are spread over a chunk's tokens)."""
+        H, D = self.num_kv_heads, self.head_dim
+        per_layer = {"int8": 2 * H * D + 2 * H, "int4": H * D + 2 * H, "float32": 8 * H * D}.get(kv_dtype, 4 * H * D)
         if payload == "kv":
             return self.num_layers * per_layer
         width = 4 if kv_dtype == "float32" else 2
@@ -143,7 +144,8 @@ def _to_bhtd(x: torch.Tensor, layout: str, geo: KVGeometry) -> torch.Tensor:
 
 def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = True,
             hidden_layers: Sequence[int] = (), input_layers: Sequence[int] = (),
-            pad_id: int = 0, past: ChunkKV | None = None) -> list[Captured]:
+            pad_id: int = 0, past: ChunkKV | None = None, stop_after: int | None = None,
+            clone: bool = True) -> list[Captured]:
     """One forward pass over a right-padded batch, returning pre-RoPE KV and residual streams per sequence.
 
     Args:
@@ -155,6 +157,10 @@ def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = 
         hidden_layers: layers whose *output* residual stream is returned (``Captured.hidden[l]``).
         input_layers: layers whose *input* residual stream is returned (``Captured.hidden[-l-1]``).
         pad_id: id used for right padding (never attended by real tokens: the model is causal).
+        stop_after: end the pass after this layer (early exit: the layers above it and the LM head are not
+            run); only with ``kv=False`` and hidden states of layers up to it.
+        clone: return each sequence's tensors as copies of their own (False: views into the batch's
+            tensors, for a caller that copies them anyway; saves two copies per layer and sequence).
     """
     geo = kv_geometry(model)
     if not sequences or any(len(s) == 0 for s in sequences):
@@ -181,6 +187,12 @@ def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = 
         specs.append(("residual_post", layer, _store(hidden, layer % geo.num_layers, _hidden_of)))
     for layer in input_layers:
         specs.append(("residual_pre", layer, _store_pre(hidden, -(layer % geo.num_layers) - 1)))
+    if stop_after is not None:
+        stop_after %= geo.num_layers
+        if kv or any(l % geo.num_layers > stop_after for l in [*hidden_layers, *input_layers]):
+            raise InputError("stop_after needs kv=False and no captured layer above it")
+        if stop_after < geo.num_layers - 1:
+            specs.append(("residual_post", stop_after, _stop))  # after the capture hooks of that layer
     # padding is on the right and the model is causal, so no attention mask is needed for real tokens;
     # passing none keeps the batched pass numerically identical to the same sequences run alone
     kwargs: dict = {"use_cache": False}
@@ -200,15 +212,27 @@ def capture(model: nn.Module, sequences: Sequence[Sequence[int]], *, kv: bool = 
         positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(len(sequences), -1)
         kwargs = {"use_cache": True, "past_key_values": cache, "position_ids": positions}
     with torch.inference_mode(), hooks(model, specs):
-        _text_model(model)(input_ids=ids, **kwargs)
+        try:
+            _text_model(model)(input_ids=ids, **kwargs)
+        except _EarlyExit:
+            pass
     out = []
+    own = (lambda x: x.clone()) if clone else (lambda x: x)
     for i, n in enumerate(lengths):
         chunk = None
         if kv:
-            chunk = ChunkKV([keys[l][i, :, :n].clone() for l in range(geo.num_layers)],
-                            [values[l][i, :, :n].clone() for l in range(geo.num_layers)])
-        out.append(Captured(chunk, {l: h[i, :n].clone() for l, h in hidden.items()}))
+            chunk = ChunkKV([own(keys[l][i, :, :n]) for l in range(geo.num_layers)],
+                            [own(values[l][i, :, :n]) for l in range(geo.num_layers)])
+        out.append(Captured(chunk, {l: own(h[i, :n]) for l, h in hidden.items()}))
     return out
+
+
+class _EarlyExit(Exception):
+    """Raised by the stop hook of :func:`capture` once the last needed layer has run."""
+
+
+def _stop(module, args, kwargs, output):
+    raise _EarlyExit
 
 
 def _hidden_of(output) -> torch.Tensor:

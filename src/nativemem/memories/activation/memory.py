@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 import warnings
@@ -40,9 +41,11 @@ from ...text import chunk_text
 from ..base import Hit, Injection, Memory, Receipt
 from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
-from .kv import ChunkKV, build_cache, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
+from .kv import ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
+from .payload import Record, dequantize, is_segment_location, pack, quantize
 from .store import (DEFAULT_USER, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id, open_store,
                     serialize)
+from .tiers import KVTiers
 
 __all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
 
@@ -68,8 +71,9 @@ class ActivationMemory(Memory):
         self.config: ActivationConfig
         self.geometry = kv_geometry(lm.model)
         self.pooled_transform = Transform()
-        self.token_transform = Transform()
+        self.token_transform = _initial_token_transform(self.geometry.hidden_size, self.config.token_dim)
         self._store: Store | None = None
+        self.last_timing: dict[str, Any] = {}
         self._tmpdir: str | None = None
         self._frame_cache: dict[str, Any] | None = None
         L = self.geometry.num_layers
@@ -260,37 +264,110 @@ class ActivationMemory(Memory):
         # batches of similar lengths (less padding); the receipt keeps the input order
         order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
         done: dict[int, dict[str, Any]] = {}
-        for b in range(0, len(order), self.config.batch_size):
-            picked = order[b: b + self.config.batch_size]
-            batch = [pending[n] for n in picked]
-            encoded = self._encode([p[3] for p in batch], pooled=self.indexes_pooled,
-                                   payload=self.config.payload != "none", framed=True)
-            points, infos = [], []
-            for (source, j, chunk, layout), enc in zip(batch, encoded):
-                blob = self._blob_bytes(layout, enc) if self.config.payload != "none" else b""
-                sha = store.blobs.put(blob) if blob else ""  # durable before the index knows about it
-                mid = new_id()
-                n_tokens = len(layout.ids) - len(self.frame_ids()[0])
-                pooled = self.pooled_transform.apply(enc.pooled) if enc.pooled is not None else None
-                tokens = self.token_transform.apply(enc.tokens)
-                points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
-                                         bm25_document(chunk), {
-                    "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
-                    "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": sha,
-                    "tokens": n_tokens, "payload_kind": self.config.payload, "metadata": metadata}))
-                index_bytes = 4 * ((pooled.numel() if pooled is not None else 0) + tokens.numel())
-                infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
-                              "blob_bytes": len(blob), "index_vector_bytes": index_bytes, "blob": sha})
-            store.index.upsert(points)  # flushed: acknowledged from here on
-            done.update(zip(picked, infos))
+        # the model encodes batch b+1 while a worker thread makes batch b durable (payload write and fsync, then
+        # the index upsert and flush); add() returns once every batch is committed
+        futures = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
+            for b in range(0, len(order), self.config.batch_size):
+                picked = order[b: b + self.config.batch_size]
+                batch = [pending[n] for n in picked]
+                encoded = self._encode([p[3] for p in batch], pooled=self.indexes_pooled,
+                                       payload=self.config.payload != "none", framed=True)
+                if self.config.payload == "kv":
+                    payloads = self._pack_records([p[3] for p in batch], encoded)
+                elif self.config.payload == "residual":
+                    payloads = [self._blob_bytes(layout, enc) for (_, _, _, layout), enc in zip(batch, encoded)]
+                else:
+                    payloads = None
+                vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
+                            self.token_transform.apply(enc.tokens).half().cpu()) for enc in encoded]
+                futures.append(committer.submit(self._commit, picked, batch, payloads, vectors, user, metadata))
+                if len(futures) > 2:  # bound what waits in host memory
+                    done.update(futures[-3].result())
+            for f in futures:
+                done.update(f.result())
         for n in range(len(pending)):
             info = done[n]
             receipt.ids.append(info["id"])
             receipt.tokens += info["tokens"]
             receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
             receipt.details["chunks"].append(info)
+        if receipt.tokens:
+            receipt.details["payload_bytes_per_token_written"] = sum(
+                c["blob_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
+            receipt.details["index_bytes_per_token_written"] = sum(
+                c["index_vector_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
+
+    def _index_bytes(self, content_tokens: int) -> int:
+        """Bytes of one chunk's vectors in the index (token vectors as float16, the pooled one as float32)."""
+        dims = self.dims()
+        return 2 * content_tokens * dims["tokens"] + (4 * dims["pooled"] if self.indexes_pooled else 0)
+
+    def _record_header(self, tokens: int) -> dict[str, Any]:
+        g = self.geometry
+        return {"tokens": tokens, "kv_dtype": self.config.kv_dtype, "num_layers": g.num_layers,
+                "num_kv_heads": g.num_kv_heads, "head_dim": g.head_dim, "fingerprint": self.fingerprint.short,
+                "frame": self._frame_digest(), "bos": bool(self._bos())}
+
+    def _frame_digest(self) -> str:
+        self.frame_ids()
+        return self._frame_cache["digest"]
+
+    def _pack_records(self, layouts: Sequence[Layout], encoded: Sequence[Encoded]) -> list[tuple[dict, memoryview]]:
+        """Quantise each chunk's KV where it was computed and move the batch's records to the host in one copy:
+        ``(header, body)`` per chunk, ready to append."""
+        frame_len = len(self.frame_ids()[0])
+        bodies, headers = [], []
+        for layout, enc in zip(layouts, encoded):
+            skip = frame_len - enc.start  # positions of the frame that this pass captured
+            kv = enc.captured.kv
+            keys = torch.stack([k[:, skip:] for k in kv.keys])
+            values = torch.stack([v[:, skip:] for v in kv.values])
+            ids = list(layout.ids[skip + enc.start:])
+            bodies.append(pack(ids, quantize(keys, values, self.config.kv_dtype), kv_dtype=self.config.kv_dtype))
+            headers.append(self._record_header(len(ids)))
+        flat = torch.cat(bodies)
+        if flat.device.type != "cpu":
+            host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            torch.cuda.current_stream(flat.device).synchronize()
+            flat = host
+        view = memoryview(flat.numpy())
+        records, offset = [], 0
+        for header, body in zip(headers, bodies):
+            records.append((header, view[offset: offset + body.numel()]))
+            offset += body.numel()
+        return records
+
+    def _commit(self, picked: list[int], batch: list[tuple], payloads, vectors: list[tuple], user: str,
+                metadata: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Make one batch durable: its payload first (one write and one fsync), then its index points (one
+        upsert and flush). Returns the receipt entry of each chunk by its position in the add."""
+        store = self.store
+        if self.config.payload == "kv":
+            stored = [(loc, int(loc.rsplit(":", 1)[1])) for loc in store.segments.append(payloads)]
+        elif self.config.payload == "residual":
+            stored = [(store.blobs.put(blob), len(blob)) for blob in payloads]
+        else:
+            stored = [("", 0)] * len(batch)
+        frame_len = len(self.frame_ids()[0])
+        points, infos = [], []
+        for (source, j, chunk, layout), (pooled, tokens), (location, nbytes) in zip(batch, vectors, stored):
+            mid = new_id()
+            n_tokens = len(layout.ids) - frame_len
+            points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
+                                     bm25_document(chunk), {
+                "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
+                "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
+                "tokens": n_tokens, "content_tokens": int(tokens.shape[0]), "payload_kind": self.config.payload,
+                "metadata": metadata}))
+            infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
+                          "blob_bytes": nbytes, "index_vector_bytes": self._index_bytes(int(tokens.shape[0])),
+                          "blob": location})
+        store.index.upsert(points)  # flushed: acknowledged from here on
+        return dict(zip(picked, infos))
 
     @property
     def indexes_pooled(self) -> bool:
@@ -300,6 +377,8 @@ class ActivationMemory(Memory):
         return self.config.variant in ("pooled", "hybrid")
 
     def bytes_per_token(self) -> int:
+        """Payload bytes per stored token by the formula of :class:`ActivationConfig` (scales per token
+        included; per-chunk key scales, token ids and record headers are not: ``stats()`` measures those)."""
         if self.config.payload == "none":
             return 0
         return self.geometry.bytes_per_token(self.config.kv_dtype, self.config.payload, self.checkpoint_layer)
@@ -335,22 +414,90 @@ class ActivationMemory(Memory):
         """KV (and checkpoint residual) of the frame alone: the same for every prefix."""
         if self._frame_cache is None or "kv" not in self._frame_cache:
             ids, splice = self.frame_ids()
-            state: dict[str, Any] = {"kv": None, "residual": None}
+            state: dict[str, Any] = {"kv": None, "residual": None, "stacked": None}
             if ids:
                 c = self.checkpoint_layer
                 cap = capture(self.lm.model, [ids], kv=True, input_layers=[c] if c is not None else [])[0]
                 state["kv"] = cap.kv
+                state["stacked"] = (torch.stack(cap.kv.keys), torch.stack(cap.kv.values))  # (L, H, F, Dh)
                 if c is not None:
                     state["residual"] = cap.hidden[-c - 1]
             self._frame_cache.update(state)
         return self._frame_cache
 
+    @property
+    def tiers(self) -> KVTiers:
+        """The device / host-RAM / disk tiers of this memory's payloads (shared by the folder's Memory objects)."""
+        store = self.store
+        if store.tiers is None:
+            cfg, device = self.config, self.lm.device
+            budget = cfg.device_cache_bytes if cfg.device_cache_bytes is not None else \
+                (1 << 30 if device.type == "cuda" else 0)
+            store.tiers = KVTiers(store.segments, device=device, device_budget=budget,
+                                  host_budget=cfg.host_cache_bytes)
+        return store.tiers
+
+    def drop_caches(self, tiers: Sequence[str] = ("device", "host")) -> None:
+        """Empty the device and/or host tiers, and with ``"page"`` also ask the OS to drop the segment files from
+        its page cache (so the next read of every chunk comes from the disk itself)."""
+        self.tiers.clear(tiers)
+        if "page" in tiers:
+            self.store.segments.drop_page_cache()
+
+    def _check_record(self, header: dict[str, Any], where: str = "") -> None:
+        g = self.geometry
+        for name, want in (("fingerprint", self.fingerprint.short), ("num_layers", g.num_layers),
+                           ("num_kv_heads", g.num_kv_heads), ("head_dim", g.head_dim)):
+            if header.get(name) != want:
+                raise BlobError(f"payload record {where} does not match this model: {name} is {header.get(name)!r} "
+                                f"there but {want!r} for the model (layer or model mismatch)")
+        if header.get("frame") != self._frame_digest():
+            raise BlobError(f"payload record {where} was written after another frame than this memory's (frame or "
+                            "frame_system changed since): its KV cannot be injected; re-add the text")
+
+    def _fetch(self, payload: dict[str, Any]) -> tuple[tuple, Record, str]:
+        """(cache key, record, tier) of one stored chunk; raises BlobError if it cannot be read."""
+        location = str(payload.get("blob", ""))
+        key = (str(payload.get("user_id", "")), location, self.fingerprint.short)
+        if is_segment_location(location):
+            rec, tier = self.tiers.fetch(key, location, lambda h: self._check_record(h, location))
+            if "ids" not in rec.header:
+                rec.header["ids"] = rec.ids()
+            return key, rec, tier
+        # a blob of an older version (or a residual checkpoint): decoded once, kept in the host tier (float16 unless
+        # the memory stores a wider float)
+        with self.tiers._lock:
+            rec = self.tiers.host_lru.get(key)
+        if rec is not None:
+            return key, rec, "host"
+        ids, kv = self._load_blob(payload)
+        keys, values = torch.stack([k.float() for k in kv.keys]), torch.stack([v.float() for v in kv.values])
+        dt = self.config.kv_dtype if self.config.kv_dtype in ("float16", "bfloat16", "float32") else "float16"
+        body = pack(ids, quantize(keys.cpu(), values.cpu(), dt), kv_dtype=dt)
+        header = {**self._record_header(len(ids)), "kv_dtype": dt, "ids": ids}
+        rec = Record(header, body.pin_memory() if self.tiers.cuda else body)
+        with self.tiers._lock:
+            self.tiers.host_lru.put(key, rec)
+        return key, rec, "disk"
+
+    def chunk_ids(self, payload: dict[str, Any]) -> list[int]:
+        """Token ids of one stored chunk (what its KV stands for)."""
+        return list(self._fetch(payload)[1].header["ids"])
+
     def load_chunk(self, payload: dict[str, Any]) -> tuple[list[int], ChunkKV]:
-        """Token ids and pre-RoPE KV of one stored chunk (a copy: the blob is never modified).
+        """Token ids and pre-RoPE KV of one stored chunk, dequantised (a copy: nothing stored is modified).
 
         Raises:
-            BlobError: the blob is missing, corrupted, or was written for another model or layout.
+            BlobError: the payload is missing, corrupted, or was written for another model or layout.
         """
+        _, rec, _ = self._fetch(payload)
+        keys, values = dequantize(rec.parts(), rec.header["kv_dtype"], torch.float32)
+        L = rec.header["num_layers"]
+        return list(rec.header["ids"]), ChunkKV([keys[l].clone() for l in range(L)],
+                                                [values[l].clone() for l in range(L)])
+
+    def _load_blob(self, payload: dict[str, Any]) -> tuple[list[int], ChunkKV]:
+        """Token ids and pre-RoPE KV of a chunk stored as a content-addressed blob (older versions; residual)."""
         sha = payload.get("blob", "")
         data = self.store.blobs.get(sha)
         try:
@@ -390,30 +537,83 @@ class ActivationMemory(Memory):
                 resid = torch.cat([frame["residual"].to(resid.dtype), resid], dim=0)
             skip = len(frame["ids"])
             for k, v in recompute_kv(self.lm.model, resid, c):
-                keys.append(k[:, skip:])
-                values.append(v[:, skip:])
+                keys.append(k[:, skip:].cpu())
+                values.append(v[:, skip:].cpu())
         return ids, ChunkKV(keys, values)
 
     def _injection(self, payloads: Sequence[dict[str, Any]]) -> tuple[Injection, list[str]]:
-        """Injection for the given chunks (in order); unreadable chunks are skipped with a warning."""
+        """Injection for the given chunks (in order); unreadable chunks are skipped with a warning.
+
+        The chunks come from the tiers (device, host RAM, disk) and are assembled with the frame into one
+        buffer on the model's device (:meth:`KVTiers.assemble`); ``last_timing`` keeps the step times.
+        """
+        t0 = time.perf_counter()
         frame = self._frame_state()
         ids: list[int] = list(frame["ids"])
-        segments: list[ChunkKV] = [frame["kv"]] if frame["kv"] is not None else []
-        used = []
+        records, used, tiers = [], [], []
         for p in payloads:
             try:
-                chunk_ids, kv = self.load_chunk(p)
+                key, rec, tier = self._fetch(p)
             except BlobError as e:
                 warnings.warn(f"chunk {p.get('memory_id')} skipped: {e}", ChunkSkippedWarning, stacklevel=3)
                 continue
-            ids += chunk_ids
-            segments.append(kv)
+            ids += rec.header["ids"]
+            records.append((key, rec))
             used.append(str(p.get("memory_id")))
+            tiers.append(tier)
         if not used:
+            self.last_timing = {"fetch_s": time.perf_counter() - t0, "tiers": []}
             return Injection(), []
-        cache = build_cache(self.lm.model, segments)
+        t1 = time.perf_counter()
+        tiers_obj = self.tiers
+        keys, values = tiers_obj.assemble(self.lm.model, frame["stacked"], records)
+        cache = self._cache(keys, values, ids, frame, records)
         prefix = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
-        return Injection(prefix_ids=prefix, past_key_values=cache, splice=frame["splice"]), used
+        self.last_timing = {"fetch_s": t1 - t0, **tiers_obj.last, "tiers": tiers,
+                            "injection_s": time.perf_counter() - t0}
+        return Injection(prefix_ids=prefix, past_key_values=cache, splice=frame["splice"], owned=True), used
+
+    def _cache(self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], frame: dict[str, Any],
+               records: Sequence[tuple[Any, Record]]):
+        """A DynamicCache of the assembled prefix; with ``recompute_tokens`` the first tokens of every chunk after
+        the first are recomputed attending to everything before them (boundary repair)."""
+        from transformers import DynamicCache
+
+        n = self.config.recompute_tokens
+        cache = DynamicCache(config=self.lm.model.config)
+        L = keys.shape[0]
+        if not n or len(records) < 2:
+            from transformers.cache_utils import DynamicLayer
+
+            with torch.inference_mode():
+                for l, layer in enumerate(cache.layers):
+                    k, v = keys[l].unsqueeze(0), values[l].unsqueeze(0)
+                    if type(layer) is DynamicLayer:  # take the views as they are (update() would copy them)
+                        layer.lazy_initialization(k, v)
+                        layer.keys, layer.values = k, v
+                    else:  # sliding-window layers keep only their window: their own update() decides
+                        cache.update(k, v, l)
+            return cache
+        # the frame and the first chunk as stored; then, per later chunk, a forward over its first n tokens
+        # (attending to the whole prefix so far) followed by its stored KV for the rest
+        bounds, pos = [], len(frame["ids"])
+        for _, rec in records:
+            bounds.append((pos, pos + rec.tokens))
+            pos += rec.tokens
+        end = bounds[0][1]
+        with torch.inference_mode():
+            for l in range(L):
+                cache.update(keys[l, :, :end].unsqueeze(0), values[l, :, :end].unsqueeze(0), l)
+            for a, b in bounds[1:]:
+                m = min(n, b - a)
+                chunk = torch.tensor([ids[a: a + m]], dtype=torch.long, device=self.lm.device)
+                positions = torch.arange(a, a + m, device=self.lm.device).unsqueeze(0)
+                self.lm.model(input_ids=chunk, past_key_values=cache, position_ids=positions, use_cache=True,
+                              logits_to_keep=1)
+                if a + m < b:
+                    for l in range(L):
+                        cache.update(keys[l, :, a + m: b].unsqueeze(0), values[l, :, a + m: b].unsqueeze(0), l)
+        return cache
 
     # ------------------------------------------------------------------ search
     def encode_query(self, query: str, *, variant: str) -> dict[str, Any]:
@@ -469,7 +669,7 @@ class ActivationMemory(Memory):
         ids = self.frame_ids()[0]
         for p in payloads:
             try:
-                ids += self.load_chunk(p)[0]
+                ids += self.chunk_ids(p)
             except BlobError:
                 continue
         return ids, payloads
@@ -482,7 +682,7 @@ class ActivationMemory(Memory):
         rows = dict(self.store.index.get(list(memory_ids)))
         for mid in memory_ids:
             if mid in rows:
-                ids += self.load_chunk(rows[mid])[0]
+                ids += self.chunk_ids(rows[mid])
         prompt = prompt_ids[0].tolist()
         if splice and prompt[:splice] == frame[:splice] and len(prompt) > splice:
             prompt = prompt[splice:]
@@ -533,43 +733,73 @@ class ActivationMemory(Memory):
         if not rows:
             return Receipt(self.kind, "delete", notes=[f"no chunk or source {memory_id!r}"])
         index.delete([pid for pid, _ in rows])
-        freed = 0
-        for sha in {p.get("blob") for _, p in rows}:
-            if sha and index.count(field_name="blob", value=sha) == 0:
-                path = self.store.blobs.path(sha)
+        freed, released = 0, 0
+        locations = {str(p.get("blob") or "") for _, p in rows}
+        self.tiers.forget(lambda key: key[1] in locations)
+        for loc in locations:
+            if is_segment_location(loc):
+                released += int(loc.rsplit(":", 1)[1])  # segment bytes are reclaimed by gc()
+            elif loc and index.count(field_name="blob", value=loc) == 0:
+                path = self.store.blobs.path(loc)
                 freed += path.stat().st_size if path.is_file() else 0
-                self.store.blobs.delete(sha)
+                self.store.blobs.delete(loc)
         return Receipt(self.kind, "delete", ids=[pid for pid, _ in rows], tokens=sum(int(p.get("tokens", 0))
-                       for _, p in rows), elapsed_s=time.perf_counter() - start, details={"blob_bytes_freed": freed})
+                       for _, p in rows), elapsed_s=time.perf_counter() - start,
+                       details={"blob_bytes_freed": freed, "segment_bytes_released": released})
 
     def check(self) -> Receipt:
         """Verify every chunk's blob; the receipt lists unreadable chunks in ``notes`` (nothing is changed)."""
         bad = []
-        for pid, p in self.store.index.scroll():
+        for pid, p in self.store.index.scroll(with_payload=["blob", "payload_kind"]):
             if p.get("payload_kind") == "none":
                 continue
+            location = str(p.get("blob", ""))
             try:
-                self.store.blobs.get(p.get("blob", ""))
+                if is_segment_location(location):
+                    header, _ = self.store.segments.view(location)  # CRC-checked
+                    self._check_record(header, location)
+                else:
+                    self.store.blobs.get(location)
             except BlobError as e:
                 bad.append(f"{pid}: {e}")
         return Receipt(self.kind, "check", notes=bad, details={"unreadable": len(bad)})
 
     def gc(self) -> Receipt:
-        """Remove blobs no index point refers to (left by a crash between blob write and upsert)."""
-        used = {p.get("blob") for _, p in self.store.index.scroll(with_payload=["blob"])}
+        """Remove payload no index point refers to: blobs, and segment files none of whose records is referenced
+        (left by deletes, or by a crash between the payload write and the index upsert)."""
+        used = {str(p.get("blob")) for _, p in self.store.index.scroll(with_payload=["blob"])}
         orphans = {sha: n for sha, n in self.store.blobs.all().items() if sha not in used}
         for sha in orphans:
             self.store.blobs.delete(sha)
-        return Receipt(self.kind, "gc", ids=sorted(orphans), notes=[f"removed {len(orphans)} unreferenced blob(s)"],
-                       details={"bytes_freed": sum(orphans.values())})
+        live: dict[str, int] = {}
+        for loc in used:
+            if is_segment_location(loc):
+                name = loc.split(":")[1]
+                live[name] = live.get(name, 0) + int(loc.rsplit(":", 1)[1])
+        dead = {name: n for name, n in self.store.segments.files().items() if name not in live}
+        for name in dead:
+            self.store.segments.delete(name)
+        garbage = sum(max(0, n - live.get(name, 0)) for name, n in self.store.segments.files().items())
+        return Receipt(self.kind, "gc", ids=sorted(orphans) + sorted(dead),
+                       notes=[f"removed {len(orphans)} unreferenced blob(s) and {len(dead)} segment file(s)"],
+                       details={"bytes_freed": sum(orphans.values()) + sum(dead.values()),
+                                "segment_bytes_unreferenced": garbage})
 
     def stats(self) -> dict[str, Any]:
         blobs = self.store.blobs.all()
-        rows = self.store.index.scroll(with_payload=["user_id", "tokens", "source_id"])
+        rows = self.store.index.scroll(with_payload=["user_id", "tokens", "source_id", "blob", "content_tokens"])
+        tokens = sum(int(p.get("tokens", 0)) for _, p in rows)
+        payload_bytes = sum(int(str(p["blob"]).rsplit(":", 1)[1]) if is_segment_location(str(p.get("blob")))
+                            else blobs.get(str(p.get("blob")), 0) for _, p in rows)
+        index_bytes = sum(self._index_bytes(int(p.get("content_tokens", p.get("tokens", 0)))) for _, p in rows)
+        segments = self.store.segments.files()
         return {**super().stats(), "chunks": len(rows), "sources": len({p.get("source_id") for _, p in rows}),
-                "users": len({p.get("user_id") for _, p in rows}), "tokens": sum(int(p.get("tokens", 0))
-                                                                                  for _, p in rows),
-                "blobs": len(blobs), "blob_bytes": sum(blobs.values()), "payload": self.config.payload,
+                "users": len({p.get("user_id") for _, p in rows}), "tokens": tokens,
+                "blobs": len(blobs), "blob_bytes": sum(blobs.values()), "segments": len(segments),
+                "segment_bytes": sum(segments.values()), "payload_bytes": payload_bytes,
+                "payload_bytes_per_token": payload_bytes / tokens if tokens else 0.0,
+                "index_vector_bytes_per_token": index_bytes / tokens if tokens else 0.0,
+                "tiers": self.tiers.stats(), "payload": self.config.payload,
                 "kv_dtype": self.config.kv_dtype, "bytes_per_token": self.bytes_per_token(),
                 "retrieval_layer": self.retrieval_layer, "reroute_layers": self.reroute_layers,
                 "checkpoint_layer": self.checkpoint_layer, "fitted": self.pooled_transform.fitted,
@@ -703,3 +933,21 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     header = json.loads(data[8: 8 + n])
     return dict(header.get("__metadata__", {}))
 
+
+
+UNFITTED_PROJECTION_ABOVE = 1024  # hidden sizes above this get a random projection of token vectors until fit()
+
+
+def _initial_token_transform(hidden_size: int, token_dim: int | None) -> Transform:
+    """Token-vector transform of a new, unfitted memory.
+
+    Up to ``UNFITTED_PROJECTION_ABOVE`` dimensions the raw states are indexed (cosine); wider models get a
+    seeded random orthonormal projection to ``token_dim`` dimensions (Johnson-Lindenstrauss: cosines are
+    kept up to small noise), because raw token vectors of a 4,096-wide model would make the index larger
+    than the compressed payload and the MaxSim search slow. ``fit()`` replaces it with a fitted transform.
+    """
+    if not token_dim or hidden_size <= UNFITTED_PROJECTION_ABOVE or token_dim >= hidden_size:
+        return Transform()
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(hidden_size, token_dim, generator=g, dtype=torch.float64))
+    return Transform(torch.zeros(hidden_size), None, q.float())

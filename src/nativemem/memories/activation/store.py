@@ -173,7 +173,9 @@ class EdgeIndex(Index):
         else:
             cfg = q.EdgeConfig(
                 vectors={"pooled": q.EdgeVectorParams(size=dims["pooled"], distance=q.Distance.Cosine),
+                         # token vectors are most of the index: stored as float16 (half the bytes)
                          "tokens": q.EdgeVectorParams(size=dims["tokens"], distance=q.Distance.Cosine,
+                                                      datatype=q.VectorStorageDatatype.Float16,
                                                       multivector_config=q.MultiVectorConfig(
                                                           q.MultiVectorComparator.MaxSim))},
                 sparse_vectors={"bm25": q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)})
@@ -283,6 +285,7 @@ class ClientIndex(Index):
             collection,
             vectors_config={"pooled": m.VectorParams(size=dims["pooled"], distance=m.Distance.COSINE),
                             "tokens": m.VectorParams(size=dims["tokens"], distance=m.Distance.COSINE,
+                                                     datatype=m.Datatype.FLOAT16,
                                                      multivector_config=m.MultiVectorConfig(
                                                          comparator=m.MultiVectorComparator.MAX_SIM))},
             sparse_vectors_config={"bm25": m.SparseVectorParams(modifier=m.Modifier.IDF)},
@@ -467,11 +470,15 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the store and its lock
 class Store:
-    """Index + blobs of one memory folder, and the writer lock (embedded backend)."""
+    """Index, payload segments (and the blobs of older versions) of one memory folder, and the writer lock."""
 
-    def __init__(self, index: Index, blobs: BlobStore, lock=None):
+    def __init__(self, index: Index, blobs: BlobStore, lock=None, segments=None):
+        from .payload import SegmentStore
+
         self.index = index
         self.blobs = blobs
+        self.segments = segments if segments is not None else SegmentStore(blobs.root.parent / "segments")
+        self.tiers = None  # set by the first memory that reads payloads (it knows the device and budgets)
         self._lock = lock
         self._finalizer = weakref.finalize(self, _close, index, lock)
 
@@ -537,7 +544,10 @@ def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: di
             index = ClientIndex(location, collection, dims)
         else:
             raise InputError(f"unknown backend {backend!r}")
-        store = Store(index, BlobStore(blob_dir), lock)
+        from .payload import SegmentStore
+
+        segments = SegmentStore(folder / "segments" if blob_dir == folder / "blobs" else blob_dir / "segments")
+        store = Store(index, BlobStore(blob_dir), lock, segments)
         _OPEN[key] = store
         return store
 
