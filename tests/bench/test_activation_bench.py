@@ -179,3 +179,20 @@ def test_kept_benchmark_memory_is_reused_for_the_same_pool(squad_file, tiny_mode
     with pytest.raises(InputError, match="does not hold this pool"):
         shared_memory(tiny_model, pool, task, 2)
     _SHARED.clear()
+
+
+def test_memory_options_reach_the_benchmark_memory(squad_file, tiny_model, tmp_path):
+    from nativemem.bench.arms_activation import _SHARED
+
+    _SHARED.clear()
+    res = run_benchmark("squad", tiny_model, arms=["activation"], limit=2, out=tmp_path / "r", data=squad_file, k=1,
+                        max_new_tokens=2, progress=False, memory_options={"kv_dtype": "float32"})
+    assert res["config"]["memory_options"] == {"kv_dtype": "float32"}
+    (shared,) = _SHARED.values()
+    assert shared.memory.config.kv_dtype == "float32" and shared.memory.stats()["payload_bytes_per_token"] > \
+        shared.memory.geometry.bytes_per_token("float16")
+    _SHARED.clear()
+    with pytest.raises(InputError, match="kv_dtype"):
+        run_benchmark("squad", tiny_model, arms=["activation"], limit=1, out=tmp_path / "x", data=squad_file, k=1,
+                      progress=False, memory_options={"kv_dtype": "int3"})
+    _SHARED.clear()
