@@ -211,3 +211,25 @@ def test_merging_runs_of_other_arms_equals_one_run_of_all_arms(run_dir, tiny_mod
         merge_runs([parts[1], tmp_path / "three"], tmp_path / "bad")
     with pytest.raises(InputError, match="also in another run"):
         merge_runs([parts[0], parts[0]], tmp_path / "bad")
+
+
+def test_merging_one_arm_run_with_two_memory_configs_keeps_both(tiny_model, tmp_path):
+    """The same memory arm under two memory configs (e.g. payload precisions) merges as two arms."""
+    from nativemem.bench import merge_runs
+    from nativemem.bench.arms_activation import _SHARED
+
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(SQUAD))
+    runs = []
+    for kv in ("float32", "int4"):
+        _SHARED.clear()
+        runs.append(tmp_path / kv)
+        run_benchmark("squad", tiny_model, arms=["activation"], limit=3, out=runs[-1], data=data, k=1,
+                      max_new_tokens=3, progress=False, memory_options={"kv_dtype": kv})
+    _SHARED.clear()
+    merged = merge_runs(runs, tmp_path / "merged")
+    assert list(merged["arms"]) == ["activation", "activation[kv_dtype=int4]"]
+    assert merged["config"]["memory_options_by_arm"] == {"activation": {"kv_dtype": "float32"},
+                                                         "activation[kv_dtype=int4]": {"kv_dtype": "int4"}}
+    assert {c["a"] for c in merged["comparisons"]} | {c["b"] for c in merged["comparisons"]} == set(merged["arms"])
+    assert {r["arm"] for r in read_items(tmp_path / "merged")} == set(merged["arms"])

@@ -347,7 +347,8 @@ def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
 
     Raises:
         InputError: fewer than two folders, runs that differ in task, model, items or settings, or an arm
-            that appears in two of them.
+            that appears in two of them with the same memory options (with other options, the later one is
+            kept as ``arm[key=value]``).
     """
     from .results import load_results, read_items
 
@@ -357,6 +358,7 @@ def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     items_by_run = [read_items(d) for d in dirs]
     first = runs[0]
     arms: dict[str, Any] = {}
+    arms_options: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     order: list[str] | None = None
     for d, res, items in zip(dirs, runs, items_by_run):
@@ -369,12 +371,19 @@ def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
             if res["config"].get(key) != first["config"].get(key):
                 raise InputError(f"cannot merge {d}: config {key} is {res['config'].get(key)!r} there but "
                                  f"{first['config'].get(key)!r} in {dirs[0]}")
+        options = res["config"].get("memory_options") or {}
         for name in res["config"].get("arms") or list(res["arms"]):
             block = res["arms"][name]
-            if name in arms:
+            label = name
+            if name in arms and options != (arms_options.get(name) or {}):
+                # the same arm with another memory config (e.g. kv_dtype): kept apart under a labelled name
+                label = f"{name}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+            if label in arms:
                 raise InputError(f"cannot merge {d}: arm {name!r} is also in another run")
-            arms[name] = block
-            mine = sorted((r for r in items if r["arm"] == name), key=lambda r: r["rank"])
+            arms[label] = block
+            arms_options[label] = options
+            mine = [{**r, "arm": label} for r in sorted((r for r in items if r["arm"] == name),
+                                                        key=lambda r: r["rank"])]
             ids = [r["item_id"] for r in mine]
             if order is None:
                 order = ids
@@ -385,7 +394,8 @@ def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
               for name in arms}
     merged = dict(first)
     merged["arms"] = arms
-    merged["config"] = {**first["config"], "arms": list(arms), "merged_from": [str(Path(d)) for d in dirs]}
+    merged["config"] = {**first["config"], "arms": list(arms), "merged_from": [str(Path(d)) for d in dirs],
+                        "memory_options_by_arm": {a: o for a, o in arms_options.items() if o}}
     metric_names = sorted({m for block in arms.values() for m in block["metrics"]})
     merged["higher_is_better"] = dict.fromkeys(metric_names, True)
     merged["comparisons"] = _compare(list(arms), scores, int(first["seed"]))
