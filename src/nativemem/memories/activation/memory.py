@@ -140,19 +140,23 @@ class ActivationMemory(Memory):
                                  "digest": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}
         return list(self._frame_cache["ids"]), int(self._frame_cache["splice"])
 
-    def _enc(self, text: str) -> list[int]:
-        return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    def _enc(self, text: str, *, plain: bool = False) -> list[int]:
+        """Token ids of ``text``; ``plain``: control-token strings in it (``<|im_end|>``...) are encoded as the
+        characters they are, so stored or queried text can never close a turn or open a forged one."""
+        if not text:
+            return []
+        return list(self.lm.tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
 
     def chunk_layout(self, text: str) -> Layout:
         """``frame + chunk_prefix + " " + text + chunk_suffix`` (+ the compression prompt for pass 1/2)."""
         head = self.frame_ids()[0] + self._enc(self.config.chunk_prefix)
-        content = self._enc(" " + text if self.config.chunk_prefix else text)
+        content = self._enc(" " + text if self.config.chunk_prefix else text, plain=True)
         ids = head + content + self._enc(self.config.chunk_suffix)
         return Layout(tuple(ids), (len(head), len(head) + len(content)), tuple(self._enc(self.config.compress_prompt)))
 
     def query_layout(self, query: str) -> Layout:
         head = self._bos() + self._enc(self.config.query_prefix)
-        content = self._enc(" " + query if self.config.query_prefix else query)
+        content = self._enc(" " + query if self.config.query_prefix else query, plain=True)
         ids = head + content + self._enc(self.config.chunk_suffix)
         return Layout(tuple(ids), (len(head), len(head) + len(content)), tuple(self._enc(self.config.compress_prompt)))
 
