@@ -17,7 +17,9 @@ __all__ = ["check_text", "split_sentences", "chunk_text", "MAX_TEXT_CHARS"]
 MAX_TEXT_CHARS = 50_000_000  # one add/ask call; larger inputs should be streamed file by file
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])|\n\s*\n")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])|\n\s*\n"
+                           r"|(?<=[。！？])[」』”’）]*\s*")  # CJK sentence ends need no space after them
+_CHARS_PER_TOKEN = 16  # generous upper bound on the characters one token covers (bounds a cut's search window)
 
 
 def check_text(text: str | bytes, *, what: str = "text", max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -87,13 +89,44 @@ def _split_long(sentence: str, max_tokens: int, count_tokens: Callable[[str], in
             continue
         if current:
             out.append(current)
-        while count_tokens(word) > max_tokens:  # a "word" longer than the budget: cut on characters
-            cut = max(1, len(word) * max_tokens // max(1, count_tokens(word)))
-            while cut > 1 and count_tokens(word[:cut]) > max_tokens:
-                cut -= 1
-            out.append(word[:cut])
-            word = word[cut:]
-        current = word
+        pieces = _cut_run(word, max_tokens, count_tokens)  # a "word" longer than the budget: cut on characters
+        out.extend(pieces[:-1])
+        current = pieces[-1]
     if current:
         out.append(current)
     return out
+
+
+def _cut_run(word: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+    """Cut a run without spaces (a long "word", or unspaced CJK text) into pieces within the budget.
+
+    Each cut searches for the longest prefix within ``max_tokens``: it starts from the previous piece's
+    characters per token, gallops while the prefix still fits and then bisects, never looking beyond
+    ``_CHARS_PER_TOKEN * max_tokens`` characters. The whole run so costs counting work linear in its length
+    instead of re-counting the rest of the run at every cut.
+    """
+    pieces = []
+    per_token = 4.0  # characters per token, updated from every cut
+    while word:
+        limit = min(len(word), _CHARS_PER_TOKEN * max_tokens)
+        lo, hi = 0, min(limit, max(1, int(per_token * max_tokens * 1.1)))
+        while True:  # gallop: lo fits (0 trivially), find an hi that does not, or the limit
+            if count_tokens(word[:hi]) <= max_tokens:
+                lo = hi
+                if hi == limit:
+                    break
+                hi = min(limit, 2 * hi)
+            else:
+                hi -= 1
+                break
+        while lo < hi:  # bisect: word[:lo] fits, word[:hi + 1] does not
+            mid = (lo + hi + 1) // 2
+            if count_tokens(word[:mid]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        lo = max(lo, 1)  # one character always goes, even one over the budget
+        pieces.append(word[:lo])
+        per_token = max(0.25, lo / max(1, count_tokens(word[:lo])))
+        word = word[lo:]
+    return pieces

@@ -40,3 +40,20 @@ def test_sentences_and_chunks_keep_all_words_within_budget():
 def test_chunk_cuts_overlong_word():
     chunks = chunk_text("a" * 50, 3, lambda s: (len(s) + 9) // 10)
     assert "".join(chunks) == "a" * 50 and all(len(c) <= 30 for c in chunks)
+
+
+def test_unspaced_cjk_text_chunks_in_linear_work_and_splits_on_cjk_full_stops():
+    """A long run with no spaces used to be re-counted whole at every cut (quadratic). Now each cut searches
+    a bounded window: the characters counted grow linearly with the text."""
+    counted = []
+
+    def tokens(s):  # byte-level-ish: about one token per CJK character
+        counted.append(len(s))
+        return len(s.encode("utf-8")) // 3 + 1
+
+    run = "汉字文本没有空格" * 12_500  # 100,000 characters, no spaces, no sentence end
+    chunks = chunk_text(run, 256, tokens)
+    assert "".join(chunks) == run and all(tokens(c) <= 256 for c in chunks)
+    assert len(chunks) == pytest.approx(100_000 / 255, rel=0.02)  # each cut takes (nearly) a full budget
+    assert sum(counted) < 40 * len(run)  # linear: a bounded window, log-many counts per cut
+    assert split_sentences("第一句。第二句！第三句？最后") == ["第一句。", "第二句！", "第三句？", "最后"]
