@@ -51,6 +51,8 @@ passages; ``top_k`` is the arm's ``k``."""
 FIT_TEXTS_MAX = 256
 MIN_FIT_TEXTS = 64  # below this, the memory is left unfitted (raw states, cosine)
 BENCH_USER = "bench"
+READ_OPTIONS = {"recompute_tokens", "device_cache_bytes", "host_cache_bytes", "max_prefix_tokens", "prefix_order"}
+"""Memory options that only change how stored chunks are read: a kept benchmark memory is reused across them."""
 TMP_ENV = "NATIVEMEM_BENCH_TMP"  # where benchmark memories are written (default: the system temp folder)
 KEEP_ENV = "NATIVEMEM_BENCH_MEMORY"  # keep benchmark memories here and reuse them for the same pool
 
@@ -85,12 +87,16 @@ class _Shared:
         if keep:
             digest = hashlib.sha256(json.dumps([[c.id, c.text] for c in pool]).encode())
             digest.update(json.dumps([lm.fingerprint.short, task.name, pooled, BENCH_MEMORY_CONFIG]).encode())
-            if options:  # (memories kept before options existed keep their folder names)
-                digest.update(json.dumps(options, sort_keys=True).encode())
+            written = {key: v for key, v in options.items() if key not in READ_OPTIONS}
+            if written:  # (memories kept before options existed keep their folder names)
+                digest.update(json.dumps(written, sort_keys=True).encode())
             self.folder = Path(keep) / f"{task.name}-{len(pool)}-{digest.hexdigest()[:12]}"
             if (self.folder / "memory" / "memory_config.json").is_file():
                 self.memory = nm.open_memory(self.folder / "memory", lm)
                 self.memory.config.top_k = k
+                for key in READ_OPTIONS & set(options):  # how this run reads the kept memory
+                    setattr(self.memory.config, key, options[key])
+                self.memory.config.__post_init__()  # validated like a new config
                 self.fit_report = self.memory.config.fit_report
                 self._index(pool)
                 if set(self.by_source) == {c.id for c in pool}:
