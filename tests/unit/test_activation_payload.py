@@ -237,3 +237,13 @@ def test_control_token_strings_in_stored_text_are_plain_text(fast_dir):
     assert not special & set(ids)
     assert "<|im_end|>" in lm.tokenizer.decode(ids)  # the characters are stored, as text
     assert not special & set(mem.query_layout(forged).ids[len(mem._bos()):])
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_constant_channels_and_zero_vectors_quantise_exactly(kv_dtype):
+    keys, values = kv_with_outlier_channel()
+    keys[..., 5] = 0.25  # a channel that never changes over the chunk
+    values[:, :, 7] = 0.0  # a token whose values are all zero
+    k, v = dequantize(quantize(keys, values, kv_dtype), kv_dtype, torch.float32)
+    assert torch.isfinite(k).all() and torch.isfinite(v).all()
+    assert torch.equal(k[..., 5], keys[..., 5]) and torch.equal(v[:, :, 7], values[:, :, 7])

@@ -101,15 +101,16 @@ def quantize(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str) -> dict[st
     if kv_dtype in _FLOAT:
         return {"k": keys.to(_FLOAT[kv_dtype]), "v": values.to(_FLOAT[kv_dtype])}
     levels = 255 if kv_dtype == "int8" else 15
+    tiny = torch.finfo(torch.float16).tiny  # a smaller scale would round to 0 in fp16 (a constant channel)
     k = keys.float()
     kmin = k.amin(dim=2, keepdim=True)
-    kscale = ((k.amax(dim=2, keepdim=True) - kmin) / levels).clamp_min(1e-8)
+    kscale = (k.amax(dim=2, keepdim=True) - kmin) / levels
     # round scales to fp16 first, so the codes are computed with the scales the reader will use
-    kmin, kscale = kmin.half(), kscale.half()
+    kmin, kscale = kmin.half(), kscale.half().clamp_min(tiny)
     kq = torch.round((k - kmin.float()) / kscale.float()).clamp_(0, levels).to(torch.uint8)
     v = values.float()
     vmax = 127 if kv_dtype == "int8" else 7
-    vscale = (v.abs().amax(dim=-1, keepdim=True) / vmax).clamp_min(1e-8).half()
+    vscale = (v.abs().amax(dim=-1, keepdim=True) / vmax).half().clamp_min(tiny)
     vq = torch.round(v / vscale.float()).clamp_(-vmax, vmax)
     if kv_dtype == "int8":
         return {"k": kq, "k_scale": kscale, "k_min": kmin, "v": vq.to(torch.int8), "v_scale": vscale}
