@@ -1,8 +1,9 @@
 """The demo behind `make demo`: write a few short documents into a memory and ask about them.
 
 The documents describe invented things, so the model cannot know the answers without the memory.
-Until activation memory lands, the memory here is the `rag_bm25` baseline: BM25 over the documents,
-the best passage placed in the prompt. Each question is answered with and without the memory.
+This is the text-retrieval baseline (`nativemem demo --kind bm25`): BM25 over the documents, the best
+passage placed in the prompt; the default demo (`activation_demo.py`) injects the documents' own KV.
+Each question is answered with and without the memory.
 """
 
 from __future__ import annotations
