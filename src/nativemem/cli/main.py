@@ -232,11 +232,12 @@ _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "locomo": ("nativemem.bench.tasks.locomo", "run_locomo"),
                "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark"),
                "write": ("nativemem.bench.write_speed", "run_write"),
-               "scale": ("nativemem.bench.scale", "run_scale")}
+               "scale": ("nativemem.bench.scale", "run_scale"),
+               "boundary": ("nativemem.bench.boundary", "run_boundary")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
               "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
-              "scale": ()}
+              "scale": (), "boundary": ()}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
