@@ -1,21 +1,24 @@
 """ActivationMemory: chunks stored as the model's own KV (payload) plus retrieval vectors from its own states.
 
 Write (:meth:`ActivationMemory.add`): sentence-aware chunks under a token budget; per batch of chunks one
-payload forward pass (KV with pre-RoPE keys, token vectors, the KV-Embedding slot) and one re-routed pass
-(pooled vector); blobs are written and fsynced, then the index points are upserted and flushed, then the
-chunk is acknowledged in the receipt.
+payload forward pass (KV with pre-RoPE keys, token vectors, the KV-Embedding slot) and, for memories that
+index it, one re-routed pass (pooled vector). Each chunk's KV is quantised where it was computed and becomes
+one record (:mod:`.payload`); a worker thread appends the batch's records to a segment with one fsync, then
+upserts and flushes its index points, while the model encodes the next batch; the add returns (every chunk
+acknowledged) once all batches are committed.
 
 Frame (``config.frame``): every chunk is written after the same head. ``chat`` (default on chat models):
 the chat template's system turn (``frame_system``) and the opening of the user turn, so ``Context: <chunk>``
 sits inside the user message, where RAG prompts paste passages; ``raw``: after BOS alone.
 
-Read (:meth:`search`, :meth:`active`): the query is encoded the same way and searched with the configured
-variant, restricted to the caller's ``user_id``; the frame's KV and the retrieved chunks' KV become a
-prefix cache (keys rotated for their new positions). A prompt that starts with the frame's head (same
+Read (:meth:`search`, :meth:`active`): the query is encoded the same way (up to the retrieval layer only)
+and searched with the configured variant, restricted to the caller's ``user_id``; the retrieved chunks come
+from the tiers (:mod:`.tiers`: device, host RAM, disk) and, with the frame's KV, become a prefix cache
+(keys rotated for their new positions). A prompt that starts with the frame's head (same
 system prompt) continues right after the chunks without it (:attr:`Injection.splice`), so ``lm.generate``
 prefills only the question and the end of the user turn; another prompt gets the whole prefix before it.
-A chunk whose blob is missing or corrupted is skipped with a :class:`ChunkSkippedWarning`; the others are
-still served. Several chunks are encoded independently, so a later chunk never attended to an earlier one
+A chunk whose payload is missing or corrupted is skipped with a :class:`ChunkSkippedWarning`; the others
+are still served. Several chunks are encoded independently, so a later chunk never attended to an earlier one
 (unlike the same tokens given as text); with one chunk, injection equals the text prompt exactly.
 """
 

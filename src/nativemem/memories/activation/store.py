@@ -1,4 +1,5 @@
-"""Where activation memory lives: a Qdrant index of retrieval vectors and a folder of payload blobs.
+"""Where activation memory lives: a Qdrant index of retrieval vectors, and the payload (segment files of
+compressed records, :mod:`.payload`; content-addressed blobs from earlier versions and residual payloads).
 
 Schema (identical for both backends): named vectors ``pooled`` (cosine) and ``tokens`` (cosine
 multivector, MaxSim), sparse vector ``bm25`` (IDF modifier; documents and queries embedded with Qdrant's
@@ -10,13 +11,16 @@ also the point id.
   ``<memory>/store``. Every upsert is followed by ``flush()``, so a returned write is on disk.
 - :class:`ClientIndex`: ``qdrant-client`` against a server or cluster (one collection per model
   fingerprint and retrieval transform), or its local mode (``:memory:`` or a folder) for tests.
-- :class:`BlobStore`: content-addressed safetensors files ``blobs/ab/abcdef....safetensors``, written to a
-  temp file, fsynced and renamed, with the folder fsynced after the rename.
+- :class:`~.payload.SegmentStore` (``segments/``): append-only files of KV records; a point's ``blob``
+  field names its record (``seg:<file>:<offset>:<length>``).
+- :class:`BlobStore`: content-addressed safetensors files ``blobs/ab/abcdef....safetensors`` (payloads of
+  earlier versions, and ``payload="residual"``), written to a temp file, fsynced and renamed, with the
+  folder fsynced after the rename.
 
-Write order (crash safety): blob written and fsynced -> index upsert + flush -> acknowledged. A kill
-between the two leaves an unreferenced blob (harmless; :meth:`ActivationMemory.gc` removes it), never an
-acknowledged point without its blob. Deletion goes the other way: index points first, then blobs no
-longer referenced.
+Write order (crash safety): payload written and fsynced -> index upsert + flush -> acknowledged. A kill
+between the two leaves unreferenced bytes (harmless; :meth:`ActivationMemory.gc` removes segment files and
+blobs nothing refers to), never an acknowledged point without its payload. Deletion goes the other way:
+index points first, then blobs no longer referenced (segment space is reclaimed by ``gc``).
 
 Locking: an embedded store is opened by one process at a time (Qdrant Edge itself locks its WAL); a
 ``memory.lock`` file held with portalocker turns a second process into a clear
