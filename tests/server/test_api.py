@@ -135,6 +135,9 @@ BAD_BODIES = [
     ("/v1/memories", b'{"text": "ok", "metadata": [1]}', "metadata"),
     ("/v1/memories", b'{"text": "ok", "metadata": {"n": 1e999}}', "not finite"),
     ("/v1/memories/search", b'{"query": "x", "k": -1}', "k"),
+    ("/v1/memories/search", b'{"query": "x", "k": "3"}', "k"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k="3")).encode(), "top_k"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k=True)).encode(), "top_k"),
     ("/v1/memories/search", b'{"query": ""}', "query"),
 ]
 
@@ -165,6 +168,8 @@ def test_oversize_body_gets_413(served):
 def test_unknown_routes_and_methods_are_4xx(served):
     with _client(served, "alice") as c:
         assert c.get("/v1/nothing").status_code == 404
+        r = c.get("/v1/memories/", headers={"Host": "evil.example.com"})  # never redirected to the request's host
+        assert r.status_code == 404 and "location" not in r.headers
         assert c.put("/v1/memories").status_code == 405
         assert c.get("/v1/models/other-model").status_code == 404
         assert c.get(f"/v1/models/{served.lm.name}").json()["id"] == served.lm.name
@@ -271,7 +276,10 @@ def test_request_timeout_answers_503_or_504(model_dir):
 def test_api_key_file_errors_never_show_keys(tmp_path, monkeypatch):
     secret = "sk-very-secret-123"
     cases = [b"", b"\xff\xfe", f'{{"{secret}": "alice",'.encode(), f'["{secret}"]'.encode(),
-             f'{{"{secret}": ""}}'.encode(), f'{{"{secret}": 5}}'.encode(), b"{}", f'{{" {secret}": "a"}}'.encode()]
+             f'{{"{secret}": ""}}'.encode(), f'{{"{secret}": 5}}'.encode(), b"{}", f'{{" {secret}": "a"}}'.encode(),
+             f'{{"{secret}": "alice", "{secret}": "bob"}}'.encode(),  # one key for two users: refused
+             f'{{"{secret}é": "alice"}}'.encode(),  # cannot travel in an HTTP header: refused
+             f'{{"{secret}": "alice "}}'.encode()]  # "alice " and "alice" would be two users: refused
     for i, content in enumerate(cases):
         path = tmp_path / f"keys{i}.json"
         path.write_bytes(content)

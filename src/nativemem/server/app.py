@@ -259,7 +259,9 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
                 if close is not None:
                     close()
 
-    app = FastAPI(title="nativemem", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # no trailing-slash redirects: they are built from the request's Host header
+    app = FastAPI(title="nativemem", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
 

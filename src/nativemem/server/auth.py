@@ -38,13 +38,13 @@ class KeyRing:
         for i, (key, user) in enumerate(keys.items()):
             where = f"entry {i + 1}"
             if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS or not key.isprintable() \
-                    or key != key.strip():
-                raise InputError(f"API keys: the key of {where} must be a printable string of 1 to {MAX_KEY_CHARS} "
-                                 "characters without surrounding spaces")
+                    or key != key.strip() or not key.isascii():
+                raise InputError(f"API keys: the key of {where} must be a printable ASCII string of 1 to "
+                                 f"{MAX_KEY_CHARS} characters without surrounding spaces (an HTTP header carries it)")
             if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_ID_CHARS \
-                    or not user.isprintable():
+                    or not user.isprintable() or user != user.strip():
                 raise InputError(f"API keys: the user id of {where} must be a non-empty printable string of at most "
-                                 f"{MAX_USER_ID_CHARS} characters")
+                                 f"{MAX_USER_ID_CHARS} characters without surrounding spaces")
             self._users[_digest(key)] = user
         if not self._users:
             raise InputError("API keys: the file maps no key to a user; add {\"KEY\": \"USER_ID\"} entries")
@@ -60,6 +60,19 @@ class KeyRing:
 
     def users(self) -> set[str]:
         return set(self._users.values())
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for i, (k, v) in enumerate(pairs):
+        if k in seen:
+            raise _DuplicateKey(i + 1)  # the position, never the key itself
+        seen[k] = v
+    return seen
 
 
 def load_api_keys(path: str | os.PathLike | None = None) -> KeyRing | None:
@@ -78,7 +91,7 @@ def load_api_keys(path: str | os.PathLike | None = None) -> KeyRing | None:
     if path.stat().st_size > MAX_KEYS_FILE_BYTES:
         raise InputError(f"API keys file {path} is larger than {MAX_KEYS_FILE_BYTES >> 20} MiB")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
         raise InputError(f"API keys file {path} is not UTF-8 (bad byte at offset {e.start})") from None
     except ValueError as e:  # the message names a line and column, never the content
@@ -86,6 +99,9 @@ def load_api_keys(path: str | os.PathLike | None = None) -> KeyRing | None:
                          f"{getattr(e, 'colno', '?')}") from None
     except RecursionError:
         raise InputError(f"API keys file {path} is nested too deeply") from None
+    except _DuplicateKey as e:
+        raise InputError(f"API keys file {path} lists entry {e.args[0]} twice (a key can belong to one user only)") \
+            from None
     if not isinstance(data, dict):
         raise InputError(f"API keys file {path} must hold one JSON object {{\"KEY\": \"USER_ID\", ...}}, "
                          f"not a {type(data).__name__}")

@@ -30,7 +30,8 @@ MAX_METADATA_CHARS = 16_384
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", str_max_length=MAX_TEXT_CHARS)
+    # strict: "3" or true is not a number, 1 is not a boolean (a client bug is reported, not guessed at)
+    model_config = ConfigDict(extra="ignore", str_max_length=MAX_TEXT_CHARS, strict=True)
 
 
 class _TextPart(BaseModel):
