@@ -44,6 +44,11 @@ def test_activation_arms_run_and_report_retrieval_and_cost(squad_run):
     for r in records:  # same retrieval, and the text arm prefills prefix + prompt
         assert text[r["item_id"]]["retrieved"] == r["retrieved"]
         assert text[r["item_id"]]["prompt_tokens"] == r["prompt_tokens"] + r["prefix_tokens"]
+    # retrieval arms report their search time and search + TTFT; arms that do not search report neither
+    assert all(r["search_s"] > 0 for r in records) and all(r["search_s"] is None for r in oracle)
+    cost = act["cost"]
+    assert cost["end_to_end_median_s"] >= cost["search_median_s"] > 0
+    assert "search_median_s" not in res["arms"]["activation_oracle"]["cost"]
 
 
 def test_text_same_order_answers_match_activation(squad_run):

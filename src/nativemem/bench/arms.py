@@ -23,6 +23,9 @@ Adding an arm in another module::
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -62,6 +65,7 @@ class ArmOutput:
         retrieved: ``(chunk_id, score)`` pairs, best first (retrieval arms only).
         skip_reason: Short reason key (e.g. ``"context_overflow"``) if the item was not answered.
         skip_detail: Human-readable explanation of the skip.
+        search_s: Retrieval time in seconds (retrieval arms; outside ``ttft_s``, which starts at generation).
     """
 
     text: str = ""
@@ -74,6 +78,7 @@ class ArmOutput:
     retrieved: tuple[tuple[str, float], ...] = ()
     skip_reason: str | None = None
     skip_detail: str | None = None
+    search_s: float | None = None
 
     @property
     def skipped(self) -> bool:
@@ -190,8 +195,11 @@ class RetrievalArm(Arm):
 
     def answer(self, item: QAItem) -> ArmOutput:
         """Retrieve ``k`` chunks for the question and answer from them."""
+        start = time.perf_counter()
         hits = tuple(self.retriever.search(item.question, self.k))
-        return self.generate_answer(item, [self.chunks[cid].text for cid, _ in hits], hits)
+        search_s = time.perf_counter() - start
+        out = self.generate_answer(item, [self.chunks[cid].text for cid, _ in hits], hits)
+        return dataclasses.replace(out, search_s=search_s)
 
     def bytes_stored(self) -> int:
         """Size of the index."""

@@ -25,6 +25,7 @@ loading, re-rotation and cache assembly are inside it. Tasks that set ``retrieva
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -174,12 +175,17 @@ class _MemoryArm(Arm):
         return self.shared.bytes_stored()
 
     def retrieve(self, item: QAItem) -> tuple[list[str], tuple[tuple[str, float], ...]]:
-        """Memory chunk ids to inject and ``(pool chunk id, score)`` pairs, best first."""
+        """Memory chunk ids to inject and ``(pool chunk id, score)`` pairs, best first (``last_search_s``: the
+        search's time, query encoding included)."""
+        import time
+
+        start = time.perf_counter()
         scope = None
         if getattr(self.task, "retrieval_scope", "pool") == "source":
             scope = [m for cid in item.source_chunk_ids for m in self.shared.by_source.get(cid, [])]
         hits = self.memory.search(item.question, k=self.k, user_id=BENCH_USER, variant=self.variant,
                                   memory_ids=scope)
+        self.last_search_s = time.perf_counter() - start
         retrieved, seen = [], set()
         for h in hits:
             cid = self.shared.source_of.get(h.id, h.payload.get("source_id"))
@@ -203,7 +209,7 @@ class ActivationArm(_MemoryArm):
 
     def answer(self, item: QAItem) -> ArmOutput:
         ids, retrieved = self.retrieve(item)
-        return self.answer_with(item, ids, retrieved)
+        return dataclasses.replace(self.answer_with(item, ids, retrieved), search_s=self.last_search_s)
 
 
 @register_arm("activation_pooled")
@@ -263,7 +269,8 @@ class TextSameOrderArm(_MemoryArm):
             gen = self.lm.generate(full, max_new_tokens=self.max_new_tokens)
         except ContextOverflowError as e:
             return self._overflow(e.tokens, limit, retrieved)
-        return ArmOutput(text=postprocess_answer(gen.text), raw_text=gen.text, ttft_s=float(gen.ttft_s),
+        return ArmOutput(search_s=self.last_search_s, text=postprocess_answer(gen.text), raw_text=gen.text,
+                         ttft_s=float(gen.ttft_s),
                          total_s=float(gen.total_s), prompt_tokens=int(gen.prompt_tokens),
                          new_tokens=int(gen.new_tokens), prefix_tokens=0, retrieved=retrieved)
 

@@ -31,6 +31,8 @@ RANDOM_WEIGHTS_NOTE = ("quality metrics of this run are meaningless "
 
 _COST_COLUMNS = (
     ("ttft_median_s", "TTFT med (s)"),
+    ("search_median_s", "search med (s)"),
+    ("end_to_end_median_s", "search+TTFT med (s)"),
     ("prompt_tokens_mean", "prompt tok mean"),
     ("prompt_tokens_median", "prompt tok med"),
     ("wall_s", "wall (s)"),

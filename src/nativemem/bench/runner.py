@@ -139,6 +139,10 @@ def _summarise(
         new_tokens_mean=_mean([o.new_tokens for o in scored]),
         generate_s_total=float(sum(o.total_s or 0.0 for o in scored)),
     )
+    searched = [o for o in scored if o.search_s is not None and o.ttft_s is not None]
+    if searched:  # retrieval arms: what a user waits for is the search and then the first token
+        cost.update(search_median_s=_median([o.search_s for o in searched]),
+                    end_to_end_median_s=_median([o.search_s + o.ttft_s for o in searched]))
     reasons = Counter(o.skip_reason for o in outputs if o.skipped)
     return {
         "n": len(outputs),
@@ -290,6 +294,7 @@ def run_benchmark(
                 "skip_detail": output.skip_detail,
                 "metrics": s,
                 "ttft_s": output.ttft_s,
+                "search_s": output.search_s,
                 "total_s": output.total_s,
                 "prompt_tokens": output.prompt_tokens,
                 "new_tokens": output.new_tokens,
