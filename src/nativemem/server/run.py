@@ -57,6 +57,12 @@ def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "1
     if path.exists() and not path.is_dir():
         raise InputError(f"--memory {path} is not a folder")
     lm = nm.load_model(model, dtype=dtype, device=device)
+    if lm.device.type == "cuda":
+        # cuDNN's attention kernel builds an execution plan for every new prompt length (measured ~60 ms per
+        # length on an H200, docs/benchmarks.md); a server sees a new length with nearly every request
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     mem = nm.open_memory(path, lm, kind="activation")
     app = create_app(keys=keys, settings=settings, lm=lm, memory=mem)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
