@@ -329,7 +329,7 @@ def _load_random(source: str, torch_dtype: torch.dtype, device: str, name: str |
     The fingerprint is ``random:NAME`` with revision ``random-init:seed=SEED`` (an 8B model's weights
     are not hashed), and ``lm.random_weights`` is True, which benchmark results record.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     from .model import LanguageModel

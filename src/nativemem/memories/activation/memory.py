@@ -265,9 +265,10 @@ class ActivationMemory(Memory):
                           details={"chunks": [], "payload": self.config.payload, "kv_dtype": self.config.kv_dtype,
                                    "bytes_per_token": self.bytes_per_token(), "user_id": user})
         if not self.pooled_transform.fitted:
-            receipt.notes.append("retrieval transform not fitted (raw states, cosine): call fit() on a separate "
-                                 "fit set before adding for better retrieval")
-        store = self.store
+            receipt.notes.append("retrieval transform not fitted (raw states, or a random projection of them for "
+                                 "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
+                                 "for better retrieval")
+        _ = self.store  # opened (and, for the embedded backend, locked) before any work
         # batches of similar lengths (less padding); the receipt keeps the input order
         order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
         done: dict[int, dict[str, Any]] = {}
