@@ -57,7 +57,7 @@ def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "1
     if path.exists() and not path.is_dir():
         raise InputError(f"--memory {path} is not a folder")
     lm = nm.load_model(model, dtype=dtype, device=device)
-    if lm.device.type == "cuda":
+    if getattr(getattr(lm, "device", None), "type", None) == "cuda":
         # cuDNN's attention kernel builds an execution plan for every new prompt length (measured ~60 ms per
         # length on an H200, docs/benchmarks.md); a server sees a new length with nearly every request
         import torch
