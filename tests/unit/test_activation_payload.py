@@ -247,3 +247,23 @@ def test_constant_channels_and_zero_vectors_quantise_exactly(kv_dtype):
     k, v = dequantize(quantize(keys, values, kv_dtype), kv_dtype, torch.float32)
     assert torch.isfinite(k).all() and torch.isfinite(v).all()
     assert torch.equal(k[..., 5], keys[..., 5]) and torch.equal(v[:, :, 7], values[:, :, 7])
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_key_groups_give_finer_key_scales_and_round_trip_through_a_memory(kv_dtype, fast_dir):
+    keys, values = kv_with_outlier_channel(T=70)
+    keys[:, :, 40:] *= 8  # the second half of the chunk spans a much wider range
+    whole = dequantize(quantize(keys, values, kv_dtype), kv_dtype, torch.float32)[0]
+    grouped_parts = quantize(keys, values, kv_dtype, key_group=32)
+    assert grouped_parts["k_scale"].shape[2] == 3  # 70 tokens: three groups of at most 32
+    grouped = dequantize(grouped_parts, kv_dtype, torch.float32)[0]
+    assert (grouped - keys)[:, :, :40].abs().mean() < 0.5 * (whole - keys)[:, :, :40].abs().mean()
+    lm = tiny_lm("llama")
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", kv_dtype=kv_dtype, key_group=8)
+    rid = mem.add(TEXT, user_id="u").ids[0]
+    payload = dict(mem.store.index.get([rid]))[rid]
+    ids, kv = mem.load_chunk(payload)
+    assert kv.length == len(ids) and mem._fetch(payload)[1].header["key_group"] == 8
+    prompt = lm.chat_ids(QUESTION)
+    torch.testing.assert_close(lm.logits(prompt, memory=mem.injecting([rid])), text_logits(lm, mem, [rid], prompt),
+                               rtol=0, atol=5e-2)

@@ -67,6 +67,9 @@ class ActivationConfig(MemoryConfig):
                 "of the default model (docs/benchmarks.md)"})
     checkpoint_layer: int | None = field(default=None, metadata={
         "help": "layer whose input residual is stored when payload='residual'; None = one third of the depth"})
+    key_group: int = field(default=0, metadata={
+        "help": "int8/int4: at most this many tokens share one key scale per channel (KIVI groups; finer scales, "
+                "4 more bytes per channel and group); 0 = one per channel over the whole chunk"})
     device_cache_bytes: int | None = field(default=None, metadata={
         "help": "byte budget of the device tier (chunks' stored KV kept in GPU memory, least recently used out); "
                 "None = 1 GiB on a CUDA device, 0 elsewhere"})
@@ -145,7 +148,7 @@ class ActivationConfig(MemoryConfig):
                                      ("frame", self.frame, FRAMES)):
             if value not in allowed:
                 raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
-        for name in ("host_cache_bytes", "recompute_tokens", "device_cache_bytes"):
+        for name in ("host_cache_bytes", "recompute_tokens", "device_cache_bytes", "key_group"):
             value = getattr(self, name)
             if value is None and name == "device_cache_bytes":
                 continue

@@ -315,7 +315,8 @@ class ActivationMemory(Memory):
 
     def _record_header(self, tokens: int) -> dict[str, Any]:
         g = self.geometry
-        return {"tokens": tokens, "kv_dtype": self.config.kv_dtype, "num_layers": g.num_layers,
+        return {"tokens": tokens, "kv_dtype": self.config.kv_dtype, "key_group": self.config.key_group,
+                "num_layers": g.num_layers,
                 "num_kv_heads": g.num_kv_heads, "head_dim": g.head_dim, "fingerprint": self.fingerprint.short,
                 "frame": self._frame_digest(), "bos": bool(self._bos())}
 
@@ -334,7 +335,9 @@ class ActivationMemory(Memory):
             keys = torch.stack([k[:, skip:] for k in kv.keys])
             values = torch.stack([v[:, skip:] for v in kv.values])
             ids = list(layout.ids[skip + enc.start:])
-            bodies.append(pack(ids, quantize(keys, values, self.config.kv_dtype), kv_dtype=self.config.kv_dtype))
+            group = self.config.key_group
+            bodies.append(pack(ids, quantize(keys, values, self.config.kv_dtype, group), kv_dtype=self.config.kv_dtype,
+                               key_group=group))
             headers.append(self._record_header(len(ids)))
         flat = torch.cat(bodies)
         if flat.device.type != "cpu":

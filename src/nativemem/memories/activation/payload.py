@@ -12,7 +12,8 @@ How this works:
 
   ``float16`` / ``bfloat16`` / ``float32``: keys and values as they are.
   ``int8``: keys asymmetric per channel (uint8 codes, fp16 scale and minimum per layer, head and channel
-  over the chunk's tokens); values symmetric per token (int8 codes, fp16 scale per layer, head and token).
+  over the chunk's tokens, or over groups of at most ``key_group`` tokens, as the header says); values
+  symmetric per token (int8 codes, fp16 scale per layer, head and token).
   ``int4``: the same grouping with 4-bit codes, two per byte (keys 0..15 asymmetric, values -7..7
   symmetric, stored +8).
 
@@ -61,8 +62,13 @@ def _align(n: int, to: int = ALIGN) -> int:
     return n + (-n % to)
 
 
-def sections(kv_dtype: str, L: int, H: int, T: int, D: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """Name, dtype and shape of each body section, in order."""
+def _groups(T: int, key_group: int) -> int:
+    return -(-T // key_group) if key_group else 1
+
+
+def sections(kv_dtype: str, L: int, H: int, T: int, D: int,
+             key_group: int = 0) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """Name, dtype and shape of each body section, in order (``key_group``: tokens per key scale, 0 = all)."""
     out: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("ids", torch.int32, (T,))]
     if kv_dtype in _FLOAT:
         dt = _FLOAT[kv_dtype]
@@ -70,44 +76,56 @@ def sections(kv_dtype: str, L: int, H: int, T: int, D: int) -> list[tuple[str, t
     if kv_dtype not in QUANTIZED:
         raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
     width = D if kv_dtype == "int8" else D // 2
-    return out + [("k", torch.uint8, (L, H, T, width)), ("k_scale", torch.float16, (L, H, 1, D)),
-                  ("k_min", torch.float16, (L, H, 1, D)),
+    G = _groups(T, key_group)
+    return out + [("k", torch.uint8, (L, H, T, width)), ("k_scale", torch.float16, (L, H, G, D)),
+                  ("k_min", torch.float16, (L, H, G, D)),
                   ("v", torch.int8 if kv_dtype == "int8" else torch.uint8, (L, H, T, width)),
                   ("v_scale", torch.float16, (L, H, T, 1))]
 
 
-def _layout(kv_dtype: str, L: int, H: int, T: int, D: int) -> tuple[list[tuple[str, torch.dtype, tuple, int, int]], int]:
+def _layout(kv_dtype: str, L: int, H: int, T: int, D: int,
+            key_group: int = 0) -> tuple[list[tuple[str, torch.dtype, tuple, int, int]], int]:
     """Sections with their (offset, nbytes) in the body, and the body size."""
     out, offset = [], 0
-    for name, dtype, shape in sections(kv_dtype, L, H, T, D):
+    for name, dtype, shape in sections(kv_dtype, L, H, T, D, key_group):
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         out.append((name, dtype, shape, offset, n))
         offset = _align(offset + n)
     return out, offset
 
 
-def body_size(kv_dtype: str, L: int, H: int, T: int, D: int) -> int:
-    return _layout(kv_dtype, L, H, T, D)[1]
+def body_size(kv_dtype: str, L: int, H: int, T: int, D: int, key_group: int = 0) -> int:
+    return _layout(kv_dtype, L, H, T, D, key_group)[1]
 
 
-def record_bytes(kv_dtype: str, L: int, H: int, T: int, D: int) -> int:
+def record_bytes(kv_dtype: str, L: int, H: int, T: int, D: int, key_group: int = 0) -> int:
     """Bytes of one whole record (header included, estimated at 512 bytes) for T tokens."""
-    return body_size(kv_dtype, L, H, T, D) + 512
+    return body_size(kv_dtype, L, H, T, D, key_group) + 512
 
 
 # ---------------------------------------------------------------------------- quantisation
-def quantize(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str) -> dict[str, torch.Tensor]:
-    """Stored sections (without ids) of pre-RoPE keys and values (L, H, T, D), on their device."""
+def quantize(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str, key_group: int = 0) -> dict[str, torch.Tensor]:
+    """Stored sections (without ids) of pre-RoPE keys and values (L, H, T, D), on their device.
+
+    ``key_group``: at most this many tokens share one key scale and minimum per channel (KIVI's grouping;
+    the chunk is split into ceil(T / key_group) groups of equal size); 0 = one per channel for the chunk.
+    """
     if kv_dtype in _FLOAT:
         return {"k": keys.to(_FLOAT[kv_dtype]), "v": values.to(_FLOAT[kv_dtype])}
     levels = 255 if kv_dtype == "int8" else 15
     tiny = torch.finfo(torch.float16).tiny  # a smaller scale would round to 0 in fp16 (a constant channel)
     k = keys.float()
-    kmin = k.amin(dim=2, keepdim=True)
-    kscale = (k.amax(dim=2, keepdim=True) - kmin) / levels
+    L, H, T, D = k.shape
+    G = _groups(T, key_group)
+    g = -(-T // G)
+    padded = torch.cat([k, k[:, :, -1:].expand(L, H, G * g - T, D)], dim=2) if G * g > T else k
+    grouped = padded.view(L, H, G, g, D)
+    kmin = grouped.amin(dim=3)
+    kscale = (grouped.amax(dim=3) - kmin) / levels
     # round scales to fp16 first, so the codes are computed with the scales the reader will use
     kmin, kscale = kmin.half(), kscale.half().clamp_min(tiny)
-    kq = torch.round((k - kmin.float()) / kscale.float()).clamp_(0, levels).to(torch.uint8)
+    kq = torch.round((k - _per_token(kmin.float(), T)) / _per_token(kscale.float(), T)).clamp_(0, levels)
+    kq = kq.to(torch.uint8)
     v = values.float()
     vmax = 127 if kv_dtype == "int8" else 7
     vscale = (v.abs().amax(dim=-1, keepdim=True) / vmax).half().clamp_min(tiny)
@@ -116,6 +134,14 @@ def quantize(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str) -> dict[st
         return {"k": kq, "k_scale": kscale, "k_min": kmin, "v": vq.to(torch.int8), "v_scale": vscale}
     vq = (vq + 8).to(torch.uint8)
     return {"k": _pack4(kq), "k_scale": kscale, "k_min": kmin, "v": _pack4(vq), "v_scale": vscale}
+
+
+def _per_token(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Per-group key scales (L, H, G, D) spread over the T tokens of the groups (G = 1: broadcast)."""
+    G = x.shape[2]
+    if G == 1:
+        return x
+    return x.repeat_interleave(-(-T // G), dim=2)[:, :, :T]
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:
@@ -142,7 +168,8 @@ def dequantize(parts: dict[str, torch.Tensor], kv_dtype: str, dtype: torch.dtype
             kq, vq = _unpack4(kq), _unpack4(vq)
             vq = vq.to(torch.int8) - 8
         # float32 arithmetic (a bf16 product of code and scale would add its own rounding to the codes')
-        k = torch.addcmul(parts["k_min"].float(), kq.float(), parts["k_scale"].float())
+        T = kq.shape[2]
+        k = torch.addcmul(_per_token(parts["k_min"].float(), T), kq.float(), _per_token(parts["k_scale"].float(), T))
         v = vq.float() * parts["v_scale"].float()
     if out_k is None:
         return k.to(dtype), v.to(dtype)
@@ -171,19 +198,20 @@ class Record:
         """Views of the sections in ``body`` (default: this record's own)."""
         h = self.header
         body = self.body if body is None else body
-        layout, _ = _layout(h["kv_dtype"], h["num_layers"], h["num_kv_heads"], h["tokens"], h["head_dim"])
+        layout, _ = _layout(h["kv_dtype"], h["num_layers"], h["num_kv_heads"], h["tokens"], h["head_dim"],
+                            int(h.get("key_group", 0)))
         return {name: body[off: off + n].view(dtype).view(shape) for name, dtype, shape, off, n in layout}
 
     def ids(self) -> list[int]:
         return self.parts()["ids"].tolist()
 
 
-def pack(ids: list[int], stored: dict[str, torch.Tensor], *, kv_dtype: str) -> torch.Tensor:
+def pack(ids: list[int], stored: dict[str, torch.Tensor], *, kv_dtype: str, key_group: int = 0) -> torch.Tensor:
     """The body of one record as a uint8 tensor on the sections' device (ids are added here)."""
     any_part = stored["k"]
     L, H, T = any_part.shape[:3]
     D = int(stored["k_scale"].shape[-1]) if "k_scale" in stored else int(any_part.shape[3])
-    layout, size = _layout(kv_dtype, L, H, T, D)
+    layout, size = _layout(kv_dtype, L, H, T, D, key_group)
     body = torch.zeros(size, dtype=torch.uint8, device=any_part.device)
     full = {"ids": torch.tensor(ids, dtype=torch.int32, device=any_part.device), **stored}
     for name, dtype, shape, off, n in layout:
