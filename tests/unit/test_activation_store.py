@@ -155,6 +155,22 @@ def _run(code: str, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
+def _acknowledged(proc: subprocess.Popen, at_least: int) -> tuple[str | None, list[str]]:
+    """The writer's pid and the chunk ids it acknowledged, read until ``at_least`` ids (or 120 s)."""
+    acked: list[str] = []
+    child = None
+    deadline = time.monotonic() + 120
+    while len(acked) < at_least and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("PID"):
+            child = line.split()[1]
+        if line.startswith("ACK"):
+            acked += line.split()[1:]
+    return child, acked
+
+
 WRITER_CODE = """
 import os, sys
 from testing import tiny_lm
@@ -173,17 +189,7 @@ def test_second_writer_is_locked_out_and_a_sigkill_keeps_acknowledged_chunks(lm,
     """A real second process writes; this one is refused with a clear error; then the writer is killed with
     SIGKILL in the middle of its adds, and every chunk it acknowledged is readable afterwards."""
     proc = _run(WRITER_CODE, str(tmp_path / "m"))
-    acked: list[str] = []
-    child = None
-    deadline = time.monotonic() + 120
-    while len(acked) < 4 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("PID"):
-            child = line.split()[1]
-        if line.startswith("ACK"):
-            acked += line.split()[1:]
+    child, acked = _acknowledged(proc, 4)
     with pytest.raises(MemoryLockedError, match=f"pid {child}.*one process at a time"):
         nm.open_memory(tmp_path / "m", lm)
     time.sleep(0.05)  # land the kill inside a later add (encoding, blob write or upsert)
@@ -221,14 +227,7 @@ def test_a_sigkill_during_group_commits_keeps_every_acknowledged_chunk(lm, tmp_p
     for attempt, delay in enumerate((0.02, 0.11, 0.27)):
         folder = tmp_path / f"m{attempt}"
         proc = _run(GROUP_WRITER_CODE, str(folder))
-        acked: list[str] = []
-        deadline = time.monotonic() + 120
-        while len(acked) < 6 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("ACK"):
-                acked += line.split()[1:]
+        _, acked = _acknowledged(proc, 6)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -96,12 +96,13 @@ def run_boundary(lm, *, out: str | Path, data: str | Path | None = None, limit: 
                     if lm.device.type == "cuda":
                         torch.cuda.synchronize(lm.device)
                     seconds = time.perf_counter() - start
-                rows[n].append({"kl": float((ref.exp() * (ref - got)).sum()), "top1": float(ref.argmax() == got.argmax()),
-                                "seconds": seconds, "prefix_tokens": P})
+                rows[n].append({"kl": float((ref.exp() * (ref - got)).sum()),
+                                "top1": float(ref.argmax() == got.argmax()), "seconds": seconds, "prefix_tokens": P})
         memory.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    summary = {str(n): {"kl_mean": statistics.mean(r["kl"] for r in rs), "kl_median": statistics.median(r["kl"] for r in rs),
+    summary = {str(n): {"kl_mean": statistics.mean(r["kl"] for r in rs),
+                        "kl_median": statistics.median(r["kl"] for r in rs),
                         "top1_agreement": statistics.mean(r["top1"] for r in rs),
                         "prefix_and_question_s_median": statistics.median(r["seconds"] for r in rs)}
                for n, rs in rows.items()}

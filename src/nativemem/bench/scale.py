@@ -87,13 +87,12 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
     import nativemem as nm
 
     from ..errors import InputError
-    from ..text import chunk_text
     from .arms_activation import BENCH_MEMORY_CONFIG
     from .prompts import build_messages
     from .results import write_results
     from .retrieval import BM25Retriever
     from .tasks import data_root
-    from .write_speed import _forward_seconds
+    from .write_speed import _forward_seconds, plain_sequences
 
     for name, value in (("limit", limit), ("k", k), ("paragraphs", paragraphs), ("max_new_tokens", max_new_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -113,20 +112,18 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         memory = nm.open_memory(folder / "memory", lm, kind="activation", **config)
         cfg = memory.config
         # --------------------------------------------------------------- write
-        pieces = [c for ch in pool for c in chunk_text(ch.text, cfg.chunk_tokens, lm.count_tokens)]
-        frame, bos = len(memory.frame_ids()[0]), memory._bos()
-        sequences = [bos + list(memory.chunk_layout(c).ids)[frame:] for c in pieces]
-        pad = memory._pad_id()
+        sequences, pad = plain_sequences(memory, [c.text for c in pool])
         _forward_seconds(lm.model, sequences[: cfg.batch_size], cfg.batch_size, pad)  # warm-up
-        memory.add(pool[0].text[:200], user_id="warm-up")  # first-call costs (frame, kernels) outside the timing
-        _, before = _timed(lm, lambda: _forward_seconds(lm.model, sequences, cfg.batch_size, pad))
+        warm = memory.add(pool[0].text[:200], user_id="warm-up")  # first-call costs (frame, kernels) untimed
+        before = _forward_seconds(lm.model, sequences, cfg.batch_size, pad)
         receipt, add_s = _timed(lm, lambda: memory.add([c.text for c in pool], user_id=USER,
                                                      source_ids=[c.id for c in pool]))
-        _, after = _timed(lm, lambda: _forward_seconds(lm.model, sequences, cfg.batch_size, pad))
+        after = _forward_seconds(lm.model, sequences, cfg.batch_size, pad)
         forward_s = (before + after) / 2
         tokens = sum(map(len, sequences))
         log(f"write: {tokens} tokens, add {add_s:.2f} s vs forward {forward_s:.2f} s")
-        memory.delete(memory.search("warm-up", k=1, user_id="warm-up")[0].id)
+        for mid in warm.ids:
+            memory.delete(mid)
         stats = memory.stats()
         rows = memory.store.index.scroll(user_id=USER, with_payload=["source_id"])
         source_of = {mid: p["source_id"] for mid, p in rows}
@@ -254,10 +251,12 @@ def format_scale(results: dict[str, Any]) -> str:
              f"cuDNN attention {'on' if results['config']['cudnn_attention'] else 'off'}"
              + (" — random weights: timings and sizes only" if results.get("random_weights") else ""), "",
              "| what | median | ÷ rag_bm25 |", "|---|---|---|"]
-    for name, key in (("activation TTFT, disk tier", "activation_disk"), ("activation TTFT, RAM tier", "activation_ram"),
+    for name, key in (("activation TTFT, disk tier", "activation_disk"),
+                      ("activation TTFT, RAM tier", "activation_ram"),
                       ("activation TTFT, device tier", "activation_device"),
                       ("text_same_order TTFT", "text_same_order"), ("rag_bm25 TTFT", "rag_bm25")):
-        lines.append(f"| {name} | {ms(t[key])} | {ratio(r.get(f'{key}_over_rag_bm25', 1.0 if key == 'rag_bm25' else None))} |")
+        over = 1.0 if key == "rag_bm25" else r.get(f"{key}_over_rag_bm25")
+        lines.append(f"| {name} | {ms(t[key])} | {ratio(over)} |")
     lines += [f"| own-state search | {ms(t['search_s'])} | |", f"| BM25 search | {ms(t['bm25_s'])} | |",
               f"| end to end, activation (RAM) | {ms(t['activation_ram_e2e'])} | "
               f"{ratio(r['e2e_activation_ram_over_rag_bm25'])} |",

@@ -42,7 +42,20 @@ def _forward_seconds(model, sequences: list[list[int]], batch_size: int, pad_id:
                 ids[i, : len(s)] = torch.tensor(s, device=device)
             # right padding needs no mask in a causal model; logits of the last position only, as a prefill
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the kernels have run, not only been queued
     return time.perf_counter() - start
+
+
+def plain_sequences(memory, texts: list[str]) -> tuple[list[list[int]], int]:
+    """Token sequences of exactly the chunks ``memory.add(texts)`` writes, as a plain forward reads them
+    (BOS and the chunk with its template; the memory's frame is the memory's own overhead), and the pad id."""
+    from ..text import chunk_text
+
+    cfg = memory.config
+    pieces = [c for t in texts for c in chunk_text(t, cfg.chunk_tokens, memory.lm.count_tokens)]
+    frame, bos = len(memory.frame_ids()[0]), memory._bos()
+    return [bos + list(memory.chunk_layout(c).ids)[frame:] for c in pieces], memory._pad_id()
 
 
 def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int | None = 256, seed: int = 0,
@@ -76,13 +89,7 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         memory = nm.open_memory(folder / "memory", lm, kind="activation", **(memory_config or {}))
         config = memory.config
         # exactly the chunks add() writes (long paragraphs are split by the memory's chunker)
-        from ..text import chunk_text
-
-        pieces = [c for t in texts for c in chunk_text(t, config.chunk_tokens, lm.count_tokens)]
-        # the text as a plain forward reads it: BOS and the chunk (the memory's frame is not the text's cost)
-        frame, bos = len(memory.frame_ids()[0]), memory._bos()
-        sequences = [bos + list(memory.chunk_layout(c).ids)[frame:] for c in pieces]
-        pad = memory._pad_id()
+        sequences, pad = plain_sequences(memory, texts)
         log(f"{len(texts)} paragraphs, {sum(map(len, sequences))} tokens, batch {config.batch_size}")
         _forward_seconds(lm.model, sequences[: config.batch_size], config.batch_size, pad)  # warm-up
         before = _forward_seconds(lm.model, sequences, config.batch_size, pad)
@@ -103,7 +110,7 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         "task": "write", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(texts),
         "config": {"data": str(path), "limit": limit, "seed": seed, "batch_size": config.batch_size,
                    "payload": config.payload, "kv_dtype": config.kv_dtype, "index_pooled": memory.indexes_pooled,
-                   "variant": config.variant, "chunks": len(pieces)},
+                   "variant": config.variant, "chunks": len(sequences)},
         "forward": {"seconds": forward_s, "seconds_runs": [before, after], "tokens": tokens_forward,
                     "tokens_per_s": tokens_forward / forward_s},
         "add": {"seconds": add_s, "tokens": tokens_forward, "tokens_stored": receipt.tokens,

@@ -115,11 +115,12 @@ class Injection:
 
     ``past_key_values`` stands for ``prefix_ids`` placed before the prompt (a KV prefix). It is deep-copied
     for each call, so a stored cache is never mutated by generation, unless ``owned`` says it was built for
-    this scope's one call (then that call takes it as it is, and a second call is an error). With ``splice = n``, the prefix's first
-    ``n`` ids are the head every matching prompt starts with (a chat template's system turn and user-turn
-    opening): :meth:`generate_kwargs` drops them from a prompt that starts with them, so the rest of the
-    prefix sits inside the prompt, right after its head. A prompt with another head gets the whole prefix
-    before it.
+    this scope's one call (then that call takes it as it is, and a second call is an error).
+
+    With ``splice = n``, the prefix's first ``n`` ids are the head every matching prompt starts with (a chat
+    template's system turn and user-turn opening): :meth:`generate_kwargs` drops them from a prompt that
+    starts with them, so the rest of the prefix sits inside the prompt, right after its head. A prompt
+    with another head gets the whole prefix before it.
     """
 
     prefix_ids: torch.LongTensor | None = None  # (1, P)

@@ -27,11 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from ..base import Hit, Injection, Memory, Receipt
 from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
 from .kv import ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
-from .payload import Record, dequantize, is_segment_location, pack, quantize
+from .payload import Record, dequantize, is_segment_location, pack, parse_location, quantize
 from .store import (DEFAULT_USER, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id, open_store,
                     serialize)
 from .tiers import KVTiers
@@ -358,7 +358,7 @@ class ActivationMemory(Memory):
         upsert and flush). Returns the receipt entry of each chunk by its position in the add."""
         store = self.store
         if self.config.payload == "kv":
-            stored = [(loc, int(loc.rsplit(":", 1)[1])) for loc in store.segments.append(payloads)]
+            stored = [(loc, parse_location(loc)[2]) for loc in store.segments.append(payloads)]
         elif self.config.payload == "residual":
             stored = [(store.blobs.put(blob), len(blob)) for blob in payloads]
         else:
@@ -444,8 +444,7 @@ class ActivationMemory(Memory):
             cfg, device = self.config, self.lm.device
             budget = cfg.device_cache_bytes if cfg.device_cache_bytes is not None else \
                 (1 << 30 if device.type == "cuda" else 0)
-            store.tiers = KVTiers(store.segments, device=device, device_budget=budget,
-                                  host_budget=cfg.host_cache_bytes)
+            store.tiers = KVTiers(device=device, device_budget=budget, host_budget=cfg.host_cache_bytes)
         return store.tiers
 
     def drop_caches(self, tiers: Sequence[str] = ("device", "host")) -> None:
@@ -470,26 +469,29 @@ class ActivationMemory(Memory):
         """(cache key, record, tier) of one stored chunk; raises BlobError if it cannot be read."""
         location = str(payload.get("blob", ""))
         key = (str(payload.get("user_id", "")), location, self.fingerprint.short)
-        if is_segment_location(location):
-            rec, tier = self.tiers.fetch(key, location, lambda h: self._check_record(h, location))
-            if "ids" not in rec.header:
-                rec.header["ids"] = rec.ids()
-            return key, rec, tier
-        # a blob of an older version (or a residual checkpoint): decoded once, kept in the host tier (float16 unless
-        # the memory stores a wider float)
-        with self.tiers._lock:
-            rec = self.tiers.host_lru.get(key)
-        if rec is not None:
-            return key, rec, "host"
+        load = self._read_record if is_segment_location(location) else self._decode_blob
+        rec, tier = self.tiers.fetch(key, lambda: load(payload))
+        return key, rec, tier
+
+    def _read_record(self, payload: dict[str, Any]) -> Record:
+        """One chunk's record from its segment: one read into (pinned) memory, CRC-checked, checked against
+        this memory's model and frame."""
+        location = str(payload["blob"])
+        header, body = self.store.segments.read(location, pin=self.tiers.cuda)
+        self._check_record(header, location)
+        rec = Record(header, body)
+        rec.header["ids"] = rec.ids()
+        return rec
+
+    def _decode_blob(self, payload: dict[str, Any]) -> Record:
+        """A chunk stored as a blob (earlier versions, residual checkpoints) as a record of the same layout
+        (float16 unless the memory stores a wider float), so the tiers and assembly treat it like any other."""
         ids, kv = self._load_blob(payload)
         keys, values = torch.stack([k.float() for k in kv.keys]), torch.stack([v.float() for v in kv.values])
         dt = self.config.kv_dtype if self.config.kv_dtype in ("float16", "bfloat16", "float32") else "float16"
         body = pack(ids, quantize(keys.cpu(), values.cpu(), dt), kv_dtype=dt)
-        header = {**self._record_header(len(ids)), "kv_dtype": dt, "ids": ids}
-        rec = Record(header, body.pin_memory() if self.tiers.cuda else body)
-        with self.tiers._lock:
-            self.tiers.host_lru.put(key, rec)
-        return key, rec, "disk"
+        header = {**self._record_header(len(ids)), "kv_dtype": dt, "key_group": 0, "ids": ids}
+        return Record(header, body.pin_memory() if self.tiers.cuda else body)
 
     def chunk_ids(self, payload: dict[str, Any]) -> list[int]:
         """Token ids of one stored chunk (what its KV stands for)."""
@@ -749,7 +751,7 @@ class ActivationMemory(Memory):
         self.tiers.forget(lambda key: key[1] in locations)
         for loc in locations:
             if is_segment_location(loc):
-                released += int(loc.rsplit(":", 1)[1])  # segment bytes are reclaimed by gc()
+                released += parse_location(loc)[2]  # segment bytes are reclaimed by gc()
             elif loc and index.count(field_name="blob", value=loc) == 0:
                 path = self.store.blobs.path(loc)
                 freed += path.stat().st_size if path.is_file() else 0
@@ -759,7 +761,8 @@ class ActivationMemory(Memory):
                        details={"blob_bytes_freed": freed, "segment_bytes_released": released})
 
     def check(self) -> Receipt:
-        """Verify every chunk's blob; the receipt lists unreadable chunks in ``notes`` (nothing is changed)."""
+        """Verify every chunk's payload (CRC, model, frame); the receipt lists unreadable chunks in ``notes``
+        (nothing is changed)."""
         bad = []
         for pid, p in self.store.index.scroll(with_payload=["blob", "payload_kind"]):
             if p.get("payload_kind") == "none":
@@ -785,8 +788,8 @@ class ActivationMemory(Memory):
         live: dict[str, int] = {}
         for loc in used:
             if is_segment_location(loc):
-                name = loc.split(":")[1]
-                live[name] = live.get(name, 0) + int(loc.rsplit(":", 1)[1])
+                name, _, length = parse_location(loc)
+                live[name] = live.get(name, 0) + length
         dead = {name: n for name, n in self.store.segments.files().items() if name not in live}
         for name in dead:
             self.store.segments.delete(name)
@@ -800,7 +803,7 @@ class ActivationMemory(Memory):
         blobs = self.store.blobs.all()
         rows = self.store.index.scroll(with_payload=["user_id", "tokens", "source_id", "blob", "content_tokens"])
         tokens = sum(int(p.get("tokens", 0)) for _, p in rows)
-        payload_bytes = sum(int(str(p["blob"]).rsplit(":", 1)[1]) if is_segment_location(str(p.get("blob")))
+        payload_bytes = sum(parse_location(str(p["blob"]))[2] if is_segment_location(str(p.get("blob")))
                             else blobs.get(str(p.get("blob")), 0) for _, p in rows)
         index_bytes = sum(self._index_bytes(int(p.get("content_tokens", p.get("tokens", 0)))) for _, p in rows)
         segments = self.store.segments.files()
@@ -943,7 +946,6 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8: 8 + n])
     return dict(header.get("__metadata__", {}))
-
 
 
 UNFITTED_PROJECTION_ABOVE = 1024  # hidden sizes above this get a random projection of token vectors until fit()

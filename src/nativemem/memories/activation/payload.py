@@ -47,8 +47,8 @@ import torch
 
 from .store import BlobError, _fsync_dir
 
-__all__ = ["RECORD_FORMAT", "QUANTIZED", "Record", "sections", "body_size", "pack", "unpack", "SegmentStore",
-           "is_segment_location", "quantize", "dequantize", "record_bytes"]
+__all__ = ["RECORD_FORMAT", "QUANTIZED", "Record", "sections", "pack", "unpack", "SegmentStore", "parse_location",
+           "is_segment_location", "quantize", "dequantize"]
 
 RECORD_FORMAT = "nativemem-kv-record/1"
 MAGIC = b"NMKV"
@@ -92,15 +92,6 @@ def _layout(kv_dtype: str, L: int, H: int, T: int, D: int,
         out.append((name, dtype, shape, offset, n))
         offset = _align(offset + n)
     return out, offset
-
-
-def body_size(kv_dtype: str, L: int, H: int, T: int, D: int, key_group: int = 0) -> int:
-    return _layout(kv_dtype, L, H, T, D, key_group)[1]
-
-
-def record_bytes(kv_dtype: str, L: int, H: int, T: int, D: int, key_group: int = 0) -> int:
-    """Bytes of one whole record (header included, estimated at 512 bytes) for T tokens."""
-    return body_size(kv_dtype, L, H, T, D, key_group) + 512
 
 
 # ---------------------------------------------------------------------------- quantisation
@@ -290,15 +281,12 @@ class SegmentStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 offset = os.fstat(fd).st_size
-                locations, buf = [], bytearray()
-                for f, b in frames:
-                    locations.append(f"seg:{path.name}:{offset + len(buf)}:{len(f) + len(b)}")
-                    buf += f
-                    buf += b
-                view = memoryview(buf)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                locations, at = [], offset
+                for f, b in frames:  # written as they are (no copy into one buffer), made durable together
+                    locations.append(f"seg:{path.name}:{at}:{len(f) + len(b)}")
+                    _write_all(fd, f)
+                    _write_all(fd, b)
+                    at += len(f) + len(b)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -392,6 +380,12 @@ class SegmentStore:
             self.close()
         except Exception:
             pass
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:

@@ -476,12 +476,10 @@ def _fsync_dir(path: Path) -> None:
 class Store:
     """Index, payload segments (and the blobs of older versions) of one memory folder, and the writer lock."""
 
-    def __init__(self, index: Index, blobs: BlobStore, lock=None, segments=None):
-        from .payload import SegmentStore
-
+    def __init__(self, index: Index, blobs: BlobStore, segments, lock=None):
         self.index = index
         self.blobs = blobs
-        self.segments = segments if segments is not None else SegmentStore(blobs.root.parent / "segments")
+        self.segments = segments  # payload.SegmentStore
         self.tiers = None  # set by the first memory that reads payloads (it knows the device and budgets)
         self._lock = lock
         self._finalizer = weakref.finalize(self, _close, index, lock)
@@ -551,7 +549,7 @@ def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: di
         from .payload import SegmentStore
 
         segments = SegmentStore(folder / "segments" if blob_dir == folder / "blobs" else blob_dir / "segments")
-        store = Store(index, BlobStore(blob_dir), lock, segments)
+        store = Store(index, BlobStore(blob_dir), segments, lock)
         _OPEN[key] = store
         return store
 

@@ -10,10 +10,11 @@ How this works:
   chunk is only ever fetched for the user whose search returned it, so no entry is shared across users.
 - **Assembly** (:meth:`KVTiers.assemble`). The bodies of the query's chunks that are not on the device
   yet are copied from pinned host memory into one device buffer by asynchronous DMA copies (no staging
-  copy on the host); then, on the device, each chunk is dequantised into its slice of one (layers, heads, positions, width)
-  buffer behind the frame, all keys are rotated for their positions in one call per rotary type, and the
-  per-layer views fill a ``DynamicCache``. Since bodies move compressed, the bytes crossing the bus are
-  those stored (a quarter of fp16 with ``int4``), and the CPU is free while the copy and kernels run.
+  copy on the host); then, on the device, each chunk is dequantised into its slice of one
+  (layers, heads, positions, width) buffer behind the frame, all keys are rotated for their positions in
+  one call per rotary type, and the per-layer views fill a ``DynamicCache``. Since bodies move
+  compressed, the bytes crossing the bus are those stored (a quarter of fp16 with ``int4``), and the CPU
+  is free while the copy and kernels run.
 - **Out of device memory.** Filling the device tier never fails a query: on a CUDA out-of-memory error
   the device tier is emptied, a :class:`TierWarning` is issued, and the query goes the host path.
 """
@@ -24,12 +25,12 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .payload import Record, SegmentStore, dequantize
+from .payload import Record, dequantize
 
 __all__ = ["ByteLRU", "KVTiers", "TierWarning", "rotate_all"]
 
@@ -115,10 +116,9 @@ def rotate_all(model, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
 
 
 class KVTiers:
-    """Device and host LRUs in front of a :class:`SegmentStore` (see the module docstring)."""
+    """Device and host LRUs in front of the payload on disk (see the module docstring)."""
 
-    def __init__(self, segments: SegmentStore, *, device: torch.device, device_budget: int, host_budget: int):
-        self.segments = segments
+    def __init__(self, *, device: torch.device, device_budget: int, host_budget: int):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.device_lru = ByteLRU(device_budget if self.cuda else 0)
@@ -127,11 +127,11 @@ class KVTiers:
         self.last: dict[str, Any] = {}
 
     # -------------------------------------------------------------- lookup
-    def fetch(self, key, location: str, check) -> tuple[Record, str]:
-        """The record at ``location`` and the tier it came from (``device``, ``host`` or ``disk``).
+    def fetch(self, key, load: Callable[[], Record]) -> tuple[Record, str]:
+        """The record cached under ``key`` and the tier it came from (``device``, ``host`` or ``disk``).
 
-        ``check(header)`` raises BlobError if the record does not fit this memory (model, frame); it runs
-        on every disk read, before anything is cached.
+        On a miss ``load()`` reads it from disk (and raises BlobError if it is damaged or does not fit the
+        memory); the record is then kept in the host tier.
         """
         with self._lock:
             rec = self.device_lru.get(key)
@@ -140,9 +140,7 @@ class KVTiers:
             rec = self.host_lru.get(key)
             if rec is not None:
                 return rec, "host"
-        header, body = self.segments.read(location, pin=self.cuda)  # one read into (pinned) memory, CRC-checked
-        check(header)
-        rec = Record(header, body)
+        rec = load()
         with self._lock:
             self.host_lru.put(key, rec)
         return rec, "disk"
