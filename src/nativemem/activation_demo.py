@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .bench.prompts import SYSTEM_PROMPT, build_messages, postprocess_answer
+from .prompting import DEFAULT_SYSTEM, build_messages, postprocess_answer
 from .demo import DOCUMENTS, QUESTIONS
 
 __all__ = ["run_activation_demo"]
@@ -35,7 +35,7 @@ def run_activation_demo(lm, console: Console, *, folder: str | Path | None = Non
 
     with tempfile.TemporaryDirectory(prefix="nativemem-demo-") as tmp:
         path = Path(folder) if folder is not None else Path(tmp) / "demo.mem"
-        mem = nm.open_memory(path, lm, kind="activation", top_k=k, frame_system=SYSTEM_PROMPT)
+        mem = nm.open_memory(path, lm, kind="activation", top_k=k, frame_system=DEFAULT_SYSTEM)
         with console.status("fitting the retrieval transform on a generic fit set..."):
             fit = mem.fit(GENERIC_FIT_TEXTS)
         console.print(f"[bold]fit:[/] {'; '.join(fit.notes)}", highlight=False)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .bench.prompts import build_messages, postprocess_answer
-from .bench.retrieval import BM25Retriever
-from .bench.tasks import Chunk
+from .prompting import build_messages, postprocess_answer
+from .retrieval import BM25Retriever
+from .retrieval import Chunk
 
 __all__ = ["DOCUMENTS", "QUESTIONS", "run_demo"]
 

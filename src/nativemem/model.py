@@ -17,11 +17,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from .errors import ContextOverflowError, InputError
 from .fingerprint import Fingerprint, config_hash, tokenizer_hash
+from .prompting import DEFAULT_SYSTEM, build_messages
 from .text import check_text
 
-__all__ = ["LanguageModel", "Generation"]
-
-DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
+__all__ = ["LanguageModel", "Generation", "DEFAULT_SYSTEM"]
 
 
 @dataclass
@@ -220,13 +219,11 @@ class LanguageModel:
 
     def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,
              system: str | None = DEFAULT_SYSTEM, max_new_tokens: int = 64) -> str:
-        """Answer one question (optionally with context passages pasted in, or with a memory)."""
+        """Answer one question in the library's prompt layout (:mod:`nativemem.prompting`), optionally with
+        context passages pasted in or with a memory (which retrieves with the question)."""
         check_text(question, what="question")
-        content = question
-        if context:
-            passages = "\n\n".join(check_text(c, what="context passage") for c in context)
-            content = f"Context:\n{passages}\n\nQuestion: {question}"
-        ids = self.chat_ids(content, system=system)
+        passages = [check_text(c, what="context passage") for c in context or ()]
+        ids = self.chat_ids(build_messages(question, passages, system=system))
         return self.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id,
                              query=question).text
 

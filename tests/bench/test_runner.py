@@ -96,7 +96,7 @@ def test_report_rejects_folder_without_results(tmp_path):
 def test_prompts_that_do_not_fit_are_skipped_and_counted(squad_file, tmp_path, tiny_model):
     from testing import tiny_lm
 
-    from nativemem.bench.prompts import build_messages
+    from nativemem.prompting import build_messages
     from nativemem.bench.tasks.squad import SquadTask
 
     # a window that fits every question alone but no whole article (measured with the same tokenizer)

@@ -4,7 +4,7 @@ import pytest
 from activation_helpers import assert_spliced_injection_equals_text, fast_dir  # noqa: F401
 
 import nativemem as nm
-from nativemem.bench.prompts import SYSTEM_PROMPT, build_messages
+from nativemem.prompting import DEFAULT_SYSTEM, build_messages
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ QUESTION = "Who founded the Velmora Institute?"
 
 def test_one_chunk_injection_equals_text_and_uses_the_memory(real_lm, fast_dir):
     """The chunk is written in the user turn of the benchmark's chat prompt; injected, it equals that text."""
-    mem = nm.open_memory(fast_dir / "m", real_lm, kind="activation", kv_dtype="float32", frame_system=SYSTEM_PROMPT)
+    mem = nm.open_memory(fast_dir / "m", real_lm, kind="activation", kv_dtype="float32", frame_system=DEFAULT_SYSTEM)
     ids = mem.add([DOC, "Captain Orrin Delacroix commands the research ship Saltmarrow."], user_id="u").ids
     assert mem.search(QUESTION, k=1, user_id="u", variant="bm25")[0].id == ids[0]
     prompt = real_lm.chat_ids(build_messages(QUESTION))

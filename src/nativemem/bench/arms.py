@@ -32,8 +32,8 @@ from typing import Any, ClassVar, TypeVar
 
 from ..errors import ContextOverflowError
 from ..registry import Registry
-from .prompts import build_messages, postprocess_answer
-from .retrieval import BM25Retriever, DenseRetriever, Retriever
+from ..prompting import build_messages, postprocess_answer
+from ..retrieval import BM25Retriever, DenseRetriever, Retriever
 from .tasks import Chunk, QAItem, Task
 
 __all__ = [

@@ -39,13 +39,13 @@ from typing import Any
 
 from ..errors import ContextOverflowError, InputError
 from .arms import Arm, ArmOutput, register_arm
-from .prompts import SYSTEM_PROMPT, build_messages, postprocess_answer
+from ..prompting import DEFAULT_SYSTEM, build_messages, postprocess_answer
 from .tasks import Chunk, QAItem, Task
 
 __all__ = ["ActivationArm", "fit_texts", "answer_agreement", "BENCH_MEMORY_CONFIG", "shared_memory"]
 
 BENCH_MEMORY_CONFIG: dict[str, Any] = {"chunk_tokens": 1024, "max_prefix_tokens": 4096, "frame": "chat",
-                                       "frame_system": SYSTEM_PROMPT}
+                                       "frame_system": DEFAULT_SYSTEM}
 """Config of the benchmark memory: one pool chunk = one memory chunk, written in the user turn of the
 arms' own chat prompt (system prompt included), so an injected chunk sits where ``rag_*`` arms paste their
 passages; ``top_k`` is the arm's ``k``."""

@@ -10,8 +10,8 @@ neutral text and on general QA through three small methods (:class:`FactArm`). T
 - ``side_ffn`` / ``lora``: the side-FFN memory and a LoRA baseline trained on the same facts with the same
   answer-only loop, stop rule and epoch cap as ``pkm`` (registered only when those kinds exist).
 
-Every arm asks in the same chat format (system prompt :data:`~nativemem.model.DEFAULT_SYSTEM`, what
-``LanguageModel.chat`` and ``nativemem ask`` use); RAG adds a ``Context:`` block as ``chat(context=)`` does.
+Every arm asks in the library's one prompt layout (:mod:`nativemem.prompting`, what ``LanguageModel.chat``
+and ``nativemem ask`` use); RAG adds a ``Context:`` block as ``chat(context=)`` does.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
-from ..model import DEFAULT_SYSTEM
+from ..prompting import DEFAULT_SYSTEM, user_content
 from ..registry import Registry
 
 __all__ = ["FactArm", "register_fact_arm", "get_fact_arm", "list_fact_arms", "FACTS_SYSTEM"]
@@ -60,7 +60,7 @@ class FactArm:
 
     def content(self, question: str) -> tuple[str, list[str]]:
         """The user message for a question, and the ids of any retrieved facts."""
-        return question, []
+        return user_content(question), []
 
     def bytes_stored(self) -> int:
         return 0
@@ -181,7 +181,7 @@ class RagBM25Arm(FactArm):
     """BM25 over the fact sentences; the top ``k`` go into the prompt."""
 
     def prepare(self, facts):
-        from .retrieval import BM25Retriever
+        from ..retrieval import BM25Retriever
         from .tasks import Chunk
 
         start = time.perf_counter()
@@ -191,11 +191,8 @@ class RagBM25Arm(FactArm):
         return {"train_s": time.perf_counter() - start, "train_s_per_fact": (time.perf_counter() - start) / len(facts)}
 
     def content(self, question):
-        from .prompts import format_passages
-
         hits = self.retriever.search(question, int(self.options.get("k", 3)))
-        passages = [self.sentences[cid] for cid, _ in hits]
-        return f"Context:\n{format_passages(passages)}\n\nQuestion: {question}", [cid for cid, _ in hits]
+        return user_content(question, [self.sentences[cid] for cid, _ in hits]), [cid for cid, _ in hits]
 
     def bytes_stored(self) -> int:
         return int(self.retriever.nbytes)

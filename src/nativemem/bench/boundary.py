@@ -45,7 +45,7 @@ def run_boundary(lm, *, out: str | Path, data: str | Path | None = None, limit: 
 
     from ..errors import InputError
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from .prompts import build_messages
+    from ..prompting import build_messages
     from .results import write_results
     from .scale import _pick
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from .arms import Arm, ArmOutput, register_arm
-from .prompts import build_messages
+from ..prompting import build_messages
 from .tasks import Chunk, QAItem, Task
 
 __all__ = ["FullContextArm", "SideFFNArm", "SideFFNContextArm", "LoRAArm", "LoRAContextArm", "fit_recent"]

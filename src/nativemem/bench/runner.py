@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import InputError
 from .arms import Arm, ArmOutput, get_arm
 from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
-from .prompts import build_messages
+from ..prompting import build_messages
 from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
 from .stats import bootstrap_mean_ci, compare_paired
 from .tasks import QAItem, get_task

@@ -88,9 +88,9 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
 
     from ..errors import InputError
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from .prompts import build_messages
+    from ..prompting import build_messages
     from .results import write_results
-    from .retrieval import BM25Retriever
+    from ..retrieval import BM25Retriever
     from .tasks import data_root
     from .write_speed import _forward_seconds, plain_sequences
 

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
              model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
         """Interactive chat: each question retrieves from the memory and answers with the injected chunks."""
         from ..errors import NativememError
-        from ..model import DEFAULT_SYSTEM
+        from ..prompting import DEFAULT_SYSTEM, build_messages
         from ..text import check_text
 
         lm = _load(model, dtype, device)
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 return
             try:
                 question = check_text(line, what="question")
-                ids = lm.chat_ids(question, system=getattr(mem, "chat_system", None) or DEFAULT_SYSTEM)
+                ids = lm.chat_ids(build_messages(question, system=getattr(mem, "chat_system", None) or DEFAULT_SYSTEM))
                 gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem, user_id=user, query=question)
             except NativememError as e:  # one bad line does not end the session
                 console.print(f"[red]error:[/] {e}", highlight=False)

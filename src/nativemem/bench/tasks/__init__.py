@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ...errors import DataError, InputError
 from ...registry import Registry
+from ...retrieval import Chunk
 
 __all__ = [
     "Chunk",
@@ -66,28 +67,6 @@ def data_root() -> Path:
     if cwd_root.is_dir():
         return cwd_root
     return _REPO_ROOT / ".." / "shared" / "data"
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One retrievable passage of the pool.
-
-    Attributes:
-        id: Unique id within the pool (e.g. ``"3:12"`` for SQuAD article 3, paragraph 12).
-        text: Passage text, as shown in prompts.
-        title: Title of the document it comes from ("" if none).
-        doc_id: Id of the document it comes from.
-    """
-
-    id: str
-    text: str
-    title: str = ""
-    doc_id: str = ""
-
-    @property
-    def search_text(self) -> str:
-        """Text indexed by retrievers: the title (if any) and the passage."""
-        return f"{self.title}\n{self.text}" if self.title else self.text
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def forward_overhead(lm, memory, *, tokens: int = 512, reps: int = 5, text: str 
 
 def _answer(lm, arm, question: str, max_new_tokens: int) -> dict[str, Any]:
     from ..arms_facts import FACTS_SYSTEM
-    from ..prompts import postprocess_answer
+    from ...prompting import postprocess_answer
 
     content, retrieved = arm.content(question)
     ids = lm.chat_ids(content, system=FACTS_SYSTEM)

@@ -101,7 +101,7 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
     import ir_measures
     from ir_measures import R, nDCG
 
-    from ..retrieval import BM25Retriever, DenseRetriever
+    from ...retrieval import BM25Retriever, DenseRetriever
     from ..stats import bootstrap_mean_ci, compare_paired
 
     unknown = [r for r in rankers if r not in RANKERS]

@@ -36,6 +36,7 @@ from torch import nn
 
 from ...errors import InputError, MemoryFormatError
 from ...hooks import hooks, output_hidden, replace_output_hidden
+from ...prompting import build_messages
 from ..base import Injection, Memory, Receipt
 from .config import PKMConfig, resolve_layers
 from .facts import Fact, parse_facts
@@ -250,7 +251,7 @@ class PKMMemory(Memory):
     def _calibrate(self, items: Sequence[Item]) -> None:
         """Router input statistics from the model's own MLP inputs (facts and built-in general text)."""
         seqs = [it.ids for it in items[:_CALIBRATION_FACTS]]
-        seqs += [self.lm.chat_ids(q, system=self.config.system)[0].tolist() for q in GENERAL_QUESTIONS]
+        seqs += [self.lm.chat_ids(build_messages(q, system=self.config.system))[0].tolist() for q in GENERAL_QUESTIONS]
         bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
         seqs += [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in NEUTRAL_TEXTS]
         with self._autocast():
@@ -534,7 +535,7 @@ class PKMMemory(Memory):
         bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
         seqs = [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (*NEUTRAL_TEXTS, *negatives)]
         seqs = [s[: self.lm.max_context] for s in seqs]
-        seqs += [self.lm.chat_ids(q, system=cfg.system)[0].tolist() for q in (*GENERAL_QUESTIONS, *questions)]
+        seqs += [self.lm.chat_ids(build_messages(q, system=cfg.system))[0].tolist() for q in (*GENERAL_QUESTIONS, *questions)]
         with self._autocast():
             neg = self._mlp_inputs(seqs, memory=True)
         report: dict[str, Any] = {}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...hooks import decoder_layers, hooks
+from ...prompting import build_messages
 from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
@@ -85,7 +86,7 @@ def encode_fact(lm, fact: Fact, *, system: str | None, prefix: Sequence[int], tr
     """
     tok = lm.tokenizer
     if fact.chat:
-        prompt = lm.chat_ids(fact.prompt, system=system)[0].tolist()
+        prompt = lm.chat_ids(build_messages(fact.prompt, system=system))[0].tolist()
         answer = tok(fact.answer, add_special_tokens=False)["input_ids"] + lm.eos_token_ids[:1]
     else:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []

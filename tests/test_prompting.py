@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from nativemem.bench.prompts import SYSTEM_PROMPT, build_messages, postprocess_answer
+from nativemem.prompting import DEFAULT_SYSTEM, build_messages, postprocess_answer
 
 
 def test_messages_without_context():
     msgs = build_messages("Who?")
-    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert msgs[0] == {"role": "system", "content": DEFAULT_SYSTEM}
     assert msgs[1]["content"] == "Question: Who?"
 
 

@@ -1,4 +1,6 @@
-"""Retrievers over a pool of :class:`~nativemem.bench.tasks.Chunk`: BM25 (bm25s) and dense (MiniLM).
+"""Text retrieval over a pool of :class:`Chunk`: BM25 (bm25s) and dense (MiniLM) retrievers.
+
+Used by the RAG baselines of the demos, the server's comparisons and the benchmark arms alike.
 
 Both index :attr:`Chunk.search_text` and return ``[(chunk_id, score), ...]`` best first, higher
 scores meaning more relevant. ``nbytes`` is the size of the index: the bm25s index as saved to
@@ -12,11 +14,33 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .tasks import Chunk
+__all__ = ["Chunk", "Retriever", "BM25Retriever", "DenseRetriever", "minilm_path"]
 
-__all__ = ["Retriever", "BM25Retriever", "DenseRetriever", "minilm_path"]
+
+@dataclass(frozen=True)
+class Chunk:
+    """One retrievable passage of a pool.
+
+    Attributes:
+        id: Unique id within the pool (e.g. ``"3:12"`` for SQuAD article 3, paragraph 12).
+        text: Passage text, as shown in prompts.
+        title: Title of the document it comes from ("" if none).
+        doc_id: Id of the document it comes from.
+    """
+
+    id: str
+    text: str
+    title: str = ""
+    doc_id: str = ""
+
+    @property
+    def search_text(self) -> str:
+        """Text indexed by retrievers: the title (if any) and the passage."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
 
 
 class Retriever(ABC):

@@ -1,9 +1,10 @@
-"""The one prompt layout and answer post-processing shared by every benchmark arm.
+"""The one prompt layout and answer post-processing of the library, its server, demos and benchmarks.
 
-Every arm builds its chat messages with :func:`build_messages`, so arms differ only in *which*
-passages they put in the prompt (none, retrieved, or the whole source)::
+``LanguageModel.chat``, the server, the demos and every benchmark arm build their chat messages with
+:func:`build_messages`, so they differ only in *which* passages they put in the prompt (none, retrieved,
+the whole source, or none because a memory injects them as KV)::
 
-    system: SYSTEM_PROMPT
+    system: DEFAULT_SYSTEM
     user:   Context:
             [1] <passage 1>
             [2] <passage 2>
@@ -15,7 +16,7 @@ With no passages the ``Context`` block is left out. The model's chat template is
 
 :func:`postprocess_answer` turns the raw generation into the short answer that is scored (first
 non-empty line, common "Answer:" style prefixes and wrapping quotes removed); the raw text is kept in
-``items.jsonl``.
+``items.jsonl`` of a benchmark run.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["SYSTEM_PROMPT", "build_messages", "format_passages", "postprocess_answer"]
+__all__ = ["DEFAULT_SYSTEM", "build_messages", "user_content", "format_passages", "postprocess_answer"]
 
-SYSTEM_PROMPT = (
+DEFAULT_SYSTEM = (
     "You answer questions. Reply with the answer only: a short phrase of a few words, "
     "no full sentence and no explanation. Use the context passages if they are given."
 )
@@ -50,20 +51,28 @@ def format_passages(passages: Sequence[str]) -> str:
     return "\n".join(f"[{i}] {' '.join(p.split())}" for i, p in enumerate(passages, start=1))
 
 
-def build_messages(question: str, passages: Sequence[str] = ()) -> list[dict[str, str]]:
+def user_content(question: str, passages: Sequence[str] = ()) -> str:
+    """The user turn: ``Context:`` with the numbered passages (if any), then ``Question: <question>``."""
+    body = f"Question: {question.strip()}"
+    if passages:
+        body = f"Context:\n{format_passages(passages)}\n\n{body}"
+    return body
+
+
+def build_messages(question: str, passages: Sequence[str] = (), *,
+                   system: str | None = DEFAULT_SYSTEM) -> list[dict[str, str]]:
     """Chat messages for one question.
 
     Args:
         question: The question.
         passages: Context passages (empty for the closed-book prompt).
+        system: The system prompt (None: no system turn, the chat template's own default applies).
 
     Returns:
-        ``[{"role": "system", ...}, {"role": "user", ...}]``.
+        ``[{"role": "system", ...}, {"role": "user", ...}]`` (the system turn only when ``system`` is set).
     """
-    body = f"Question: {question.strip()}"
-    if passages:
-        body = f"Context:\n{format_passages(passages)}\n\n{body}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": body}]
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [*head, {"role": "user", "content": user_content(question, passages)}]
 
 
 def postprocess_answer(raw: str) -> str:
