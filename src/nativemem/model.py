@@ -146,11 +146,13 @@ class LanguageModel:
 
     # ---------------------------------------------------------------------------- forward
     @torch.inference_mode()
-    def logits(self, input_ids: torch.LongTensor, *, memory=None, user_id: str | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of one forward pass, inside the memory's scope when given."""
+    def logits(self, input_ids: torch.LongTensor, *, memory=None, user_id: str | None = None,
+               query: str | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of one forward pass, inside the memory's scope when given (``query``: the text the memory
+        retrieves with; without one, a searchable memory uses the user's most recent chunks)."""
         if memory is None:
             return self.model(input_ids=input_ids.to(self.device)).logits
-        with memory.active(lm=self, user_id=user_id) as inj:
+        with memory.active(lm=self, user_id=user_id, query=query) as inj:
             return self.model(input_ids=input_ids.to(self.device), **inj.forward_kwargs(input_ids)).logits
 
     @torch.inference_mode()

@@ -52,7 +52,7 @@ def start_server(model_dir: Path, users, *, settings: ServerSettings | None = No
     def run():
         folder = _fast_dir()
         lm = nm.load_model(model_dir)
-        mem = nm.open_memory(folder / "m", lm, kind="activation")
+        mem = nm.open_memory(folder / "m", lm, kind="activation", gate_threshold=0.0)  # every top_k hit
         keys = {u: f"test-key-{u}-0123456789" for u in users}
         app = create_app(keys=KeyRing({k: u for u, k in keys.items()}),
                          settings=settings or ServerSettings(max_body_bytes=MAX_BODY), lm=lm, memory=mem)

@@ -335,3 +335,32 @@ def test_a_client_that_gives_up_frees_the_model(served):
         assert r.status_code == 200
     assert _hooks(served.lm.model) == 0
     assert time.perf_counter() - t < 30
+
+
+def test_the_gate_decides_what_is_injected_and_the_reply_lists_every_hit(served):
+    """With a gate nothing passes, the answer is the memory-off answer; the reply lists each hit's scores."""
+    mem = served.memory
+    with _client(served, "carol") as c:
+        r = c.post("/v1/memories", json={"texts": ["Carol's bike is green.", "Carol's flat is on floor nine.",
+                                                   "Carol plays the oboe."]})
+        assert r.status_code == 200
+        found = c.post("/v1/memories/search", json={"query": "What colour is my bike?", "k": 3}).json()["data"]
+        assert len(found) == 3 and all(0.0 <= h["relevance"] <= 1.0 for h in found)
+        off = c.post("/v1/chat/completions", json=_chat("What colour is my bike?", memory=False)).json()
+        saved = mem.config.gate_threshold
+        try:
+            mem.config.gate_threshold = 1.0  # no probability reaches 1
+            closed = c.post("/v1/chat/completions", json=_chat("What colour is my bike?", top_k=3)).json()
+            mem.config.gate_threshold = 0.0  # every top_k hit, as without a gate
+            opened = c.post("/v1/chat/completions", json=_chat("What colour is my bike?", top_k=2)).json()
+        finally:
+            mem.config.gate_threshold = saved
+    extra = closed["nativemem"]
+    assert extra["memory_ids"] == [] and extra["prefix_tokens"] == 0
+    assert closed["choices"][0]["message"]["content"] == off["choices"][0]["message"]["content"]
+    assert len(extra["hits"]) == 3
+    assert {h["id"] for h in extra["hits"]} == {h["id"] for h in found}
+    for h in extra["hits"]:
+        assert not h["injected"] and h["reason"] == "below_threshold" and 0.0 <= h["relevance"] < 1.0
+    assert all(h["injected"] for h in opened["nativemem"]["hits"])
+    assert len(opened["nativemem"]["memory_ids"]) == 2 and opened["nativemem"]["prefix_tokens"] > 0

@@ -21,7 +21,7 @@ QUESTION = "Where was Marie Curie born?"
 
 
 def one_chunk(lm, fast_dir, text=TEXT, **config):
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", **config)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", **{"gate_threshold": 0.0, **config})
     receipt = mem.add(text, user_id="u")
     return mem, receipt.ids
 
@@ -173,12 +173,12 @@ def test_memory_answers_use_only_the_prompt_prefill(fast_dir):
 def test_prefix_budget_and_order(fast_dir):
     lm = tiny_lm("llama")
     mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2, max_prefix_tokens=10_000,
-                         prefix_order="best_last")
+                         prefix_order="best_last", gate_threshold=0.0)
     mem.add([TEXT, OTHER], user_id="u")
     hits = mem.search(QUESTION, k=2, user_id="u")
     _, payloads = mem.prefix_for(QUESTION, user_id="u")
     assert [p["memory_id"] for p in payloads] == [h.id for h in hits][::-1]
-    small = nm.open_memory(fast_dir / "s", lm, kind="activation", top_k=2, max_prefix_tokens=1)
+    small = nm.open_memory(fast_dir / "s", lm, kind="activation", top_k=2, max_prefix_tokens=1, gate_threshold=0.0)
     small.add([TEXT], user_id="u")
     assert small.prefix_for(QUESTION, user_id="u")[1] == []  # nothing fits: nothing injected
     assert isinstance(small, ActivationMemory)

@@ -106,7 +106,7 @@ def test_byte_lru_evicts_least_recent_and_refuses_what_cannot_fit():
 
 def test_reads_come_from_disk_then_from_ram_and_again_from_disk_after_drop(fast_dir):
     lm = tiny_lm("llama")
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2, gate_threshold=0.0)
     mem.add([TEXT, OTHER], user_id="u")
     prompt = lm.chat_ids(QUESTION)
     g1 = lm.generate(prompt, max_new_tokens=3, memory=mem, user_id="u", query=QUESTION)
@@ -122,7 +122,7 @@ def test_reads_come_from_disk_then_from_ram_and_again_from_disk_after_drop(fast_
 
 def test_a_ram_budget_smaller_than_one_chunk_streams_from_disk(fast_dir):
     lm = tiny_lm("llama")
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=1, host_cache_bytes=10)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=1, host_cache_bytes=10, gate_threshold=0.0)
     mem.add(TEXT, user_id="u")
     prompt = lm.chat_ids(QUESTION)
     answers = [lm.generate(prompt, max_new_tokens=3, memory=mem, user_id="u", query=QUESTION).token_ids
@@ -133,7 +133,7 @@ def test_a_ram_budget_smaller_than_one_chunk_streams_from_disk(fast_dir):
 
 def test_tier_entries_belong_to_one_user(fast_dir):
     lm = tiny_lm("llama")
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=1)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=1, gate_threshold=0.0)
     a = mem.add(TEXT, user_id="alice").ids[0]
     b = mem.add(TEXT, user_id="bob").ids[0]
     prompt = lm.chat_ids(QUESTION)

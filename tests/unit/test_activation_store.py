@@ -31,7 +31,7 @@ def lm():
 
 
 def test_search_and_injection_never_cross_users(lm, fast_dir):
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=4, index_pooled=True)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=4, index_pooled=True, gate_threshold=0.0)
     a = mem.add(ALICE, user_id="alice").ids
     b = mem.add(BOB, user_id="bob").ids
     anon = mem.add("Nobody owns this sentence about the weather.").ids
@@ -95,7 +95,7 @@ def _corrupt(path: Path, offset: int) -> None:
 
 
 def test_damaged_or_missing_payload_is_reported_and_skipped(lm, fast_dir):
-    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", top_k=2, gate_threshold=0.0)
     ids = mem.add(ALICE, user_id="alice").ids
     payloads = dict(mem.store.index.get(ids))
     location = payloads[ids[0]]["blob"]

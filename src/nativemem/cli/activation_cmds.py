@@ -15,6 +15,35 @@ MemoryOpt = Annotated[Path, typer.Option("--memory", help="memory folder")]
 UserOpt = Annotated[str | None, typer.Option("--user", help="user id whose memories are used")]
 
 
+def read_pairs(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(question, passage) pairs and unanswerable questions from a JSON list or JSON lines of
+    ``{"question", "passage"}`` (``passage`` null or missing: a question nothing answers)."""
+    import json
+
+    from ..errors import DataError
+
+    try:
+        body = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the pairs file ({e})") from None
+    try:
+        rows = json.loads(body) if body.lstrip().startswith("[") else [json.loads(l) for l in body.splitlines()
+                                                                         if l.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON or JSON lines ({e.msg}, line {e.lineno})") from None
+    pairs, unanswerable = [], []
+    for i, row in enumerate(rows):
+        question = row.get("question") if isinstance(row, dict) else None
+        passage = row.get("passage") if isinstance(row, dict) else None
+        if not isinstance(question, str) or not question.strip() or not isinstance(passage, (str, type(None))):
+            raise DataError(f"{path}: entry {i} should be {{\"question\": text, \"passage\": text or null}}")
+        if passage is None or not passage.strip():
+            unanswerable.append(question)
+        else:
+            pairs.append((question, passage))
+    return pairs, unanswerable
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     from .main import DeviceOpt, DtypeOpt, ModelOpt, _handle_errors, _load, _split_list, console
@@ -49,13 +78,18 @@ def register(app: typer.Typer) -> None:
             console.print("no memories found" + (f" for user {user!r}" if user else ""))
             return
         table = Table(title=f"{len(hits)} result(s) for {query!r}")
-        for col in ("score", "id", "source", "text"):
+        for col in ("relevance", "score", "id", "source", "text"):
             table.add_column(col)
         for h in hits:
             text = h.text if len(h.text) <= 160 else h.text[:157] + "..."
-            table.add_row(f"{h.score:.4f}", h.id, f"{h.payload.get('source_id')}#{h.payload.get('chunk_index')}",
-                          text)
+            table.add_row("–" if h.relevance is None else f"{h.relevance:.2f}", f"{h.score:.4f}", h.id,
+                          f"{h.payload.get('source_id')}#{h.payload.get('chunk_index')}", text)
         console.print(table)
+        threshold = getattr(mem.config, "gate_threshold", None)
+        if threshold is not None:
+            console.print(f"[dim]relevance: calibrated probability that the chunk helps answer the query; chat "
+                          f"injects hits with relevance >= {threshold:g} (gate_threshold). score: the search's raw "
+                          "(rank-fusion) score[/]")
 
     @app.command()
     @_handle_errors
@@ -87,16 +121,24 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[red]error:[/] {e}", highlight=False)
                 continue
             console.print(gen.text, highlight=False)
+            hits = getattr(mem, "last_selection", {}).get("hits", [])
+            scores = ", ".join(f"{'+' if h['injected'] else '-'}{h['relevance']:.2f}" for h in hits
+                               if h.get("relevance") is not None)
             console.print(f"[dim]{gen.prefix_tokens} memory tokens injected, {gen.prompt_tokens} prefilled, "
-                          f"TTFT {gen.ttft_s * 1000:.0f} ms[/]")
+                          f"TTFT {gen.ttft_s * 1000:.0f} ms" + (f"; relevance of the hits (+ injected): {scores}"
+                                                                 if scores else "") + "[/]")
 
     @app.command()
     @_handle_errors
     def fit(files: Annotated[list[Path], typer.Argument(help="text files of the fit set (paragraphs = texts); "
                                                         "never the documents you will search")],
             memory: MemoryOpt,
+            pairs_file: Annotated[Path | None, typer.Option(
+                "--pairs", help="(question, passage) pairs for the relevance score: a JSON list (or JSON lines) of "
+                                "{\"question\", \"passage\"}, a question with no passage being one nothing "
+                                "answers; default: the built-in generic questions")] = None,
             model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-        """Fit an empty activation memory: TwoNN layer choice, retrieval probe, whitening."""
+        """Fit an empty activation memory: TwoNN layer choice, retrieval probe, whitening, relevance score."""
         import nativemem as nm
 
         from ..text import check_text
@@ -107,10 +149,30 @@ def register(app: typer.Typer) -> None:
             texts += [p.strip() for p in body.split("\n\n") if p.strip()]
         lm = _load(model, dtype, device)
         mem = nm.open_memory(memory, lm, kind="activation")
-        receipt = mem.fit(texts)
+        pairs, unanswerable = read_pairs(pairs_file) if pairs_file is not None else (None, [])
+        receipt = mem.fit(texts, relevance_pairs=pairs, unanswerable=unanswerable)
         console.print(str(receipt), highlight=False)
         report = receipt.details
         console.print(f"ID curve: {report['id_curve']}", highlight=False)
+        console.print("; ".join(receipt.notes), highlight=False)
+
+    @app.command("fit-relevance")
+    @_handle_errors
+    def fit_relevance(pairs_file: Annotated[Path, typer.Argument(
+                          metavar="PAIRS", help="JSON list (or JSON lines) of {\"question\", \"passage\"}; a "
+                                                "question with no passage is one nothing answers")],
+                      memory: MemoryOpt, model: ModelOpt = None, dtype: DtypeOpt = None,
+                      device: DeviceOpt = "cpu") -> None:
+        """Fit the calibrated relevance score (and so the injection gate) of an activation memory on your pairs."""
+        from ..errors import InputError
+
+        pairs, unanswerable = read_pairs(pairs_file)
+        lm = _load(model, dtype, device)
+        mem = _open(memory, lm)
+        if not hasattr(mem, "fit_relevance"):
+            raise InputError(f"{memory} is a {mem.kind} memory; only activation memories have a relevance score")
+        receipt = mem.fit_relevance(pairs, unanswerable=unanswerable)
+        mem.save()
         console.print("; ".join(receipt.notes), highlight=False)
 
     @app.command()

@@ -205,8 +205,8 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
 
     options = parse_options(option)
     memory_options = parse_options(memory_option)
-    if memory_options and task in _LOOP_TASKS:
-        raise InputError(f"--memory-option applies to tasks run by the arm runner, not {task} (see its -o options)")
+    if memory_options and task in _LOOP_TASKS:  # a loop without a memory refuses it as an unknown option
+        options["memory_options"] = memory_options
     if facts is not None:
         if task != "facts":
             raise InputError("--facts applies to the facts task only")
@@ -233,11 +233,13 @@ _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark"),
                "write": ("nativemem.bench.write_speed", "run_write"),
                "scale": ("nativemem.bench.scale", "run_scale"),
-               "boundary": ("nativemem.bench.boundary", "run_boundary")}
+               "boundary": ("nativemem.bench.boundary", "run_boundary"),
+               "relevance": ("nativemem.bench.relevance", "run_relevance")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
               "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
-              "scale": (), "boundary": ()}
+              "scale": (), "boundary": (),
+              "relevance": ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated")}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,

@@ -101,12 +101,17 @@ class Receipt:
 
 @dataclass
 class Hit:
-    """One search result; higher score means more similar."""
+    """One search result; higher score means more similar.
+
+    ``score`` is the search's raw score (for hybrid searches a rank-fusion value that only orders hits);
+    ``relevance``, where the memory has one, is the calibrated probability that the hit helps answer the query.
+    """
 
     id: str
     score: float
     text: str
     payload: dict[str, Any] = field(default_factory=dict)
+    relevance: float | None = None
 
 
 @dataclass

@@ -4,8 +4,10 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
 
 - ``POST /v1/chat/completions``: OpenAI chat completions, streamed over SSE (``"stream": true``) or not,
   answered with the caller's activation memory injected as a KV prefix. Extra fields: ``memory``
-  (bool, default true) and ``top_k`` (chunks injected). The response carries ``nativemem.memory_ids``
-  (the caller's chunks that were injected), ``prefix_tokens`` and ``ttft_s``.
+  (bool, default true) and ``top_k`` (most chunks injected; the memory's relevance gate injects only hits
+  whose calibrated relevance passes its ``gate_threshold``). The response carries ``nativemem.memory_ids``
+  (the caller's chunks that were injected), ``nativemem.hits`` (every hit considered: ``id``, raw ``score``,
+  ``relevance``, ``injected`` and, if not, ``reason``), ``prefix_tokens`` and ``ttft_s``.
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
 - ``POST /v1/memories`` (``{"text": ...}`` or ``{"texts": [...]}``, optional ``metadata``): write; all or
   nothing, acknowledged only once durable. ``GET /v1/memories?limit=&offset=``: list.
@@ -536,7 +538,7 @@ def _usage(gen) -> dict[str, int]:
 def _extra(answer) -> dict[str, Any]:
     gen = answer.generation
     return {"memory_ids": answer.memory_ids, "prefix_tokens": gen.prefix_tokens, "ttft_s": round(gen.ttft_s, 6),
-            "parametric": answer.parametric}
+            "parametric": answer.parametric, "hits": answer.hits}
 
 
 def _map_error(exc: BaseException) -> ApiError:

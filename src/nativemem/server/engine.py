@@ -63,6 +63,7 @@ class Answer:
     generation: Generation
     memory_ids: list[str]
     parametric: list[str] = field(default_factory=list)  # kinds of the caller's consolidated memories used
+    hits: list[dict[str, Any]] = field(default_factory=list)  # every hit considered: scores, injected or why not
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -74,14 +75,17 @@ def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Selected:
-    """Memory-like object for one generation: injects the caller's top-k chunks for the query.
+    """Memory-like object for one generation: injects the caller's chunks that the memory selects for the query.
 
-    Retrieval runs inside ``active()`` (under the store lock), so it is part of the measured time to first
-    token, as in-process generation with the memory is.
+    Selection (search, relevance gate, token budget: :meth:`ActivationMemory.select`) runs inside ``active()``
+    under the store lock, so it is part of the measured time to first token, as in-process generation with the
+    memory is. ``chosen`` receives the ids injected, ``considered`` every hit with its scores.
     """
 
-    def __init__(self, engine: Engine, user_id: str, top_k: int, budget: int, chosen: list[str]):
-        self.engine, self.user_id, self.top_k, self.budget, self.chosen = engine, user_id, top_k, budget, chosen
+    def __init__(self, engine: Engine, user_id: str, top_k: int, budget: int, chosen: list[str],
+                 considered: list[dict[str, Any]]):
+        self.engine, self.user_id, self.top_k, self.budget = engine, user_id, top_k, budget
+        self.chosen, self.considered = chosen, considered
         self.fingerprint = engine.memory.fingerprint
 
     @contextmanager
@@ -90,19 +94,13 @@ class _Selected:
         if lm is not None and lm is not mem.lm:
             self.fingerprint.check(lm.fingerprint)
         with self.engine.store_lock:
-            hits = (mem.search(query, k=self.top_k, user_id=self.user_id or None) if query and query.strip()
-                    else [])
-            payloads, total = [], 0
-            for h in hits:  # the memory's own budget and order rules, within what the window has left
-                if h.payload.get("user_id") != self.user_id:  # defence in depth; the search filters by user
+            payloads = []
+            if query and query.strip():
+                payloads = mem.select(query, user_id=self.user_id or None, k=self.top_k, budget=self.budget)
+                self.considered[:] = mem.last_selection.get("hits", [])
+            for p in payloads:  # defence in depth; the search filters by user
+                if p.get("user_id") != self.user_id:
                     raise RuntimeError("store returned another user's chunk")
-                n = int(h.payload.get("tokens", 0))
-                if total + n > min(mem.config.max_prefix_tokens, self.budget):
-                    continue
-                payloads.append(h.payload)
-                total += n
-            if mem.config.prefix_order == "best_last":
-                payloads = payloads[::-1]
             injection, used = mem._injection(payloads) if mem.config.payload != "none" else (Injection(), [])
         self.chosen[:] = used
         yield injection
@@ -124,6 +122,8 @@ class Engine:
                              "per user")
         self.lm = lm
         self.memory = memory
+        if memory.config.gate_threshold > 0:  # an unfitted relevance score is fitted now, not at the first request
+            _ = memory.calibrator
         self.model_lock = asyncio.Lock()
         self.store_lock = threading.Lock()
         self._parametric_cache: dict[str, tuple[int, Any]] = {}
@@ -139,12 +139,13 @@ class Engine:
         has_system = any(m["role"] == "system" for m in messages)
         ids = self.lm.chat_ids(messages, system=None if has_system else self.memory.chat_system)
         chosen: list[str] = []
+        considered: list[dict[str, Any]] = []
         # chunks that would push the prompt past the window are left out (the answer lists what was injected)
         frame, splice = self.memory.frame_ids()
         spliced = splice if ids[0, :splice].tolist() == frame[:splice] else 0
         budget = self.lm.max_context - int(ids.shape[1]) - max_new_tokens - len(frame) + spliced
-        memory = (_Selected(self, user_id, top_k or self.memory.config.top_k, budget, chosen) if use_memory
-                  else None)
+        memory = (_Selected(self, user_id, top_k or self.memory.config.top_k, budget, chosen, considered)
+                  if use_memory else None)
 
         def tick(token_ids: list[int]) -> None:
             stop.check()
@@ -158,7 +159,7 @@ class Engine:
                 scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
             gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
                                    on_token=tick)
-        return Answer(gen, list(chosen), [t.kind for t in parametric])
+        return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered))
 
     def _consolidated_folder(self, user_id: str, into: str):
         import hashlib
@@ -214,7 +215,7 @@ class Engine:
         query = check_text(query, what="query")
         with self.store_lock:
             hits = self.memory.search(query, k=k, user_id=user_id or None)
-        return [{**public_record(h.id, h.payload), "score": h.score} for h in hits
+        return [{**public_record(h.id, h.payload), "score": h.score, "relevance": h.relevance} for h in hits
                 if h.payload.get("user_id") == user_id]
 
     def list(self, *, user_id: str, limit: int, offset: int) -> dict[str, Any]:

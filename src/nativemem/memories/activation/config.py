@@ -24,6 +24,7 @@ VARIANTS = ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25")
 BACKENDS = ("edge", "qdrant")
 ORDERS = ("best_first", "best_last")
 FRAMES = ("chat", "raw")
+DEFAULT_GATE_THRESHOLD = 0.5
 
 
 @dataclass
@@ -88,7 +89,8 @@ class ActivationConfig(MemoryConfig):
         "help": "store the pooled KV-Embedding vector of every chunk (a second forward pass per chunk); None = only "
                 "when the default variant needs it (pooled, hybrid). Without it, writes take one pass and the "
                 "pooled and hybrid variants are unavailable"})
-    top_k: int = field(default=2, metadata={"help": "chunks injected per generation call"})
+    top_k: int = field(default=2, metadata={
+        "help": "most chunks injected per generation call (the relevance gate may inject fewer)"})
     max_prefix_tokens: int = field(default=2048, metadata={"help": "cap on injected prefix tokens"})
     prefix_order: str = field(default="best_first", metadata={
         "help": "order of injected chunks: best_first (as RAG prompts list them) | best_last (nearest the question)"})
@@ -125,9 +127,17 @@ class ActivationConfig(MemoryConfig):
         "help": "backend=qdrant: collection name; None = nativemem_activation_<fingerprint>_<transform>"})
     blob_dir: str | None = field(default=None, metadata={
         "help": "folder of payload blobs; None = <memory>/blobs (shared storage for a cluster)"})
+    # ---- relevance gate
+    gate_threshold: float = field(default=DEFAULT_GATE_THRESHOLD, metadata={
+        "help": "chat and generation inject a retrieved chunk only when its calibrated relevance (probability that "
+                "it helps answer the query) is at least this, so 0 to top_k chunks are injected; 0 injects every "
+                "top_k hit. Default chosen on held-out SQuAD/MMLU questions (docs/benchmarks.md)"})
     # ---- set by fit()
     fit_report: dict[str, Any] | None = field(default=None, metadata={
         "help": "written by fit(): the TwoNN ID curve, chosen layers, probe scores, fit-set size"})
+    relevance: dict[str, Any] | None = field(default=None, metadata={
+        "help": "written by fit() / fit_relevance(): the relevance calibrator (standardisation, logistic "
+                "coefficients) and its held-out calibration error"})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ActivationConfig:
@@ -164,5 +174,9 @@ class ActivationConfig(MemoryConfig):
         self.bm25_weight = float(self.bm25_weight)
         if not 0.0 <= self.shrinkage < 1.0:
             raise InputError(f"shrinkage must be in [0, 1), got {self.shrinkage}")
+        if isinstance(self.gate_threshold, bool) or not isinstance(self.gate_threshold, (int, float)) \
+                or not 0.0 <= self.gate_threshold <= 1.0:
+            raise InputError(f"gate_threshold must be a number in [0, 1] (a probability), got {self.gate_threshold!r}")
+        self.gate_threshold = float(self.gate_threshold)
         if self.backend == "qdrant" and not self.qdrant_location:
             raise InputError("backend='qdrant' needs qdrant_location (a URL, ':memory:' or a folder)")

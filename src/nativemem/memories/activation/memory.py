@@ -77,6 +77,7 @@ class ActivationMemory(Memory):
         self.token_transform = _initial_token_transform(self.geometry.hidden_size, self.config.token_dim)
         self._store: Store | None = None
         self.last_timing: dict[str, Any] = {}
+        self.last_selection: dict[str, Any] = {}
         self._tmpdir: str | None = None
         self._frame_cache: dict[str, Any] | None = None
         L = self.geometry.num_layers
@@ -645,13 +646,23 @@ class ActivationMemory(Memory):
         return out
 
     def search(self, query: str, *, k: int = 4, user_id: str | None = None, variant: str | None = None,
-               memory_ids: Sequence[str] | None = None) -> list[Hit]:
-        """Top-``k`` chunks of ``user_id`` for ``query`` (never another user's).
+               memory_ids: Sequence[str] | None = None, relevance: bool = True) -> list[Hit]:
+        """Top-``k`` chunks of ``user_id`` for ``query`` (never another user's), best first.
 
         Args:
             variant: pooled | tokens | hybrid | hybrid_tokens | bm25 (default: the config's).
             memory_ids: restrict the search to these chunk ids.
+            relevance: give each hit its calibrated relevance (:mod:`.relevance`; the configured variant only,
+                else None). A memory whose relevance was never fitted is fitted on the built-in generic set
+                first, with a :class:`~.relevance.RelevanceWarning`.
         """
+        return self._search(query, k=k, user_id=user_id, variant=variant, memory_ids=memory_ids,
+                            relevance=relevance)[0]
+
+    def _search(self, query: str, *, k: int, user_id: str | None, variant: str | None = None,
+                memory_ids: Sequence[str] | None = None, relevance: bool = True) -> tuple[list[Hit], float]:
+        """Hits and the seconds spent on their relevance scores."""
+        from ...text import check_text
         from .config import VARIANTS
 
         variant = variant or self.config.variant
@@ -661,19 +672,86 @@ class ActivationMemory(Memory):
             raise InputError(f"variant {variant!r} needs pooled vectors, which this memory does not store "
                              f"(index_pooled=False, or variant={self.config.variant!r} by default); create the "
                              "memory with index_pooled=True")
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
-        from ...text import check_text
-
         query = check_text(query, what="query")
+        calibrator = self.calibrator if relevance and variant == self.config.variant else None
         vectors = self.encode_query(query, variant=variant)
+        user = _check_user(user_id)
         # a few extra rows so that equal scores (frequent with rank fusion) are broken by id, not by chance
-        rows = self.store.index.query(variant, user_id=_check_user(user_id), limit=k + TIE_MARGIN,
+        rows = self.store.index.query(variant, user_id=user, limit=k + TIE_MARGIN,
                                       candidates=max(self.config.candidates, k), rrf_k=self.config.rrf_k,
                                       bm25_weight=self.config.bm25_weight,
                                       memory_ids=memory_ids, **vectors)
         rows = sorted(rows, key=lambda r: (-round(r[1], 9), r[0]))[:k]
-        return [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
+        hits = [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
+        if calibrator is None or not hits:
+            return hits, 0.0
+        t0 = time.perf_counter()
+        from .relevance import features
+
+        probs = calibrator(features(*self._hit_scores(query, hits, user, vectors)))
+        for h, p in zip(hits, probs):
+            h.relevance = float(p)
+        return hits, time.perf_counter() - t0
+
+    def hit_scores(self, query: str, hits: Sequence[Hit], *, user_id: str | None = None
+                   ) -> tuple[list[float], list[float]]:
+        """Raw per-hit scores behind the relevance features: (dense, bm25); dense is the mean over query tokens of
+        the best cosine with a chunk token (pooled cosine for the pooled variants), bm25 the index's BM25."""
+        return self._hit_scores(query, hits, _check_user(user_id), None)
+
+    def _hit_scores(self, query: str, hits: Sequence[Hit], user: str, vectors: dict[str, Any] | None
+                    ) -> tuple[list[float], list[float]]:
+        variant = self.config.variant
+        dense_name = "pooled" if variant in ("pooled", "hybrid") else "tokens"
+        if vectors is None or dense_name not in vectors or "sparse" not in vectors:
+            vectors = {**self.encode_query(query, variant="hybrid" if dense_name == "pooled" else "hybrid_tokens")}
+        ids = [h.id for h in hits]
+        index = self.store.index
+
+        def scores(name, **vec):
+            rows = index.query(name, user_id=user, limit=len(ids), candidates=len(ids), rrf_k=self.config.rrf_k,
+                               memory_ids=ids, **vec)
+            return {i: s for i, s, _ in rows}
+
+        dense = scores(dense_name, **{dense_name: vectors[dense_name]})
+        bm25 = scores("bm25", sparse=vectors["sparse"])
+        n = max(1, len(vectors["tokens"])) if dense_name == "tokens" else 1
+        return [dense.get(i, 0.0) / n for i in ids], [bm25.get(i, 0.0) for i in ids]
+
+    @property
+    def calibrator(self):
+        """The relevance calibrator (fitted on the built-in generic set, with a warning, if never fitted)."""
+        from .relevance import GENERIC_QA, GENERIC_UNANSWERABLE, Calibrator, warn_generic
+
+        state = self.config.relevance
+        if state is None or state.get("variant") != self.config.variant:
+            warn_generic(len(GENERIC_QA))
+            self.fit_relevance(GENERIC_QA, unanswerable=GENERIC_UNANSWERABLE, source="built-in generic set")
+            state = self.config.relevance
+        cached = getattr(self, "_calibrator", None)
+        if cached is None or cached.state is not state:
+            cached = self._calibrator = Calibrator(state)
+        return cached
+
+    def fit_relevance(self, pairs: Sequence[tuple[str, str]], *, unanswerable: Sequence[str] = (),
+                      k: int | None = None, seed: int = 0, source: str = "caller's pairs") -> Receipt:
+        """Fit the calibrated relevance score on (question, passage) pairs (and questions nothing answers).
+
+        The memory's own chunks are not touched: the passages go to a scratch memory with the same layers and
+        transforms (see :mod:`.relevance`). Stored in ``config.relevance`` (and saved with a saved memory).
+        """
+        from .relevance import fit_relevance
+
+        start = time.perf_counter()
+        state = fit_relevance(self, pairs, unanswerable=unanswerable, k=k, seed=seed, source=source)
+        self.config.relevance = state
+        if self._tmpdir is None and self.path is not None and (Path(self.path) / "memory_config.json").is_file():
+            self.save()
+        return Receipt(self.kind, "fit_relevance", elapsed_s=time.perf_counter() - start, steps=1, details=state,
+                       notes=[f"relevance fitted on {state['pairs']} pairs ({source}); held-out ECE "
+                              f"{state['heldout_ece']}, AUC {state['heldout_auc']}"])
 
     def prefix_for(self, query: str | None, *, user_id: str | None = None) -> tuple[list[int], list[dict]]:
         """The chunks ``active()`` would inject for ``query`` (payloads, in prefix order) and the prefix token ids
@@ -702,25 +780,43 @@ class ActivationMemory(Memory):
         return torch.tensor([ids + prompt], dtype=torch.long, device=prompt_ids.device)
 
     def _select(self, query: str | None, user_id: str | None) -> list[dict]:
-        """Payloads to inject, in prefix order: the top_k search hits for ``query`` that fit the token budget.
+        """Payloads to inject, in prefix order (:meth:`select`)."""
+        return self.select(query, user_id=user_id)
+
+    def select(self, query: str | None, *, user_id: str | None = None, k: int | None = None,
+               budget: int | None = None) -> list[dict]:
+        """Payloads ``active()`` injects for ``query``, in prefix order: the top-``k`` hits (default ``top_k``) whose
+        calibrated relevance passes ``gate_threshold`` and that fit the token budget (``max_prefix_tokens``,
+        and ``budget`` when given). ``last_selection`` records every hit considered: its raw score, relevance,
+        whether it was injected and why not.
 
         Without a query (``lm.logits`` does not pass one) the user's most recently added chunks are used.
         """
         cfg = self.config
+        k = cfg.top_k if k is None else k
+        limit = cfg.max_prefix_tokens if budget is None else min(cfg.max_prefix_tokens, budget)
+        gate_s = 0.0
         if query is None or not query.strip():
-            # no query (e.g. lm.logits): the user's most recent chunks
             rows = self.store.index.scroll(user_id=_check_user(user_id))
             rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("chunk_index", 0)), reverse=True)
-            payloads = [p for _, p in rows[: cfg.top_k]]
+            hits = [Hit(id=i, score=0.0, text=str(p.get("text", "")), payload=p) for i, p in rows[:k]]
         else:
-            payloads = [h.payload for h in self.search(query, k=cfg.top_k, user_id=user_id)]
-        chosen, total = [], 0
-        for p in payloads:
-            n = int(p.get("tokens", 0))
-            if total + n > cfg.max_prefix_tokens:
-                continue
-            chosen.append(p)
-            total += n
+            hits, gate_s = self._search(query, k=k, user_id=user_id, relevance=cfg.gate_threshold > 0)
+        chosen, considered, total = [], [], 0
+        for h in hits:
+            n = int(h.payload.get("tokens", 0))
+            reason = None
+            if h.relevance is not None and h.relevance < cfg.gate_threshold:
+                reason = "below_threshold"
+            elif total + n > limit:
+                reason = "token_budget"
+            else:
+                chosen.append(h.payload)
+                total += n
+            considered.append({"id": h.id, "source_id": h.payload.get("source_id"), "score": h.score,
+                               "relevance": h.relevance, "injected": reason is None,
+                               **({"reason": reason} if reason else {})})
+        self.last_selection = {"threshold": cfg.gate_threshold, "hits": considered, "gate_s": gate_s}
         return chosen[::-1] if cfg.prefix_order == "best_last" else chosen
 
     @contextmanager
@@ -878,23 +974,40 @@ class ActivationMemory(Memory):
 
     # ------------------------------------------------------------------ fit
     def fit(self, texts: Sequence[str], *, probe_pairs: Sequence[tuple[str, str]] | None = None,
+            relevance_pairs: Sequence[tuple[str, str]] | None = None, unanswerable: Sequence[str] = (),
             tokens_per_text: int = 32, max_texts: int = 512, seed: int = 0) -> Receipt:
-        """Choose layers (TwoNN + retrieval probe) and fit the retrieval transforms on a separate fit set.
+        """Choose layers (TwoNN + retrieval probe), fit the retrieval transforms on a separate fit set, then the
+        relevance score.
 
         Only an empty memory can be fitted (stored vectors would no longer match). The ID curve, chosen
-        layers and probe scores go to ``config.fit_report``; the transforms to ``memory.safetensors``.
+        layers and probe scores go to ``config.fit_report``; the transforms to ``memory.safetensors``; the
+        relevance calibrator to ``config.relevance``.
 
         Args:
             texts: the fit set (never the evaluated corpus).
             probe_pairs: (query, relevant text) pairs for the probe; default: each fit text's first sentence
                 against the rest of it.
+            relevance_pairs: (question, passage) pairs for the relevance score (:meth:`fit_relevance`); default:
+                the built-in generic questions.
+            unanswerable: questions no passage answers (negatives of the relevance score); with the default
+                pairs, the built-in general questions.
             tokens_per_text: content tokens subsampled per text for TwoNN and the token transform.
             max_texts: cap on fit texts used (seeded sample).
         """
         from .fit import fit_memory
+        from .relevance import GENERIC_QA, GENERIC_UNANSWERABLE
 
-        return fit_memory(self, texts, probe_pairs=probe_pairs, tokens_per_text=tokens_per_text,
-                          max_texts=max_texts, seed=seed)
+        receipt = fit_memory(self, texts, probe_pairs=probe_pairs, tokens_per_text=tokens_per_text,
+                             max_texts=max_texts, seed=seed)
+        if relevance_pairs is None:
+            rel = self.fit_relevance(GENERIC_QA, unanswerable=unanswerable or GENERIC_UNANSWERABLE, seed=seed,
+                                     source="built-in generic set")
+        else:
+            rel = self.fit_relevance(relevance_pairs, unanswerable=unanswerable, seed=seed)
+        receipt.details["relevance"] = rel.details
+        receipt.notes += rel.notes
+        receipt.elapsed_s += rel.elapsed_s
+        return receipt
 
     def _reset_store(self) -> None:
         """Drop the (empty) index so it is re-created with the current transform's dimensions."""

@@ -1,0 +1,340 @@
+"""The ``relevance`` benchmark: questions the memory can answer, mixed with questions it cannot.
+
+Every other benchmark asks only questions whose answer is in the pool, so none sees a memory that hurts the
+questions it cannot answer. Here (SQuAD-format data, seeded):
+
+- the SQuAD articles are split into **pool** articles (their paragraphs are stored), **fit** articles (the
+  retrieval transform and the relevance score are fitted on them, never on what is asked) and the **rest**;
+- half the questions are **answerable**: questions of pool articles; the other half are **unanswerable**:
+  half questions of the rest's articles, half general questions (MMLU test questions asked as open
+  questions, the choices left out; only those that end with "?" and do not say "which of the following");
+- arms: ``none`` (the question alone), ``activation`` (the top-``k`` chunks always injected),
+  ``activation_gated`` (only chunks whose calibrated relevance passes the memory's ``gate_threshold``),
+  ``rag_bm25`` (the top-``k`` BM25 passages pasted) and ``rag_bm25_gated`` (only passages whose BM25 score
+  passes a threshold chosen on the fit articles the way the gate's default was: the threshold that maximises
+  the mean of "the gold passage passes" on answerable and "nothing passes" on unanswerable fit questions).
+
+Metrics per arm: ``contains_answerable``, ``f1_answerable``, ``agree_none_unanswerable`` (share of
+unanswerable questions answered exactly as the ``none`` arm answers them, post-processed text),
+``inject_rate_answerable``/``inject_rate_unanswerable`` (share of questions given at least one chunk), the
+mean of ``contains_answerable`` and ``agree_none_unanswerable`` (``overall``), median TTFT and end-to-end time
+(retrieval and gate included); and for the relevance score the calibration error (ECE, 10 bins) and AUC on the
+test questions' top-``k`` hits (a hit is relevant when it is the question's own paragraph). Paired tests
+(McNemar) compare every arm with every other on the per-question scores.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_relevance", "ARMS"]
+
+ARMS = ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated")
+USER = "bench"
+_MMLU_SKIP = re.compile(r"which of the following|_{2,}|\bfollowing\b", re.IGNORECASE)
+
+
+def _open_questions(mmlu: Path) -> tuple[list[str], list[str]]:
+    """(dev, test) MMLU questions usable as open questions."""
+    from .tasks.mmlu import load_mmlu
+
+    dev, test = load_mmlu(mmlu)
+
+    def keep(items):
+        return [it.question.strip() for its in items.values() for it in its
+                if it.question.strip().endswith("?") and not _MMLU_SKIP.search(it.question)
+                and len(it.question) <= 300]
+
+    return keep(dev), keep(test)
+
+
+def _split(squad, seed: int, pool_articles: int, fit_articles: int):
+    articles = sorted({c.doc_id for c in squad.chunks.values()}, key=int)
+    if len(articles) < pool_articles + fit_articles + 1:
+        from ..errors import InputError
+
+        raise InputError(f"the relevance task needs more than {pool_articles + fit_articles} articles "
+                         f"(pool + fit + at least one other); the file has {len(articles)}")
+    rng = random.Random(seed)
+    rng.shuffle(articles)
+    return (set(articles[:pool_articles]), set(articles[pool_articles:pool_articles + fit_articles]),
+            set(articles[pool_articles + fit_articles:]))
+
+
+def _article(item) -> str:
+    return item.gold_chunk_ids[0].split(":")[0]
+
+
+def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: str | Path | None = None,
+                  limit: int | None = 400, k: int = 3, seed: int = 0, max_new_tokens: int = 32,
+                  pool_articles: int = 6, fit_articles: int = 6, fit_pairs: int = 300,
+                  arms: Sequence[str] = ARMS, memory_options: dict[str, Any] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the relevance benchmark (see the module docstring); writes ``results.json`` and ``items.jsonl``.
+
+    Args:
+        lm: the LanguageModel.
+        out: results folder.
+        data: a SQuAD-format file (default: the shared SQuAD dev set).
+        mmlu: an MMLU folder (``dev/``, ``test/``) for the general questions (default: the shared one).
+        limit: questions asked (half answerable); default 400.
+        k: chunks injected at most / passages pasted at most.
+        pool_articles, fit_articles: articles stored / used for fitting (seeded choice).
+        fit_pairs: fit-article questions the relevance score is fitted on (seeded sample).
+        memory_options: ActivationConfig overrides (e.g. ``{"gate_threshold": 0.7}``).
+    """
+    import nativemem as nm
+
+    from ..errors import InputError
+    from ..memories.activation.relevance import choose_threshold, expected_calibration_error
+    from ..prompting import build_messages, postprocess_answer
+    from ..retrieval import BM25Retriever
+    from .arms_activation import BENCH_MEMORY_CONFIG
+    from .metrics import answer_scores
+    from .results import SCHEMA_VERSION, write_items, write_results
+    from .stats import bootstrap_mean_ci, compare_paired
+    from .tasks import data_root
+    from .tasks.squad import load_squad
+
+    arms = list(arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise InputError(f"unknown relevance arms {unknown}; use {', '.join(ARMS)}")
+    if "none" not in arms:
+        arms = ["none", *arms]  # agreement with the closed-book answer needs it
+    for name, value in (("limit", limit), ("k", k), ("max_new_tokens", max_new_tokens), ("fit_pairs", fit_pairs),
+                        ("pool_articles", pool_articles), ("fit_articles", fit_articles)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    limit = limit or 400
+    if limit < 4:
+        raise InputError(f"limit must be at least 4 (half answerable, half not), got {limit}")
+    squad_path = Path(data) if data is not None else data_root() / "squad" / "squad-v1.1-dev.json"
+    mmlu_path = Path(mmlu) if mmlu is not None else data_root() / "mmlu"
+    squad = load_squad(squad_path)
+    mmlu_dev, mmlu_test = _open_questions(mmlu_path)
+    pool_a, fit_a, rest_a = _split(squad, seed, pool_articles, fit_articles)
+    rng = random.Random(seed)
+
+    # ---- the questions: answerable (pool articles), unanswerable (other articles, general questions)
+    by_art = {"pool": [], "fit": [], "rest": []}
+    for item in squad.items:
+        a = _article(item)
+        by_art["pool" if a in pool_a else "fit" if a in fit_a else "rest"].append(item)
+    n_ans = limit // 2
+    n_other = (limit - n_ans) // 2
+    n_general = limit - n_ans - n_other
+    for what, have, want in (("pool-article", len(by_art["pool"]), n_ans), ("other-article", len(by_art["rest"]), n_other),
+                             ("general (MMLU test)", len(mmlu_test), n_general)):
+        if have < want:
+            raise InputError(f"only {have} {what} questions for {want} asked; lower --limit")
+    questions = ([{"id": it.id, "kind": "answerable", "question": it.question, "answers": list(it.answers),
+                   "gold": it.gold_chunk_ids[0]} for it in rng.sample(by_art["pool"], n_ans)]
+                 + [{"id": it.id, "kind": "other_article", "question": it.question, "answers": list(it.answers),
+                     "gold": None} for it in rng.sample(by_art["rest"], n_other)]
+                 + [{"id": f"mmlu:{i}", "kind": "general", "question": q, "answers": [], "gold": None}
+                    for i, q in enumerate(rng.sample(mmlu_test, n_general))])
+    rng.shuffle(questions)
+    pool = [c for c in squad.chunks.values() if c.doc_id in pool_a]
+    fit_chunks = [c for c in squad.chunks.values() if c.doc_id in fit_a]
+    fit_items = rng.sample(by_art["fit"], min(fit_pairs, len(by_art["fit"])))
+    pairs = [(it.question, squad.chunks[it.gold_chunk_ids[0]].text) for it in fit_items]
+    fit_unanswerable = rng.sample(mmlu_dev, min(len(mmlu_dev), max(1, len(pairs) // 3)))
+
+    # ---- the memory: fitted on the fit articles, the pool stored
+    t0 = time.perf_counter()
+    options = dict(memory_options or {})
+    config = {**BENCH_MEMORY_CONFIG, "top_k": k, **options}
+    folder = Path(tempfile.mkdtemp(prefix="nativemem-relevance-"))
+    memory = nm.open_memory(folder / "memory", lm, kind="activation", **config)
+    fit_receipt = memory.fit([c.text for c in fit_chunks][:256], relevance_pairs=pairs, unanswerable=fit_unanswerable,
+                             seed=seed)
+    memory.add([c.text for c in pool], user_id=USER, source_ids=[c.id for c in pool])
+    threshold = memory.config.gate_threshold
+    write_s = time.perf_counter() - t0
+
+    # ---- BM25 over the pool, and its threshold chosen on the fit articles the same way
+    bm25 = BM25Retriever()
+    bm25.index(pool)
+    fit_bm25 = BM25Retriever()
+    fit_rng = random.Random(seed)
+    fit_ids = sorted({it.gold_chunk_ids[0] for it in fit_items})
+    fit_rng.shuffle(fit_ids)
+    indexed = set(fit_ids[: max(2, int(0.7 * len(fit_ids)))])
+    fit_bm25.index([squad.chunks[c] for c in sorted(indexed)])
+    scores, gold = [], []
+    for it in fit_items:
+        hits = fit_bm25.search(it.question, k)
+        scores.append([s for _, s in hits])
+        ids = [c for c, _ in hits]
+        g = it.gold_chunk_ids[0]
+        gold.append(ids.index(g) if g in ids else (None if g in indexed else -1))
+    for q in fit_unanswerable:
+        scores.append([s for _, s in fit_bm25.search(q, k)])
+        gold.append(-1)
+    bm25_threshold, bm25_objective = choose_threshold(scores, gold)
+
+    # ---- answering
+    texts = {c.id: c.text for c in pool}
+
+    def generate(messages, **kw):
+        ids = lm.chat_ids(messages)
+        return lm.generate(ids, max_new_tokens=max_new_tokens, **kw)
+
+    records = []
+    rel_p, rel_y = [], []
+    from tqdm.auto import tqdm
+
+    for q in tqdm(questions, desc="relevance", disable=not progress):
+        rec = {"id": q["id"], "kind": q["kind"], "question": q["question"], "answers": q["answers"], "gold": q["gold"],
+               "arms": {}}
+        for arm in arms:
+            search_s = 0.0
+            injected: list[str] = []
+            hits_info: Any = None
+            if arm == "none":
+                gen = generate(build_messages(q["question"]))
+            elif arm in ("activation", "activation_gated"):
+                memory.config.gate_threshold = threshold if arm == "activation_gated" else 0.0
+                gen = generate(build_messages(q["question"]), memory=memory, user_id=USER, query=q["question"])
+                sel = memory.last_selection
+                hits_info = sel.get("hits", [])
+                injected = [h["id"] for h in hits_info if h["injected"]]
+                if arm == "activation_gated":
+                    search_s = float(sel.get("gate_s", 0.0))  # the gate's own cost (inside TTFT)
+                    for h in hits_info:
+                        if h["relevance"] is not None:
+                            rel_p.append(h["relevance"])
+                            rel_y.append(int(q["gold"] is not None and h["source_id"] == q["gold"]))
+            else:
+                start = time.perf_counter()
+                hits = bm25.search(q["question"], k)
+                if arm == "rag_bm25_gated":
+                    hits = [(c, s) for c, s in hits if s >= bm25_threshold]
+                search_s = time.perf_counter() - start
+                hits_info = [{"id": c, "score": s} for c, s in hits]
+                injected = [c for c, _ in hits]
+                gen = generate(build_messages(q["question"], [texts[c] for c in injected]))
+            answer = postprocess_answer(gen.text)
+            rec["arms"][arm] = {"output": answer, "raw_output": gen.text, "ttft_s": gen.ttft_s,
+                                "e2e_s": gen.ttft_s + (search_s if arm.startswith("rag") else 0.0),
+                                "aux_s": search_s, "prompt_tokens": gen.prompt_tokens,
+                                "prefix_tokens": gen.prefix_tokens, "injected": len(injected), "hits": hits_info}
+        none_answer = rec["arms"]["none"]["output"]
+        for arm, a in rec["arms"].items():
+            if q["kind"] == "answerable":
+                s = answer_scores(a["output"], q["answers"])
+                a["contains"], a["f1"] = s["contains"], s["f1"]
+            else:
+                a["agree_none"] = float(a["output"] == none_answer)
+            a["score"] = a["contains"] if q["kind"] == "answerable" else a["agree_none"]
+        records.append(rec)
+    memory.config.gate_threshold = threshold
+    memory.close()
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- metrics
+    ans = [r for r in records if r["kind"] == "answerable"]
+    una = [r for r in records if r["kind"] != "answerable"]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    arm_blocks = {}
+    for arm in arms:
+        contains = [r["arms"][arm]["contains"] for r in ans]
+        agree = [r["arms"][arm]["agree_none"] for r in una]
+        metrics = {
+            "contains_answerable": mean(contains), "f1_answerable": mean(r["arms"][arm]["f1"] for r in ans),
+            "agree_none_unanswerable": mean(agree),
+            "agree_none_other_article": mean(r["arms"][arm]["agree_none"] for r in una if r["kind"] == "other_article"),
+            "agree_none_general": mean(r["arms"][arm]["agree_none"] for r in una if r["kind"] == "general"),
+            "inject_rate_answerable": mean(r["arms"][arm]["injected"] > 0 for r in ans),
+            "inject_rate_unanswerable": mean(r["arms"][arm]["injected"] > 0 for r in una),
+            "overall": (mean(contains) + mean(agree)) / 2,
+            "ttft_median_s": statistics.median(r["arms"][arm]["ttft_s"] for r in records),
+            "e2e_median_s": statistics.median(r["arms"][arm]["e2e_s"] for r in records),
+        }
+        if arm == "activation_gated":
+            metrics["gate_median_s"] = statistics.median(r["arms"][arm]["aux_s"] for r in records)
+            metrics["gate_over_ttft"] = metrics["gate_median_s"] / metrics["ttft_median_s"]
+        ci = {"contains_answerable": bootstrap_mean_ci(contains, seed=seed),
+              "agree_none_unanswerable": bootstrap_mean_ci(agree, seed=seed)}
+        arm_blocks[arm] = {"n": len(records), "skipped": 0, "skipped_reasons": {}, "metrics": metrics, "ci95": ci,
+                           "cost": {"prompt_tokens_mean": mean(r["arms"][arm]["prompt_tokens"] for r in records),
+                                    "prefix_tokens_mean": mean(r["arms"][arm]["prefix_tokens"] for r in records)}}
+    comparisons = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            for metric, rows, key in (("contains_answerable", ans, "contains"),
+                                      ("agree_none_unanswerable", una, "agree_none"),
+                                      ("overall_per_question", records, "score")):
+                comparisons.append({"a": a, "b": b, "metric": metric, **compare_paired(
+                    [r["arms"][a][key] for r in rows], [r["arms"][b][key] for r in rows], binary=True, seed=seed)})
+    from sklearn.metrics import roc_auc_score
+
+    calibration = {"hits": len(rel_p), "positive_rate": mean(rel_y),
+                   "ece": expected_calibration_error(rel_p, rel_y) if rel_p else None,
+                   "auc": float(roc_auc_score(rel_y, rel_p)) if 0 < sum(rel_y) < len(rel_y) else None,
+                   "mean_relevance": mean(rel_p)}
+    results = {
+        "task": "relevance", "schema_version": SCHEMA_VERSION, "model": lm.name, "fingerprint": lm.fingerprint.short,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "n": len(records), "seed": seed,
+        "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+        "config": {"data": str(squad_path), "mmlu": str(mmlu_path), "limit": limit, "k": k,
+                   "max_new_tokens": max_new_tokens, "pool_articles": sorted(pool_a, key=int),
+                   "fit_articles": sorted(fit_a, key=int), "pool_paragraphs": len(pool),
+                   "fit_pairs": len(pairs), "fit_unanswerable": len(fit_unanswerable), "memory": config,
+                   "gate_threshold": threshold, "bm25_threshold": bm25_threshold,
+                   "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy"},
+        "counts": {"answerable": len(ans), "other_article": sum(r["kind"] == "other_article" for r in records),
+                   "general": sum(r["kind"] == "general" for r in records)},
+        "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": calibration,
+        "write_s": write_s, "arms": arm_blocks, "comparisons": comparisons,
+    }
+    if getattr(lm, "random_weights", False):
+        results["random_weights"] = True
+    write_results(Path(out), results)
+    write_items(Path(out), records)
+    if progress:
+        print(format_relevance(results), flush=True)
+    return results
+
+
+def format_relevance(results: dict[str, Any]) -> str:
+    """A Markdown summary of one relevance run."""
+    lines = [f"relevance, model {results['model']}, n = {results['n']} ({results['counts']}), k = "
+             f"{results['config']['k']}, gate_threshold {results['config']['gate_threshold']}, BM25 threshold "
+             f"{results['config']['bm25_threshold']:.3f}", "",
+             "| arm | contains (answerable) | F1 | agree with none (unanswerable) | overall | injects (ans / unans) "
+             "| TTFT median | e2e median |", "|---|---|---|---|---|---|---|---|"]
+    for arm, block in results["arms"].items():
+        m = block["metrics"]
+        lines.append(f"| {arm} | {m['contains_answerable']:.3f} | {m['f1_answerable']:.3f} | "
+                     f"{m['agree_none_unanswerable']:.3f} | {m['overall']:.3f} | {m['inject_rate_answerable']:.2f} / "
+                     f"{m['inject_rate_unanswerable']:.2f} | {1000 * m['ttft_median_s']:.0f} ms | "
+                     f"{1000 * m['e2e_median_s']:.0f} ms |")
+    c = results["calibration_test"]
+    if c.get("ece") is not None:
+        lines.append(f"\ncalibrated relevance on the test questions' hits: ECE {c['ece']:.3f}, AUC "
+                     f"{c['auc'] if c['auc'] is None else round(c['auc'], 3)}, n = {c['hits']} hits")
+    g = results["arms"].get("activation_gated", {}).get("metrics", {})
+    if "gate_median_s" in g:
+        lines.append(f"gate: {1000 * g['gate_median_s']:.1f} ms median ({100 * g['gate_over_ttft']:.1f} % of the "
+                     "gated arm's median TTFT)")
+    for comp in results["comparisons"]:
+        if comp["metric"] in ("contains_answerable", "overall_per_question") and {comp["a"], comp["b"]} in (
+                {"activation", "activation_gated"}, {"activation_gated", "rag_bm25_gated"}):
+            lines.append(f"{comp['a']} vs {comp['b']}, {comp['metric']}: diff {comp['diff']:+.3f}, "
+                         f"p = {comp['p_value']:.3g} (McNemar, n = {comp['n']})")
+    return "\n".join(lines)
