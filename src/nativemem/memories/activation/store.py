@@ -221,13 +221,16 @@ class EdgeIndex(Index):
         nearest = {"pooled": lambda: q.Query.Nearest(pooled, using="pooled"),
                    "tokens": lambda: q.Query.Nearest(tokens, using="tokens"),
                    "bm25": lambda: q.Query.Nearest(q.SparseVector(*sparse), using="bm25")}
+        # BM25's term statistics come from the caller's own chunks only: nothing another user stores changes them
+        idf = None if user_id is None else q.SearchParams(idf=q.IdfParams(corpus=self._filter(user_id)))
         if variant in ("pooled", "tokens", "bm25"):
-            req = q.QueryRequest(limit=limit, query=nearest[variant](), filter=flt, with_payload=True)
+            req = q.QueryRequest(limit=limit, query=nearest[variant](), filter=flt, with_payload=True,
+                                 params=idf if variant == "bm25" else None)
         else:
             dense = "pooled" if variant == "hybrid" else "tokens"
             req = q.QueryRequest(limit=limit, query=q.Fusion.Rrf(k=rrf_k, weights=[1.0, bm25_weight]), with_payload=True, prefetches=[
                 q.Prefetch(limit=candidates, query=nearest[dense](), filter=flt),
-                q.Prefetch(limit=candidates, query=nearest["bm25"](), filter=flt)])
+                q.Prefetch(limit=candidates, query=nearest["bm25"](), filter=flt, params=idf)])
         return [(str(p.id), float(p.score), dict(p.payload or {})) for p in self.shard.query(req)]
 
     def scroll(self, *, user_id=None, field_name=None, values=(), with_payload=True):
@@ -329,15 +332,17 @@ class ClientIndex(Index):
         flt = self._filter(user_id, memory_ids)
         vec = {"pooled": lambda: pooled, "tokens": lambda: tokens,
                "bm25": lambda: m.SparseVector(indices=sparse[0], values=sparse[1])}
+        # BM25's term statistics come from the caller's own chunks only (per-tenant IDF)
+        idf = None if user_id is None else m.SearchParams(idf=m.IdfCorpusParams(corpus=self._filter(user_id)))
         if variant in ("pooled", "tokens", "bm25"):
             res = self.client.query_points(self.collection, query=vec[variant](), using=variant, query_filter=flt,
-                                           limit=limit, with_payload=True)
+                                           limit=limit, with_payload=True, search_params=idf if variant == "bm25" else None)
         else:
             dense = "pooled" if variant == "hybrid" else "tokens"
             res = self.client.query_points(
                 self.collection, limit=limit, with_payload=True, query=m.RrfQuery(rrf=m.Rrf(k=rrf_k, weights=[1.0, bm25_weight])),
                 prefetch=[m.Prefetch(query=vec[dense](), using=dense, limit=candidates, filter=flt),
-                          m.Prefetch(query=vec["bm25"](), using="bm25", limit=candidates, filter=flt)])
+                          m.Prefetch(query=vec["bm25"](), using="bm25", limit=candidates, filter=flt, params=idf)])
         return [(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
 
     def scroll(self, *, user_id=None, field_name=None, values=(), with_payload=True):
