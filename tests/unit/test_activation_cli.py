@@ -97,3 +97,30 @@ def test_needle_command_runs_and_its_seed_picks_the_needles(setup, tmp_path):
         codes.append(sorted(a for r in read_items(out) for a in r["answers"]))
         assert len(codes[-1]) == 4
     assert codes[0] != codes[1]
+
+
+def test_every_task_runs_through_nativemem_bench(setup, tmp_path):
+    """`nativemem bench --list` names every task, and `nativemem bench needle` is the `needle` command."""
+    from nativemem.cli.main import app
+
+    _, root = setup
+    res = CliRunner().invoke(app, ["bench", "--list"])
+    assert res.exit_code == 0, res.output
+    listed = " ".join(res.output.split())
+    for task in ("squad", "triviaqa", "needle", "scifact", "pg19", "mmlu", "locomo", "facts", "write", "scale",
+                 "boundary", "relevance"):
+        assert f" {task}," in listed or f" {task} (" in listed, task
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    (hay / "a.txt").write_text(" ".join(f"Sentence {i} of the essay is about gardens." for i in range(60)))
+    outs = []
+    for argv in (["needle", "--lengths", "100,200", "--depths", "0,1"],
+                 ["bench", "needle", "-o", "lengths=[100,200]", "-o", "depths=[0,1]", "-o", "needle_seed=0"]):
+        out = tmp_path / argv[0]
+        res = CliRunner().invoke(app, [*argv, "--arms", "rag_bm25", "--data", str(hay), "--out", str(out),
+                                       "--model", str(root / "model"), "--max-new-tokens", "2", "--seed", "0"])
+        assert res.exit_code == 0, res.output
+        from nativemem.bench.results import read_items
+
+        outs.append(sorted((r["item_id"], r["output"]) for r in read_items(out)))
+    assert outs[0] == outs[1] and len(outs[0]) == 4

@@ -196,9 +196,10 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
     from ..bench import get_arm, get_task, list_arms, list_tasks, report, run_benchmark
 
     if list_all:
-        console.print("tasks: " + ", ".join(list_tasks()))
-        console.print("arms:  " + ", ".join(list_arms()))
-        console.print("own loops: " + ", ".join(f"{t} ({', '.join(a)})" for t, a in _LOOP_ARMS.items()))
+        runner = [t for t in list_tasks() if t not in _LOOP_TASKS]
+        console.print("tasks: " + ", ".join(sorted({*runner, *_LOOP_TASKS})) + " (all run as `nativemem bench TASK`)")
+        console.print(f"arms of {', '.join(runner)}: " + ", ".join(list_arms()))
+        console.print("arms of the others: " + "; ".join(f"{t}: {', '.join(a) or '-'}" for t, a in _LOOP_ARMS.items()))
         return
     arm_names = _split_list(arms) or ([] if task in _LOOP_TASKS else ["none", "rag_bm25"])  # []: the loop's own
     from .memory_cmds import parse_options
@@ -234,12 +235,14 @@ _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "write": ("nativemem.bench.write_speed", "run_write"),
                "scale": ("nativemem.bench.scale", "run_scale"),
                "boundary": ("nativemem.bench.boundary", "run_boundary"),
-               "relevance": ("nativemem.bench.relevance", "run_relevance")}
+               "relevance": ("nativemem.bench.relevance", "run_relevance"),
+               "scifact": ("nativemem.bench.tasks.scifact", "run_scifact")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
               "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
               "scale": (), "boundary": (),
-              "relevance": ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated")}
+              "relevance": ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated"),
+              "scifact": ()}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
