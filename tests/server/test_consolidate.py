@@ -72,3 +72,32 @@ def test_consolidate_command_and_endpoint(tmp_path, model_dir, served):
         r = c.post("/v1/chat/completions", json=chat)  # never another user's
         assert r.status_code == 200 and r.json()["nativemem"]["parametric"] == []
     assert httpx.post(served.url + "/v1/memories/consolidate", json={"into": "pkm"}).status_code == 401
+
+
+def test_a_damaged_consolidated_memory_never_locks_its_user_out(served):
+    """Chats go on without it (a warning in the reply, no server path), and the user can delete it."""
+    chat = {"model": "nativemem", "max_tokens": 2, "messages": [{"role": "user", "content": "Where is the mill?"}]}
+    with httpx.Client(base_url=served.url, headers=served.headers("bob"), timeout=120) as c:
+        c.post("/v1/memories", json={"text": "Bob's mill stands by the river Ouse."})
+        assert c.post("/v1/memories/consolidate", json={"into": "side_ffn"}).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat).json()["nativemem"]["parametric"] == ["side_ffn"]
+        folder = served.app.state.engine._consolidated_folder("bob", "side_ffn")
+        (folder / "memory.safetensors").write_bytes(b"\x00garbage" * 8)
+        config = folder / "memory_config.json"
+        config.write_text(config.read_text())  # a new stamp: the server opens it again
+        import os
+
+        os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        extra = r.json()["nativemem"]
+        assert extra["parametric"] == [] and "DELETE /v1/memories/consolidated" in extra["warnings"][0]
+        assert str(folder) not in r.text and "consolidated" not in str(extra["memory_ids"])
+        r = c.post("/v1/memories/consolidate", json={"into": "side_ffn"})
+        assert r.status_code == 400 and "DELETE /v1/memories/consolidated" in r.text and str(folder) not in r.text
+        assert c.delete("/v1/memories/consolidated", params={"into": "lora"}).status_code == 400
+        r = c.delete("/v1/memories/consolidated")
+        assert r.status_code == 200 and r.json()["deleted"] == ["side_ffn"], r.text
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.json()["nativemem"]["parametric"] == [] and r.json()["nativemem"]["warnings"] == []
+        assert c.delete("/v1/memories/consolidated").json()["deleted"] == []

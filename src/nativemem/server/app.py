@@ -15,6 +15,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
   ``DELETE /v1/memories/{id}`` (a chunk id, or a source id to delete all its chunks).
   ``POST /v1/memories/consolidate`` (``{"into": "side_ffn" | "pkm"}``): train the caller's chunks into a
   parametric memory of their own (see :mod:`nativemem.consolidate`); the receipt has recall before/after.
+  ``DELETE /v1/memories/consolidated`` (``?into=side_ffn|pkm``, default both) removes it; a consolidated
+  memory that cannot be read is left out of chats, with a line in ``nativemem.warnings``.
   Only the caller's memories exist for the caller: another user's id answers 404 like an unknown one.
 - ``GET /health``: liveness, no authentication, no counts.
 
@@ -383,7 +385,8 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         max_new = req.new_tokens()
-        prompt_tokens = sum(eng.lm.count_tokens(m["content"]) for m in messages)
+        # token counting of a large body runs in a worker thread, not on the event loop
+        prompt_tokens = await in_thread(lambda: sum(eng.lm.count_tokens(m["content"]) for m in messages))
         if prompt_tokens + max_new > eng.lm.max_context:  # cheap early check; the exact one includes the prefix
             raise ContextOverflowError(prompt_tokens + max_new, eng.lm.max_context, what="messages plus max_tokens")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -501,6 +504,13 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         eng = engine(request)
         return await with_model(request, lambda stop: eng.consolidate(req.into, user_id=user))
 
+    @app.delete("/v1/memories/consolidated")
+    async def delete_consolidated(request: Request):
+        user = user_of(request)
+        into = request.query_params.get("into")
+        eng = engine(request)
+        return await with_model(request, lambda stop: eng.delete_consolidated(user_id=user, into=into))
+
     def _not_found(memory_id: str) -> ApiError:
         # the id is not echoed: a response must never carry a memory id its caller does not own
         return ApiError(404, "no such memory", type="not_found", code="memory_not_found")
@@ -538,7 +548,7 @@ def _usage(gen) -> dict[str, int]:
 def _extra(answer) -> dict[str, Any]:
     gen = answer.generation
     return {"memory_ids": answer.memory_ids, "prefix_tokens": gen.prefix_tokens, "ttft_s": round(gen.ttft_s, 6),
-            "parametric": answer.parametric, "hits": answer.hits}
+            "parametric": answer.parametric, "hits": answer.hits, "warnings": answer.warnings}
 
 
 def _map_error(exc: BaseException) -> ApiError:
@@ -552,8 +562,8 @@ def _map_error(exc: BaseException) -> ApiError:
         return ApiError(504 if "timed out" in exc.reason else 499, exc.reason, type="timeout", code="cancelled")
     if isinstance(exc, MemoryLockedError):
         return ApiError(503, str(exc), type="server_error")
-    if isinstance(exc, NativememError):
+    if isinstance(exc, NativememError):  # the message may name server files: it goes to the log, not the reply
         log.error("memory error: %s", exc)
-        return ApiError(500, str(exc), type="server_error")
+        return ApiError(500, "the memory could not be read or written (see the server log)", type="server_error")
     log.error("internal error", exc_info=exc)
     return ApiError(500, "internal server error", type="server_error")

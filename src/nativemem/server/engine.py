@@ -20,6 +20,7 @@ it wrote, so a failed or cancelled request leaves no partial write.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ from ..errors import InputError
 from ..memories.base import Injection
 from ..model import Generation
 from ..text import check_text
+
+log = logging.getLogger("nativemem.server")
 
 __all__ = ["Engine", "Stop", "Cancelled", "Answer", "public_record"]
 
@@ -64,6 +67,7 @@ class Answer:
     memory_ids: list[str]
     parametric: list[str] = field(default_factory=list)  # kinds of the caller's consolidated memories used
     hits: list[dict[str, Any]] = field(default_factory=list)  # every hit considered: scores, injected or why not
+    warnings: list[str] = field(default_factory=list)  # e.g. a consolidated memory that could not be used
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -153,13 +157,14 @@ class Engine:
                 on_token(token_ids)
 
         stop.check()
-        parametric = self._parametric(user_id) if use_memory else []
+        notices: list[str] = []
+        parametric = self._parametric(user_id, notices) if use_memory else []
         with ExitStack() as scope:  # the caller's consolidated memories (hooks) around the KV-prefix injection
             for target in parametric:
                 scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
             gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
                                    on_token=tick)
-        return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered))
+        return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered), notices)
 
     def _consolidated_folder(self, user_id: str, into: str):
         import hashlib
@@ -167,8 +172,10 @@ class Engine:
         digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
         return self.memory.path / "consolidated" / f"{digest}-{into}"
 
-    def _parametric(self, user_id: str) -> list:
-        """The caller's consolidated parametric memories (opened once, reopened after a new consolidation)."""
+    def _parametric(self, user_id: str, warnings_out: list[str] | None = None) -> list:
+        """The caller's consolidated parametric memories (opened once, reopened after a new consolidation).
+
+        One that cannot be read (damaged) is left out, with a warning for the reply (no server path in it)."""
         from ..memories.base import MEMORY_CONFIG_NAME, open_memory
 
         out = []
@@ -180,10 +187,34 @@ class Engine:
             stamp = config.stat().st_mtime_ns
             cached = self._parametric_cache.get(str(folder))
             if cached is None or cached[0] != stamp:
-                cached = (stamp, open_memory(folder, self.lm))
+                try:
+                    cached = (stamp, open_memory(folder, self.lm))
+                except Exception as e:  # a damaged memory must not lock its user out
+                    log.warning("consolidated %s memory of a user cannot be read: %s", into, e)
+                    if warnings_out is not None:
+                        warnings_out.append(f"your consolidated {into} memory cannot be read (damaged) and was not "
+                                            "used; remove it with DELETE /v1/memories/consolidated")
+                    continue
                 self._parametric_cache[str(folder)] = cached
             out.append(cached[1])
         return out
+
+    def delete_consolidated(self, *, user_id: str, into: str | None = None) -> dict[str, Any]:
+        """Remove the caller's consolidated memories (one kind, or all); call under ``model_lock``."""
+        import shutil
+
+        kinds = [into] if into else ["side_ffn", "pkm"]
+        for kind in kinds:
+            if kind not in ("side_ffn", "pkm"):
+                raise InputError(f"unknown consolidated memory kind {kind!r}; use side_ffn or pkm")
+        deleted = []
+        for kind in kinds:
+            folder = self._consolidated_folder(user_id, kind)
+            self._parametric_cache.pop(str(folder), None)
+            if folder.exists():
+                shutil.rmtree(folder)
+                deleted.append(kind)
+        return {"object": "memory.consolidated.deleted", "deleted": deleted}
 
     # ------------------------------------------------------------------ memories
     def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop) -> dict[str, Any]:
@@ -261,7 +292,12 @@ class Engine:
         folder = self._consolidated_folder(user_id, into)
         self._parametric_cache.pop(str(folder), None)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        target = open_memory(folder, self.lm, kind=into)
+        try:
+            target = open_memory(folder, self.lm, kind=into)
+        except Exception as e:
+            log.warning("consolidated %s memory of a user cannot be read: %s", into, e)
+            raise InputError(f"your consolidated {into} memory cannot be read (damaged); remove it with DELETE "
+                             f"/v1/memories/consolidated?into={into}, then consolidate again") from None
         with self.store_lock:
             receipt = consolidate(self.memory, target, user_id=user_id or None)
         if not receipt.did_nothing:
