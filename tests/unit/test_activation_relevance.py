@@ -122,3 +122,14 @@ def test_calibration_error_and_threshold_choice():
     # question 0 answerable (gold hit 0 scores 0.8), 1 unanswerable (best 0.4), 2 unanswerable (best 0.6)
     t, value = choose_threshold([[0.8, 0.3], [0.4, 0.1], [0.6, 0.2]], [0, -1, -1])
     assert 0.6 < t <= 0.8 and value == pytest.approx(1.0)
+
+
+def test_a_write_the_disk_cannot_hold_is_refused_before_anything_is_written(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation", gate_threshold=0.0)
+    mem.add(NOTES[:1], user_id="u")
+    mem.config.min_free_bytes = 2**60  # more than any disk has free
+    with pytest.raises(InputError, match="not enough free disk space.*MiB free"):
+        mem.add(NOTES[1:], user_id="u")
+    assert mem.stats()["chunks"] == 1 and len(list((fast_dir / "m" / "segments").iterdir())) == 1
+    mem.config.min_free_bytes = 0
+    assert len(mem.add(NOTES[1:], user_id="u").ids) == len(NOTES) - 1

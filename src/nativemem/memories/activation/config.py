@@ -127,6 +127,9 @@ class ActivationConfig(MemoryConfig):
         "help": "backend=qdrant: collection name; None = nativemem_activation_<fingerprint>_<transform>"})
     blob_dir: str | None = field(default=None, metadata={
         "help": "folder of payload blobs; None = <memory>/blobs (shared storage for a cluster)"})
+    min_free_bytes: int = field(default=256 * 2**20, metadata={
+        "help": "a write is refused (before anything is written) when it would leave less than this free on the "
+                "memory's disk"})
     # ---- relevance gate
     gate_threshold: float = field(default=DEFAULT_GATE_THRESHOLD, metadata={
         "help": "chat and generation inject a retrieved chunk only when its calibrated relevance (probability that "
@@ -158,7 +161,7 @@ class ActivationConfig(MemoryConfig):
                                      ("frame", self.frame, FRAMES)):
             if value not in allowed:
                 raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
-        for name in ("host_cache_bytes", "recompute_tokens", "device_cache_bytes", "key_group"):
+        for name in ("host_cache_bytes", "recompute_tokens", "device_cache_bytes", "key_group", "min_free_bytes"):
             value = getattr(self, name)
             if value is None and name == "device_cache_bytes":
                 continue

@@ -270,6 +270,7 @@ class ActivationMemory(Memory):
                                  "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
                                  "for better retrieval")
         _ = self.store  # opened (and, for the embedded backend, locked) before any work
+        self._check_free_space(sum(len(p[3].ids) for p in pending))
         # batches of similar lengths (less padding); the receipt keeps the input order
         order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
         done: dict[int, dict[str, Any]] = {}
@@ -308,6 +309,22 @@ class ActivationMemory(Memory):
                 c["index_vector_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
+
+    def _check_free_space(self, tokens: int) -> None:
+        """Refuse a write that would leave less than ``min_free_bytes`` free on the memory's disk (a clear error
+        before anything is written, instead of a failure half-way)."""
+        import shutil as _shutil
+
+        need = tokens * (self.bytes_per_token() + self._index_bytes(1)) + self.config.min_free_bytes
+        folder = Path(self.path)
+        try:
+            free = _shutil.disk_usage(folder).free
+        except OSError:
+            return
+        if free < need:
+            raise InputError(f"not enough free disk space for this write: about {need / 2**20:,.0f} MiB needed "
+                             f"({tokens:,} tokens plus min_free_bytes), {free / 2**20:,.0f} MiB free where the memory "
+                             "is stored; free some space or lower min_free_bytes")
 
     def _index_bytes(self, content_tokens: int) -> int:
         """Bytes of one chunk's vectors in the index (token vectors as float16, the pooled one as float32)."""
