@@ -72,6 +72,181 @@ def _article(item) -> str:
     return item.gold_chunk_ids[0].split(":")[0]
 
 
+def _check_args(arms, limit, k, max_new_tokens, fit_pairs, pool_articles, fit_articles) -> tuple[list[str], int]:
+    from ..errors import InputError
+
+    arms = list(arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise InputError(f"unknown relevance arms {unknown}; use {', '.join(ARMS)}")
+    if "none" not in arms:
+        arms = ["none", *arms]  # agreement with the closed-book answer needs it
+    for name, value in (("limit", limit), ("k", k), ("max_new_tokens", max_new_tokens), ("fit_pairs", fit_pairs),
+                        ("pool_articles", pool_articles), ("fit_articles", fit_articles)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    limit = limit or 400
+    if limit < 4:
+        raise InputError(f"limit must be at least 4 (half answerable, half not), got {limit}")
+    return arms, limit
+
+
+def _questions(by_art, mmlu_test, limit: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Half answerable (pool articles), a quarter other articles, a quarter general questions; seeded order."""
+    from ..errors import InputError
+
+    n_ans = limit // 2
+    n_other = (limit - n_ans) // 2
+    n_general = limit - n_ans - n_other
+    for what, have, want in (("pool-article", len(by_art["pool"]), n_ans),
+                             ("other-article", len(by_art["rest"]), n_other),
+                             ("general (MMLU test)", len(mmlu_test), n_general)):
+        if have < want:
+            raise InputError(f"only {have} {what} questions for {want} asked; lower --limit")
+    questions = ([{"id": it.id, "kind": "answerable", "question": it.question, "answers": list(it.answers),
+                   "gold": it.gold_chunk_ids[0]} for it in rng.sample(by_art["pool"], n_ans)]
+                 + [{"id": it.id, "kind": "other_article", "question": it.question, "answers": list(it.answers),
+                     "gold": None} for it in rng.sample(by_art["rest"], n_other)]
+                 + [{"id": f"mmlu:{i}", "kind": "general", "question": q, "answers": [], "gold": None}
+                    for i, q in enumerate(rng.sample(mmlu_test, n_general))])
+    rng.shuffle(questions)
+    return questions
+
+
+def _bm25_threshold(squad, fit_items, fit_unanswerable, k: int, seed: int) -> tuple[float, float]:
+    """BM25 score threshold chosen on the fit articles (70 % of their paragraphs indexed) and the fit set's
+    unanswerable questions, by the same objective as the gate's held-out threshold."""
+    from ..memories.activation.relevance import choose_threshold
+    from ..retrieval import BM25Retriever
+
+    fit_ids = sorted({it.gold_chunk_ids[0] for it in fit_items})
+    random.Random(seed).shuffle(fit_ids)
+    indexed = set(fit_ids[: max(2, int(0.7 * len(fit_ids)))])
+    bm25 = BM25Retriever()
+    bm25.index([squad.chunks[c] for c in sorted(indexed)])
+    scores, gold = [], []
+    for it in fit_items:
+        hits = bm25.search(it.question, k)
+        scores.append([s for _, s in hits])
+        ids = [c for c, _ in hits]
+        g = it.gold_chunk_ids[0]
+        gold.append(ids.index(g) if g in ids else (None if g in indexed else -1))
+    for q in fit_unanswerable:
+        scores.append([s for _, s in bm25.search(q, k)])
+        gold.append(-1)
+    return choose_threshold(scores, gold)
+
+
+def _answer(lm, arm: str, q: dict[str, Any], *, memory, threshold: float, bm25, bm25_threshold: float,
+            texts: dict[str, str], max_new_tokens: int) -> dict[str, Any]:
+    """One arm's answer to one question, with what it injected or pasted and its cost."""
+    from ..prompting import build_messages, postprocess_answer
+
+    aux_s, injected, hits_info, kw, passages = 0.0, [], None, {}, []
+    if arm in ("activation", "activation_gated"):
+        memory.config.gate_threshold = threshold if arm == "activation_gated" else 0.0
+        kw = {"memory": memory, "user_id": USER, "query": q["question"]}
+    elif arm.startswith("rag_bm25"):
+        start = time.perf_counter()
+        hits = bm25.search(q["question"], memory.config.top_k)
+        if arm == "rag_bm25_gated":
+            hits = [(c, s) for c, s in hits if s >= bm25_threshold]
+        aux_s = time.perf_counter() - start  # retrieval, before the prompt exists (outside TTFT)
+        hits_info = [{"id": c, "score": s} for c, s in hits]
+        injected = [c for c, _ in hits]
+        passages = [texts[c] for c in injected]
+    gen = lm.generate(lm.chat_ids(build_messages(q["question"], passages)), max_new_tokens=max_new_tokens, **kw)
+    if kw:
+        sel = memory.last_selection
+        hits_info = sel.get("hits", [])
+        injected = [h["id"] for h in hits_info if h["injected"]]
+        aux_s = float(sel.get("gate_s", 0.0)) if arm == "activation_gated" else 0.0  # the gate, inside TTFT
+    return {"output": postprocess_answer(gen.text), "raw_output": gen.text, "ttft_s": gen.ttft_s,
+            "e2e_s": gen.ttft_s + (aux_s if arm.startswith("rag") else 0.0), "aux_s": aux_s,
+            "prompt_tokens": gen.prompt_tokens, "prefix_tokens": gen.prefix_tokens, "injected": len(injected),
+            "hits": hits_info}
+
+
+def _score(rec: dict[str, Any]) -> None:
+    """Per-arm scores of one question: contains/F1 when answerable, agreement with ``none`` when not."""
+    from .metrics import answer_scores
+
+    none_answer = rec["arms"]["none"]["output"]
+    for a in rec["arms"].values():
+        if rec["kind"] == "answerable":
+            s = answer_scores(a["output"], rec["answers"])
+            a["contains"], a["f1"] = s["contains"], s["f1"]
+        else:
+            a["agree_none"] = float(a["output"] == none_answer)
+        a["score"] = a["contains"] if rec["kind"] == "answerable" else a["agree_none"]
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _arm_block(arm: str, records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    from .stats import bootstrap_mean_ci
+
+    ans = [r["arms"][arm] for r in records if r["kind"] == "answerable"]
+    una = [(r["kind"], r["arms"][arm]) for r in records if r["kind"] != "answerable"]
+    every = [r["arms"][arm] for r in records]
+    contains, agree = [a["contains"] for a in ans], [a["agree_none"] for _, a in una]
+    metrics = {
+        "contains_answerable": _mean(contains), "f1_answerable": _mean(a["f1"] for a in ans),
+        "agree_none_unanswerable": _mean(agree),
+        "agree_none_other_article": _mean(a["agree_none"] for kind, a in una if kind == "other_article"),
+        "agree_none_general": _mean(a["agree_none"] for kind, a in una if kind == "general"),
+        "inject_rate_answerable": _mean(a["injected"] > 0 for a in ans),
+        "inject_rate_unanswerable": _mean(a["injected"] > 0 for _, a in una),
+        "overall": (_mean(contains) + _mean(agree)) / 2,
+        "ttft_median_s": statistics.median(a["ttft_s"] for a in every),
+        "e2e_median_s": statistics.median(a["e2e_s"] for a in every),
+    }
+    if arm == "activation_gated":
+        metrics["gate_median_s"] = statistics.median(a["aux_s"] for a in every)
+        metrics["gate_over_ttft"] = metrics["gate_median_s"] / metrics["ttft_median_s"]
+    return {"n": len(records), "skipped": 0, "skipped_reasons": {}, "metrics": metrics,
+            "ci95": {"contains_answerable": bootstrap_mean_ci(contains, seed=seed),
+                     "agree_none_unanswerable": bootstrap_mean_ci(agree, seed=seed)},
+            "cost": {"prompt_tokens_mean": _mean(a["prompt_tokens"] for a in every),
+                     "prefix_tokens_mean": _mean(a["prefix_tokens"] for a in every)}}
+
+
+def _comparisons(arms: list[str], records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    from .stats import compare_paired
+
+    out = []
+    rows = {"contains_answerable": ([r for r in records if r["kind"] == "answerable"], "contains"),
+            "agree_none_unanswerable": ([r for r in records if r["kind"] != "answerable"], "agree_none"),
+            "overall_per_question": (records, "score")}
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            for metric, (subset, key) in rows.items():
+                out.append({"a": a, "b": b, "metric": metric, **compare_paired(
+                    [r["arms"][a][key] for r in subset], [r["arms"][b][key] for r in subset], binary=True,
+                    seed=seed)})
+    return out
+
+
+def _calibration(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """ECE and AUC of the gated arm's relevance on the test questions' hits (relevant: the question's paragraph)."""
+    from sklearn.metrics import roc_auc_score
+
+    from ..memories.activation.relevance import expected_calibration_error
+
+    p, y = [], []
+    for r in records:
+        for h in (r["arms"].get("activation_gated") or {}).get("hits") or []:
+            if h.get("relevance") is not None:
+                p.append(h["relevance"])
+                y.append(int(r["gold"] is not None and h.get("source_id") == r["gold"]))
+    return {"hits": len(p), "positive_rate": _mean(y), "mean_relevance": _mean(p),
+            "ece": expected_calibration_error(p, y) if p else None,
+            "auc": float(roc_auc_score(y, p)) if 0 < sum(y) < len(y) else None}
+
+
 def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: str | Path | None = None,
                   limit: int | None = 400, k: int = 3, seed: int = 0, max_new_tokens: int = 32,
                   pool_articles: int = 6, fit_articles: int = 6, fit_pairs: int = 300,
@@ -90,68 +265,38 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
         fit_pairs: fit-article questions the relevance score is fitted on (seeded sample).
         memory_options: ActivationConfig overrides (e.g. ``{"gate_threshold": 0.7}``).
     """
-    import nativemem as nm
+    import shutil
 
-    from ..errors import InputError
-    from ..memories.activation.relevance import choose_threshold, expected_calibration_error
-    from ..prompting import build_messages, postprocess_answer
+    import nativemem as nm
+    from tqdm.auto import tqdm
+
     from ..retrieval import BM25Retriever
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from .metrics import answer_scores
     from .results import SCHEMA_VERSION, write_items, write_results
-    from .stats import bootstrap_mean_ci, compare_paired
     from .tasks import data_root
     from .tasks.squad import load_squad
 
-    arms = list(arms)
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise InputError(f"unknown relevance arms {unknown}; use {', '.join(ARMS)}")
-    if "none" not in arms:
-        arms = ["none", *arms]  # agreement with the closed-book answer needs it
-    for name, value in (("limit", limit), ("k", k), ("max_new_tokens", max_new_tokens), ("fit_pairs", fit_pairs),
-                        ("pool_articles", pool_articles), ("fit_articles", fit_articles)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    limit = limit or 400
-    if limit < 4:
-        raise InputError(f"limit must be at least 4 (half answerable, half not), got {limit}")
+    arms, limit = _check_args(arms, limit, k, max_new_tokens, fit_pairs, pool_articles, fit_articles)
     squad_path = Path(data) if data is not None else data_root() / "squad" / "squad-v1.1-dev.json"
     mmlu_path = Path(mmlu) if mmlu is not None else data_root() / "mmlu"
     squad = load_squad(squad_path)
     mmlu_dev, mmlu_test = _open_questions(mmlu_path)
-    pool_a, fit_a, rest_a = _split(squad, seed, pool_articles, fit_articles)
+    pool_a, fit_a, _ = _split(squad, seed, pool_articles, fit_articles)
     rng = random.Random(seed)
-
-    # ---- the questions: answerable (pool articles), unanswerable (other articles, general questions)
     by_art = {"pool": [], "fit": [], "rest": []}
     for item in squad.items:
         a = _article(item)
         by_art["pool" if a in pool_a else "fit" if a in fit_a else "rest"].append(item)
-    n_ans = limit // 2
-    n_other = (limit - n_ans) // 2
-    n_general = limit - n_ans - n_other
-    for what, have, want in (("pool-article", len(by_art["pool"]), n_ans), ("other-article", len(by_art["rest"]), n_other),
-                             ("general (MMLU test)", len(mmlu_test), n_general)):
-        if have < want:
-            raise InputError(f"only {have} {what} questions for {want} asked; lower --limit")
-    questions = ([{"id": it.id, "kind": "answerable", "question": it.question, "answers": list(it.answers),
-                   "gold": it.gold_chunk_ids[0]} for it in rng.sample(by_art["pool"], n_ans)]
-                 + [{"id": it.id, "kind": "other_article", "question": it.question, "answers": list(it.answers),
-                     "gold": None} for it in rng.sample(by_art["rest"], n_other)]
-                 + [{"id": f"mmlu:{i}", "kind": "general", "question": q, "answers": [], "gold": None}
-                    for i, q in enumerate(rng.sample(mmlu_test, n_general))])
-    rng.shuffle(questions)
+    questions = _questions(by_art, mmlu_test, limit, rng)
     pool = [c for c in squad.chunks.values() if c.doc_id in pool_a]
     fit_chunks = [c for c in squad.chunks.values() if c.doc_id in fit_a]
     fit_items = rng.sample(by_art["fit"], min(fit_pairs, len(by_art["fit"])))
     pairs = [(it.question, squad.chunks[it.gold_chunk_ids[0]].text) for it in fit_items]
     fit_unanswerable = rng.sample(mmlu_dev, min(len(mmlu_dev), max(1, len(pairs) // 3)))
 
-    # ---- the memory: fitted on the fit articles, the pool stored
+    # the memory: fitted on the fit articles (transforms and relevance), the pool stored
     t0 = time.perf_counter()
-    options = dict(memory_options or {})
-    config = {**BENCH_MEMORY_CONFIG, "top_k": k, **options}
+    config = {**BENCH_MEMORY_CONFIG, "top_k": k, **dict(memory_options or {})}
     folder = Path(tempfile.mkdtemp(prefix="nativemem-relevance-"))
     memory = nm.open_memory(folder / "memory", lm, kind="activation", **config)
     fit_receipt = memory.fit([c.text for c in fit_chunks][:256], relevance_pairs=pairs, unanswerable=fit_unanswerable,
@@ -159,134 +304,25 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
     memory.add([c.text for c in pool], user_id=USER, source_ids=[c.id for c in pool])
     threshold = memory.config.gate_threshold
     write_s = time.perf_counter() - t0
-
-    # ---- BM25 over the pool, and its threshold chosen on the fit articles the same way
     bm25 = BM25Retriever()
     bm25.index(pool)
-    fit_bm25 = BM25Retriever()
-    fit_rng = random.Random(seed)
-    fit_ids = sorted({it.gold_chunk_ids[0] for it in fit_items})
-    fit_rng.shuffle(fit_ids)
-    indexed = set(fit_ids[: max(2, int(0.7 * len(fit_ids)))])
-    fit_bm25.index([squad.chunks[c] for c in sorted(indexed)])
-    scores, gold = [], []
-    for it in fit_items:
-        hits = fit_bm25.search(it.question, k)
-        scores.append([s for _, s in hits])
-        ids = [c for c, _ in hits]
-        g = it.gold_chunk_ids[0]
-        gold.append(ids.index(g) if g in ids else (None if g in indexed else -1))
-    for q in fit_unanswerable:
-        scores.append([s for _, s in fit_bm25.search(q, k)])
-        gold.append(-1)
-    bm25_threshold, bm25_objective = choose_threshold(scores, gold)
+    bm25_threshold, bm25_objective = _bm25_threshold(squad, fit_items, fit_unanswerable, k, seed)
 
-    # ---- answering
     texts = {c.id: c.text for c in pool}
-
-    def generate(messages, **kw):
-        ids = lm.chat_ids(messages)
-        return lm.generate(ids, max_new_tokens=max_new_tokens, **kw)
-
     records = []
-    rel_p, rel_y = [], []
-    from tqdm.auto import tqdm
+    try:
+        for q in tqdm(questions, desc="relevance", disable=not progress):
+            rec = {**{key: q[key] for key in ("id", "kind", "question", "answers", "gold")}, "arms": {}}
+            for arm in arms:
+                rec["arms"][arm] = _answer(lm, arm, q, memory=memory, threshold=threshold, bm25=bm25,
+                                           bm25_threshold=bm25_threshold, texts=texts, max_new_tokens=max_new_tokens)
+            _score(rec)
+            records.append(rec)
+    finally:
+        memory.config.gate_threshold = threshold
+        memory.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
-    for q in tqdm(questions, desc="relevance", disable=not progress):
-        rec = {"id": q["id"], "kind": q["kind"], "question": q["question"], "answers": q["answers"], "gold": q["gold"],
-               "arms": {}}
-        for arm in arms:
-            search_s = 0.0
-            injected: list[str] = []
-            hits_info: Any = None
-            if arm == "none":
-                gen = generate(build_messages(q["question"]))
-            elif arm in ("activation", "activation_gated"):
-                memory.config.gate_threshold = threshold if arm == "activation_gated" else 0.0
-                gen = generate(build_messages(q["question"]), memory=memory, user_id=USER, query=q["question"])
-                sel = memory.last_selection
-                hits_info = sel.get("hits", [])
-                injected = [h["id"] for h in hits_info if h["injected"]]
-                if arm == "activation_gated":
-                    search_s = float(sel.get("gate_s", 0.0))  # the gate's own cost (inside TTFT)
-                    for h in hits_info:
-                        if h["relevance"] is not None:
-                            rel_p.append(h["relevance"])
-                            rel_y.append(int(q["gold"] is not None and h["source_id"] == q["gold"]))
-            else:
-                start = time.perf_counter()
-                hits = bm25.search(q["question"], k)
-                if arm == "rag_bm25_gated":
-                    hits = [(c, s) for c, s in hits if s >= bm25_threshold]
-                search_s = time.perf_counter() - start
-                hits_info = [{"id": c, "score": s} for c, s in hits]
-                injected = [c for c, _ in hits]
-                gen = generate(build_messages(q["question"], [texts[c] for c in injected]))
-            answer = postprocess_answer(gen.text)
-            rec["arms"][arm] = {"output": answer, "raw_output": gen.text, "ttft_s": gen.ttft_s,
-                                "e2e_s": gen.ttft_s + (search_s if arm.startswith("rag") else 0.0),
-                                "aux_s": search_s, "prompt_tokens": gen.prompt_tokens,
-                                "prefix_tokens": gen.prefix_tokens, "injected": len(injected), "hits": hits_info}
-        none_answer = rec["arms"]["none"]["output"]
-        for arm, a in rec["arms"].items():
-            if q["kind"] == "answerable":
-                s = answer_scores(a["output"], q["answers"])
-                a["contains"], a["f1"] = s["contains"], s["f1"]
-            else:
-                a["agree_none"] = float(a["output"] == none_answer)
-            a["score"] = a["contains"] if q["kind"] == "answerable" else a["agree_none"]
-        records.append(rec)
-    memory.config.gate_threshold = threshold
-    memory.close()
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-    # ---- metrics
-    ans = [r for r in records if r["kind"] == "answerable"]
-    una = [r for r in records if r["kind"] != "answerable"]
-
-    def mean(xs):
-        xs = list(xs)
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    arm_blocks = {}
-    for arm in arms:
-        contains = [r["arms"][arm]["contains"] for r in ans]
-        agree = [r["arms"][arm]["agree_none"] for r in una]
-        metrics = {
-            "contains_answerable": mean(contains), "f1_answerable": mean(r["arms"][arm]["f1"] for r in ans),
-            "agree_none_unanswerable": mean(agree),
-            "agree_none_other_article": mean(r["arms"][arm]["agree_none"] for r in una if r["kind"] == "other_article"),
-            "agree_none_general": mean(r["arms"][arm]["agree_none"] for r in una if r["kind"] == "general"),
-            "inject_rate_answerable": mean(r["arms"][arm]["injected"] > 0 for r in ans),
-            "inject_rate_unanswerable": mean(r["arms"][arm]["injected"] > 0 for r in una),
-            "overall": (mean(contains) + mean(agree)) / 2,
-            "ttft_median_s": statistics.median(r["arms"][arm]["ttft_s"] for r in records),
-            "e2e_median_s": statistics.median(r["arms"][arm]["e2e_s"] for r in records),
-        }
-        if arm == "activation_gated":
-            metrics["gate_median_s"] = statistics.median(r["arms"][arm]["aux_s"] for r in records)
-            metrics["gate_over_ttft"] = metrics["gate_median_s"] / metrics["ttft_median_s"]
-        ci = {"contains_answerable": bootstrap_mean_ci(contains, seed=seed),
-              "agree_none_unanswerable": bootstrap_mean_ci(agree, seed=seed)}
-        arm_blocks[arm] = {"n": len(records), "skipped": 0, "skipped_reasons": {}, "metrics": metrics, "ci95": ci,
-                           "cost": {"prompt_tokens_mean": mean(r["arms"][arm]["prompt_tokens"] for r in records),
-                                    "prefix_tokens_mean": mean(r["arms"][arm]["prefix_tokens"] for r in records)}}
-    comparisons = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            for metric, rows, key in (("contains_answerable", ans, "contains"),
-                                      ("agree_none_unanswerable", una, "agree_none"),
-                                      ("overall_per_question", records, "score")):
-                comparisons.append({"a": a, "b": b, "metric": metric, **compare_paired(
-                    [r["arms"][a][key] for r in rows], [r["arms"][b][key] for r in rows], binary=True, seed=seed)})
-    from sklearn.metrics import roc_auc_score
-
-    calibration = {"hits": len(rel_p), "positive_rate": mean(rel_y),
-                   "ece": expected_calibration_error(rel_p, rel_y) if rel_p else None,
-                   "auc": float(roc_auc_score(rel_y, rel_p)) if 0 < sum(rel_y) < len(rel_y) else None,
-                   "mean_relevance": mean(rel_p)}
     results = {
         "task": "relevance", "schema_version": SCHEMA_VERSION, "model": lm.name, "fingerprint": lm.fingerprint.short,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "n": len(records), "seed": seed,
@@ -297,10 +333,10 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                    "fit_pairs": len(pairs), "fit_unanswerable": len(fit_unanswerable), "memory": config,
                    "gate_threshold": threshold, "bm25_threshold": bm25_threshold,
                    "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy"},
-        "counts": {"answerable": len(ans), "other_article": sum(r["kind"] == "other_article" for r in records),
-                   "general": sum(r["kind"] == "general" for r in records)},
-        "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": calibration,
-        "write_s": write_s, "arms": arm_blocks, "comparisons": comparisons,
+        "counts": {kind: sum(r["kind"] == kind for r in records) for kind in ("answerable", "other_article", "general")},
+        "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": _calibration(records),
+        "write_s": write_s, "arms": {arm: _arm_block(arm, records, seed) for arm in arms},
+        "comparisons": _comparisons(arms, records, seed),
     }
     if getattr(lm, "random_weights", False):
         results["random_weights"] = True
