@@ -1,0 +1,84 @@
+"""How a route runs work: the caller's user, the engine, and model work under the model lock in a worker thread,
+stopped when the request times out or its client goes away (see :mod:`nativemem.server.engine`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from fastapi import Request
+
+from .engine import Engine, Stop
+from .http import ApiError
+
+__all__ = ["user_of", "engine", "new_stop", "acquire_model", "start_model_work", "with_model", "in_thread"]
+
+
+def user_of(request: Request) -> str:
+    """The user the request's API key names (401 without a valid key; "" for an anonymous server)."""
+    keys = request.app.state.keys
+    if keys is None:
+        return ""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    user = keys.user_for(key.strip()) if scheme.lower() == "bearer" else None
+    if user is None:
+        raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+def engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+def new_stop(request: Request) -> Stop:
+    return Stop(deadline=time.monotonic() + request.app.state.settings.request_timeout_s)
+
+async def acquire_model(eng: Engine, stop: Stop) -> None:
+    wait = stop.deadline - time.monotonic()
+    try:
+        async with asyncio.timeout(max(wait, 0.0)):
+            await eng.model_lock.acquire()
+    except TimeoutError:
+        raise ApiError(503, "the server is busy (the model is in use by other requests); retry later",
+                       type="server_busy", code="timeout", headers={"Retry-After": "1"}) from None
+
+def start_model_work(eng: Engine, fn: Callable[[], Any]) -> asyncio.Task:
+    """Run ``fn`` in a thread while holding the (already acquired) model lock; released when it ends."""
+
+    async def run():
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        finally:
+            eng.model_lock.release()
+
+    task = asyncio.ensure_future(run())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception was never retrieved"
+    return task
+
+async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> None:
+    """Stop the worker at its next token when the client goes away (a plain response has no other signal)."""
+    while not task.done():
+        if await request.is_disconnected():
+            stop.event.set()
+            return
+        await asyncio.sleep(0.1)
+
+async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
+    eng, stop = engine(request), new_stop(request)
+    await acquire_model(eng, stop)
+    task = start_model_work(eng, lambda: fn(stop))
+    watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.event.set()
+        raise
+    finally:
+        watcher.cancel()
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await anyio.to_thread.run_sync(fn)

@@ -1,0 +1,84 @@
+"""Routes: the caller's memories (add, list, search, get, delete, consolidate); another user's ids answer 404."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+
+from .calls import engine, in_thread, user_of, with_model
+from .http import MAX_ID_CHARS, ApiError, int_param, read_json
+from .schemas import MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, SearchRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/memories")
+async def add_memories(request: Request):
+    user = user_of(request)
+    req = await read_json(request, AddRequest)
+    try:
+        texts = req.all_texts()
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    if len(json.dumps(req.metadata)) > MAX_METADATA_CHARS:
+        raise ApiError(400, f"metadata is larger than {MAX_METADATA_CHARS:,} characters of JSON",
+                       param="metadata")
+    eng = engine(request)
+    return await with_model(request, lambda stop: eng.add(texts, user_id=user, metadata=req.metadata, stop=stop))
+
+@router.get("/v1/memories")
+async def list_memories(request: Request):
+    user = user_of(request)
+    limit = int_param(request, "limit", 100, 1, MAX_LIST_LIMIT)
+    offset = int_param(request, "offset", 0, 0, 1 << 40)
+    eng = engine(request)
+    return await in_thread(lambda: eng.list(user_id=user, limit=limit, offset=offset))
+
+@router.post("/v1/memories/search")
+async def search_memories(request: Request):
+    user = user_of(request)
+    req = await read_json(request, SearchRequest)
+    eng = engine(request)
+    hits = await with_model(request, lambda stop: eng.search(req.query, user_id=user, k=req.k))
+    return {"object": "list", "data": hits}
+
+@router.post("/v1/memories/consolidate")
+async def consolidate_memories(request: Request):
+    user = user_of(request)
+    req = await read_json(request, ConsolidateRequest)
+    eng = engine(request)
+    return await with_model(request, lambda stop: eng.consolidate(req.into, user_id=user))
+
+@router.delete("/v1/memories/consolidated")
+async def delete_consolidated(request: Request):
+    user = user_of(request)
+    into = request.query_params.get("into")
+    eng = engine(request)
+    return await with_model(request, lambda stop: eng.delete_consolidated(user_id=user, into=into))
+
+def _not_found(memory_id: str) -> ApiError:
+    # the id is not echoed: a response must never carry a memory id its caller does not own
+    return ApiError(404, "no such memory", type="not_found", code="memory_not_found")
+
+@router.get("/v1/memories/{memory_id}")
+async def get_memory(memory_id: str, request: Request):
+    user = user_of(request)
+    if len(memory_id) > MAX_ID_CHARS:
+        raise _not_found(memory_id)
+    eng = engine(request)
+    record = await in_thread(lambda: eng.get(memory_id, user_id=user))
+    if record is None:
+        raise _not_found(memory_id)
+    return record
+
+@router.delete("/v1/memories/{memory_id}")
+async def delete_memory(memory_id: str, request: Request):
+    user = user_of(request)
+    if len(memory_id) > MAX_ID_CHARS:
+        raise _not_found(memory_id)
+    eng = engine(request)
+    deleted = await in_thread(lambda: eng.delete(memory_id, user_id=user))
+    if deleted is None:
+        raise _not_found(memory_id)
+    return {"object": "memory.deleted", "id": memory_id, "deleted": True, "ids": deleted}
