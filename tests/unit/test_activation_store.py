@@ -235,6 +235,14 @@ def test_a_sigkill_during_group_commits_keeps_every_acknowledged_chunk(lm, tmp_p
         mem = nm.open_memory(folder, lm)
         rows = dict(mem.store.index.get(acked))
         assert set(rows) == set(acked)
+        per_source: dict[str, int] = {}
+        for _, p in mem.store.index.scroll():
+            per_source[p["source_id"]] = per_source.get(p["source_id"], 0) + 1
+        full = {rows[mid]["source_id"] for mid in acked}
+        # all or nothing: every acknowledged add is visible, and every visible add (one killed between its
+        # publication and its acknowledgement may be) has every one of its chunks
+        assert full <= set(per_source) and len(set(per_source.values())) == 1, per_source
+        assert not mem.store.index.unpublished()
         assert all(len(mem.load_chunk(rows[mid])[0]) > 0 for mid in acked)
         assert mem.check().details["unreadable"] == 0  # points indexed after the last ack are whole too
         after = mem.add("Written after the crash.", user_id="u").ids

@@ -4,8 +4,10 @@ Write (:meth:`ActivationMemory.add`): sentence-aware chunks under a token budget
 payload forward pass (KV with pre-RoPE keys, token vectors, the KV-Embedding slot) and, for memories that
 index it, one re-routed pass (pooled vector). Each chunk's KV is quantised where it was computed and becomes
 one record (:mod:`.payload`); a worker thread appends the batch's records to a segment with one fsync, then
-upserts and flushes its index points, while the model encodes the next batch; the add returns (every chunk
-acknowledged) once all batches are committed.
+upserts and flushes its index points, while the model encodes the next batch. The points carry a ``pending``
+field that hides them from every read until all batches are committed; then they are published together
+and the add returns (every chunk acknowledged): an add is seen whole or not at all, even across a SIGKILL
+(what a killed add left pending is dropped when the folder is next opened).
 
 Frame (``config.frame``): every chunk is written after the same head. ``chat`` (default on chat models):
 the chat template's system turn (``frame_system``) and the opening of the user turn, so ``Context: <chunk>``
@@ -46,8 +48,8 @@ from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
 from .kv import ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
 from .payload import Record, dequantize, is_segment_location, pack, parse_location, quantize
-from .store import (DEFAULT_USER, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id, open_store,
-                    serialize)
+from .store import (DEFAULT_USER, PENDING, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id,
+                    open_store, serialize)
 from .tiers import KVTiers
 
 __all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
@@ -177,6 +179,13 @@ class ActivationMemory(Memory):
             self._store = open_store(key, backend=self.config.backend, folder=folder, blob_dir=blob_dir,
                                      dims=self.dims(), location=self.config.qdrant_location,
                                      collection=self.collection_name())
+            if self.config.backend == "edge":  # the folder's one writer: what an unfinished add left is dropped
+                leftover = self._store.index.unpublished()
+                if leftover:
+                    self._store.index.delete(leftover)
+                    warnings.warn(f"{len(leftover)} chunks of an add that never finished (the process stopped "
+                                  "before acknowledging it) were dropped; `gc()` frees their payload", UserWarning,
+                                  stacklevel=2)
         return self._store
 
     def dims(self) -> dict[str, int]:
@@ -277,6 +286,34 @@ class ActivationMemory(Memory):
         # the model encodes batch b+1 while a worker thread makes batch b durable (payload write and fsync, then
         # the index upsert and flush); add() returns once every batch is committed
         futures = []
+        pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
+        try:
+            self._add_batches(pending, order, done, futures, user, metadata, pending_id)
+        except BaseException:
+            written = [info["id"] for info in done.values()]
+            try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
+                self.store.index.delete(written)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        self.store.index.publish([done[n]["id"] for n in range(len(pending))])
+        for n in range(len(pending)):
+            info = done[n]
+            receipt.ids.append(info["id"])
+            receipt.tokens += info["tokens"]
+            receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
+            receipt.details["chunks"].append(info)
+        if receipt.tokens:
+            receipt.details["payload_bytes_per_token_written"] = sum(
+                c["blob_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
+            receipt.details["index_bytes_per_token_written"] = sum(
+                c["index_vector_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
+        receipt.elapsed_s = time.perf_counter() - start
+        return receipt
+
+    def _add_batches(self, pending, order, done, futures, user, metadata, pending_id) -> None:
+        """Encode the chunks batch by batch while a worker thread commits the previous batch (``done`` gets each
+        chunk's receipt entry by its position in the add)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
             for b in range(0, len(order), self.config.batch_size):
                 picked = order[b: b + self.config.batch_size]
@@ -291,24 +328,12 @@ class ActivationMemory(Memory):
                     payloads = None
                 vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
                             self.token_transform.apply(enc.tokens).half().cpu()) for enc in encoded]
-                futures.append(committer.submit(self._commit, picked, batch, payloads, vectors, user, metadata))
+                futures.append(committer.submit(self._commit, picked, batch, payloads, vectors, user, metadata,
+                                                pending_id))
                 if len(futures) > 2:  # bound what waits in host memory
                     done.update(futures[-3].result())
             for f in futures:
                 done.update(f.result())
-        for n in range(len(pending)):
-            info = done[n]
-            receipt.ids.append(info["id"])
-            receipt.tokens += info["tokens"]
-            receipt.bytes_written += info["blob_bytes"] + info["index_vector_bytes"]
-            receipt.details["chunks"].append(info)
-        if receipt.tokens:
-            receipt.details["payload_bytes_per_token_written"] = sum(
-                c["blob_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
-            receipt.details["index_bytes_per_token_written"] = sum(
-                c["index_vector_bytes"] for c in receipt.details["chunks"]) / receipt.tokens
-        receipt.elapsed_s = time.perf_counter() - start
-        return receipt
 
     def _check_free_space(self, tokens: int) -> None:
         """Refuse a write that would leave less than ``min_free_bytes`` free on the memory's disk (a clear error
@@ -371,7 +396,7 @@ class ActivationMemory(Memory):
         return records
 
     def _commit(self, picked: list[int], batch: list[tuple], payloads, vectors: list[tuple], user: str,
-                metadata: dict[str, Any]) -> dict[int, dict[str, Any]]:
+                metadata: dict[str, Any], pending_id: str = "") -> dict[int, dict[str, Any]]:
         """Make one batch durable: its payload first (one write and one fsync), then its index points (one
         upsert and flush). Returns the receipt entry of each chunk by its position in the add."""
         store = self.store
@@ -391,7 +416,7 @@ class ActivationMemory(Memory):
                 "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
                 "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
                 "tokens": n_tokens, "content_tokens": int(tokens.shape[0]), "payload_kind": self.config.payload,
-                "metadata": metadata}))
+                "metadata": metadata, **({PENDING: pending_id} if pending_id else {})}))
             infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
                           "blob_bytes": nbytes, "index_vector_bytes": self._index_bytes(int(tokens.shape[0])),
                           "blob": location})

@@ -49,7 +49,8 @@ __all__ = ["IndexPoint", "Index", "EdgeIndex", "ClientIndex", "BlobStore", "Blob
            "bm25_document", "bm25_query", "LOCK_NAME", "serialize"]
 
 LOCK_NAME = "memory.lock"
-KEYWORD_FIELDS = ("user_id", "source_id", "blob")  # memory_id is also the point id
+KEYWORD_FIELDS = ("user_id", "source_id", "blob", "pending")  # memory_id is also the point id
+PENDING = "pending"  # payload field of the points of an add that is not finished (see Index.publish)
 DEFAULT_USER = ""  # user_id of memories written without one; searched only without one
 
 
@@ -131,6 +132,16 @@ class Index(ABC):
         ...
 
     @abstractmethod
+    def publish(self, ids: Sequence[str]) -> None:
+        """Make points written with a ``pending`` payload field visible (all at once); durable when this returns.
+
+        Until then every query, scroll, count and get leaves them out, so an add is seen whole or not at all."""
+
+    @abstractmethod
+    def unpublished(self) -> list[str]:
+        """Ids of points still pending (an add that never finished, e.g. killed)."""
+
+    @abstractmethod
     def dims(self) -> dict[str, int]:
         """``{"pooled": n, "tokens": m}`` as stored."""
 
@@ -205,14 +216,30 @@ class EdgeIndex(Index):
     def _filter(self, user_id: str | None, memory_ids: Sequence[str] | None = None, field_name: str | None = None,
                 values: Sequence[str] = ()):
         q = self.q
-        must = []
+        must = [q.IsEmptyCondition(PENDING)]  # points of an unfinished add are never seen
         if user_id is not None:
             must.append(q.FieldCondition("user_id", match=q.MatchValue(user_id)))
         if memory_ids is not None:
             must.append(q.HasIdCondition(set(_valid_ids(memory_ids))))
         if field_name is not None:
             must.append(q.FieldCondition(field_name, match=q.MatchAny(list(values))))
-        return q.Filter(must=must) if must else None
+        return q.Filter(must=must)
+
+    def publish(self, ids):
+        if ids:
+            self.shard.update(self.q.UpdateOperation.delete_payload(keys=[PENDING], point_ids=list(ids)))
+            self.shard.flush()
+
+    def unpublished(self):
+        q = self.q
+        flt = q.Filter(must_not=[q.IsEmptyCondition(PENDING)])
+        out, offset = [], None
+        while True:
+            records, offset = self.shard.scroll(q.ScrollRequest(offset=offset, limit=1000, filter=flt,
+                                                                with_payload=False))
+            out.extend(str(r.id) for r in records)
+            if offset is None:
+                return out
 
     def query(self, variant, *, pooled=None, tokens=None, sparse=None, user_id, limit, candidates, rrf_k,
               bm25_weight=1.0, memory_ids=None):
@@ -251,7 +278,7 @@ class EdgeIndex(Index):
             return []
         found = {str(r.id): dict(r.payload or {}) for r in self.shard.retrieve(ids, with_payload=True,
                                                                                with_vector=False)}
-        return [(i, found[i]) for i in ids if i in found]
+        return [(i, found[i]) for i in ids if i in found and not found[i].get(PENDING)]
 
     def delete(self, ids):
         if ids:
@@ -317,14 +344,29 @@ class ClientIndex(Index):
 
     def _filter(self, user_id, memory_ids=None, field_name=None, values=()):
         m = self.m
-        must = []
+        must = [m.IsEmptyCondition(is_empty=m.PayloadField(key=PENDING))]  # points of an unfinished add: never seen
         if user_id is not None:
             must.append(m.FieldCondition(key="user_id", match=m.MatchValue(value=user_id)))
         if memory_ids is not None:
             must.append(m.HasIdCondition(has_id=_valid_ids(memory_ids)))
         if field_name is not None:
             must.append(m.FieldCondition(key=field_name, match=m.MatchAny(any=list(values))))
-        return m.Filter(must=must) if must else None
+        return m.Filter(must=must)
+
+    def publish(self, ids):
+        if ids:
+            self.client.delete_payload(self.collection, keys=[PENDING], points=list(ids), wait=True)
+
+    def unpublished(self):
+        m = self.m
+        flt = m.Filter(must_not=[m.IsEmptyCondition(is_empty=m.PayloadField(key=PENDING))])
+        out, offset = [], None
+        while True:
+            records, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=1000, offset=offset,
+                                                 with_payload=False)
+            out.extend(str(r.id) for r in records)
+            if offset is None:
+                return out
 
     def query(self, variant, *, pooled=None, tokens=None, sparse=None, user_id, limit, candidates, rrf_k,
               bm25_weight=1.0, memory_ids=None):
@@ -362,7 +404,7 @@ class ClientIndex(Index):
             return []
         found = {str(r.id): dict(r.payload or {}) for r in self.client.retrieve(self.collection, ids,
                                                                                 with_payload=True)}
-        return [(i, found[i]) for i in ids if i in found]
+        return [(i, found[i]) for i in ids if i in found and not found[i].get(PENDING)]
 
     def delete(self, ids):
         if ids:
