@@ -1,4 +1,4 @@
-"""CLI commands around the HTTP server: `serve` and the `reliability` suite.
+"""CLI commands around the servers: `serve` (HTTP), `mcp` (Model Context Protocol) and the `reliability` suite.
 
 They parse options and call :mod:`nativemem.server`; no model or HTTP logic here. :func:`register` adds
 them to the main app (``nativemem.cli.main``).
@@ -20,6 +20,31 @@ import typer
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     from .main import DeviceOpt, DtypeOpt, ModelOpt, _handle_errors, _load, _quiet_libraries, console
+
+    @app.command()
+    @_handle_errors
+    def mcp(memory: Annotated[Path, typer.Option("--memory", help="activation memory folder (created if missing)")],
+            user: Annotated[str | None, typer.Option(help="the user whose memories the tools act on")] = None,
+            max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="cap on the tokens of `ask`")] = 128,
+            model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+        """Serve one user's memory to an agent over the Model Context Protocol (stdio): tools add, search, list,
+        delete and ask."""
+        import contextlib
+        import sys
+
+        _quiet_libraries()
+        import nativemem as nm
+
+        from ..mcp_server import build_server
+
+        with contextlib.redirect_stdout(sys.stderr):  # standard output carries the protocol only
+            lm = nm.load_model(model, dtype=dtype, device=device)
+            mem = nm.open_memory(memory, lm, kind="activation")
+            if mem.kind != "activation":
+                from ..errors import InputError
+
+                raise InputError(f"{memory} is a {mem.kind} memory; the MCP server needs an activation memory")
+        build_server(lm, mem, user_id=user, max_new_tokens=max_new_tokens).run("stdio")
 
     @app.command()
     @_handle_errors
