@@ -13,13 +13,14 @@ from .errors import NativememError  # noqa: E402
 from .fingerprint import Fingerprint  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .memories import Memory, MemoryConfig, Receipt, memory_kinds, open_memory, register_memory  # noqa: E402
-from .model import Generation, LanguageModel  # noqa: E402
+from .model import Generation, LanguageModel, Sampling  # noqa: E402
 
 __all__ = [
     "__version__",
     "load_model",
     "LanguageModel",
     "Generation",
+    "Sampling",
     "Fingerprint",
     "Memory",
     "MemoryConfig",

@@ -20,7 +20,7 @@ from .fingerprint import Fingerprint, config_hash, tokenizer_hash
 from .prompting import DEFAULT_SYSTEM, build_messages
 from .text import check_text
 
-__all__ = ["LanguageModel", "Generation", "DEFAULT_SYSTEM"]
+__all__ = ["LanguageModel", "Generation", "Sampling", "DEFAULT_SYSTEM"]
 
 
 @dataclass
@@ -34,6 +34,46 @@ class Generation:
     new_tokens: int
     prefix_tokens: int = 0  # tokens supplied by a memory's KV prefix (a spliced prompt head included)
     token_ids: list[int] = field(default_factory=list, repr=False)
+    stopped: bool = False  # ended at a stop string (or the end-of-sequence token) rather than the token cap
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How new tokens are chosen. ``temperature`` 0 is greedy (the default, bit-identical to no sampling); above 0,
+    tokens are sampled with nucleus ``top_p``, reproducibly when ``seed`` is given. Generation ends at any of the
+    ``stop`` strings, which are not part of the returned text."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 2.0:
+            raise InputError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise InputError("stop strings must be non-empty strings")
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        out: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if self.temperature > 0:
+            out.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p), top_k=None)
+        if self.stop:
+            out.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        return out
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """``text`` up to the first stop string, and whether one was found."""
+        ends = [i for i in (text.find(x) for x in self.stop) if i >= 0]
+        return (text[: min(ends)], True) if ends else (text, False)
+
+
+GREEDY = Sampling()
 
 
 class _FirstTokenTimer(BaseStreamer):
@@ -171,8 +211,9 @@ class LanguageModel:
     # ---------------------------------------------------------------------------- generation
     @torch.inference_mode()
     def generate(self, input_ids: torch.LongTensor, *, max_new_tokens: int = 64, memory=None,
-                 user_id: str | None = None, query: str | None = None, on_token=None) -> Generation:
-        """Greedy generation from prompt ids (1, T).
+                 user_id: str | None = None, query: str | None = None, on_token=None,
+                 sampling: Sampling = GREEDY) -> Generation:
+        """Generation from prompt ids (1, T): greedy unless ``sampling`` says otherwise (:class:`Sampling`).
 
         Args:
             input_ids: the chat-formatted prompt, (1, T).
@@ -190,13 +231,13 @@ class LanguageModel:
         input_ids = input_ids.to(self.device)
         start = time.perf_counter()
         if memory is None:
-            return self._generate(input_ids, max_new_tokens, start, None, on_token)
+            return self._generate(input_ids, max_new_tokens, start, None, on_token, sampling)
         if query is None:
             query = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
         with memory.active(lm=self, user_id=user_id, query=query) as inj:
-            return self._generate(input_ids, max_new_tokens, start, inj, on_token)
+            return self._generate(input_ids, max_new_tokens, start, inj, on_token, sampling)
 
-    def _generate(self, input_ids, max_new_tokens, start, inj, on_token) -> Generation:
+    def _generate(self, input_ids, max_new_tokens, start, inj, on_token, sampling: Sampling = GREEDY) -> Generation:
         cached = 0 if inj is None else inj.prefix_length
         kwargs = {} if inj is None else inj.generate_kwargs(input_ids)
         full_ids = kwargs.pop("input_ids", input_ids)
@@ -204,20 +245,23 @@ class LanguageModel:
         if total > self.max_context:
             raise ContextOverflowError(total, self.max_context, what="prompt plus max_new_tokens")
         timer = _FirstTokenTimer(start, on_token)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)  # the process-wide generator: a seeded call is reproducible
         out = self.model.generate(
             input_ids=full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, streamer=timer,
-            eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
-            **kwargs)
+            streamer=timer, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
+            **sampling.generate_kwargs(self.tokenizer), **kwargs)
         end = time.perf_counter()
         new = out[0, full_ids.shape[1]:].tolist()
+        ended = bool(new) and new[-1] in self.eos_token_ids
         while new and new[-1] in self.eos_token_ids:
             new.pop()
+        text, hit = sampling.cut(self.tokenizer.decode(new, skip_special_tokens=True))
         return Generation(
-            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-            ttft_s=(timer.first or end) - start, total_s=end - start,
+            text=text.strip(), ttft_s=(timer.first or end) - start, total_s=end - start,
             prompt_tokens=int(full_ids.shape[1]) - cached, new_tokens=len(new),
-            prefix_tokens=cached, token_ids=new)
+            prefix_tokens=cached, token_ids=new, stopped=ended or hit)
 
     def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,
              system: str | None = DEFAULT_SYSTEM, max_new_tokens: int = 64) -> str:

@@ -364,3 +364,54 @@ def test_the_gate_decides_what_is_injected_and_the_reply_lists_every_hit(served)
         assert not h["injected"] and h["reason"] == "below_threshold" and 0.0 <= h["relevance"] < 1.0
     assert all(h["injected"] for h in opened["nativemem"]["hits"])
     assert len(opened["nativemem"]["memory_ids"]) == 2 and opened["nativemem"]["prefix_tokens"] > 0
+
+
+def test_sampling_stop_strings_usage_and_refused_parameters(served):
+    """temperature 0 is greedy bit for bit, a seed makes sampling reproducible, stop strings end the answer (also
+    streamed), usage counts every attended token, and parameters the server cannot honour get a 400 by name."""
+    import openai
+
+    eos = list(served.lm.eos_token_ids)
+
+    def no_eos(module, args, output):  # the random model must produce its full max_tokens
+        output[..., eos] = float("-inf")
+        return output
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=served.keys["alice"], max_retries=0)
+    msgs = [{"role": "user", "content": "Say something long."}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=16,
+                                              extra_body={"memory": False}, **kw)
+
+    handle = served.lm.model.get_output_embeddings().register_forward_hook(no_eos)
+    try:
+        greedy = ask()
+        assert ask(temperature=0).choices[0].message.content == greedy.choices[0].message.content
+        a, b = ask(temperature=1.5, seed=7), ask(temperature=1.5, seed=7)
+        assert a.choices[0].message.content == b.choices[0].message.content
+        text = greedy.choices[0].message.content
+        assert greedy.choices[0].finish_reason == "length" and len(text) >= 8, text
+        stop = text[4:7]
+        cut = ask(stop=[stop, "\u2603never"])
+        assert cut.choices[0].message.content == text[: text.index(stop)].strip()
+        assert cut.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=16, stream=True,
+                                                  stop=stop, extra_body={"memory": False})
+        parts = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+        assert "".join(parts) == cut.choices[0].message.content
+    finally:
+        handle.remove()
+    prompt = served.lm.chat_ids(msgs, system=served.memory.chat_system).shape[1]
+    assert greedy.usage.prompt_tokens == prompt and greedy.usage.completion_tokens == 16
+    for bad, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                       ({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                       ({"presence_penalty": 0.5}, "presence_penalty"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                       ({"stop": [""]}, "stop"), ({"top_p": 0}, "top_p"), ({"temperature": 3}, "temperature"),
+                       ({"n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=2, **bad)
+        assert param in str(err.value), (bad, str(err.value))
+    ok = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=2,
+                                        response_format={"type": "text"})
+    assert ok.choices[0].message.role == "assistant"

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..memories.base import Injection
-from ..model import Generation
+from ..model import GREEDY, Generation, Sampling
 from ..text import check_text
 
 log = logging.getLogger("nativemem.server")
@@ -134,8 +134,9 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
-                 top_k: int | None, stop: Stop, on_token: Callable[[list[int]], None] | None = None) -> Answer:
-        """Greedy answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``)."""
+                 top_k: int | None, stop: Stop, on_token: Callable[[list[int]], None] | None = None,
+                 sampling: Sampling = GREEDY) -> Answer:
+        """Answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``)."""
         for i, m in enumerate(messages):
             check_text(m["content"], what=f"message {i} content")
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
@@ -163,6 +164,7 @@ class Engine:
             for target in parametric:
                 scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
             gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
+                                   sampling=sampling,
                                    on_token=tick)
         return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered), notices)
 

@@ -12,10 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, InputError
+from ..model import Sampling
 from .calls import acquire_model, engine, in_thread, new_stop, start_model_work, user_of, with_model
 from .engine import Engine
-from .http import map_error, read_json
+from .http import ApiError, map_error, read_json
 from .schemas import ChatRequest
 
 router = APIRouter()
@@ -28,20 +29,30 @@ async def chat_completions(request: Request):
     eng = engine(request)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in req.messages]
+    bad = req.unsupported()
+    if bad:
+        raise ApiError(400, f"{bad} is not supported by this server (a local model: greedy or sampled text only)",
+                       param=bad, code="unsupported_parameter")
     max_new = req.new_tokens()
     # token counting of a large body runs in a worker thread, not on the event loop
     prompt_tokens = await in_thread(lambda: sum(eng.lm.count_tokens(m["content"]) for m in messages))
     if prompt_tokens + max_new > eng.lm.max_context:  # cheap early check; the exact one includes the prefix
         raise ContextOverflowError(prompt_tokens + max_new, eng.lm.max_context, what="messages plus max_tokens")
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    run = dict(messages=messages, user_id=user, max_new_tokens=max_new, use_memory=req.memory, top_k=req.top_k)
+    try:
+        sampling = Sampling(temperature=req.temperature or 0.0, top_p=1.0 if req.top_p is None else req.top_p,
+                            seed=req.seed, stop=req.stop_strings())
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
+    run = dict(messages=messages, user_id=user, max_new_tokens=max_new, use_memory=req.memory, top_k=req.top_k,
+               sampling=sampling)
     if req.stream:
         return await _stream(request, eng, req, run, cid, created)
     answer = await with_model(request, lambda stop: eng.generate(**run, stop=stop))
     gen = answer.generation
     return {"id": cid, "object": "chat.completion", "created": created, "model": eng.lm.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                         "finish_reason": "length" if gen.new_tokens >= max_new else "stop"}],
+                         "finish_reason": _finish(gen, max_new)}],
             "usage": _usage(gen), "nativemem": _extra(answer)}
 
 async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, cid: str, created: int):
@@ -66,6 +77,7 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
 
     tok = eng.lm.tokenizer
     eos = set(eng.lm.eos_token_ids)
+    sampling = run["sampling"]
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.lm.name,
@@ -82,8 +94,11 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
                 if item[0] == "token":
                     ids += [i for i in item[1] if i not in eos]
                     text = tok.decode(ids, skip_special_tokens=True).lstrip()
-                    # hold back trailing spaces (the final answer is stripped) and half-decoded characters
-                    ready = text.rstrip()
+                    # hold back trailing spaces (the final answer is stripped), half-decoded characters, and
+                    # what may be the start of a stop string (never sent)
+                    text, hit = sampling.cut(text)
+                    hold = 0 if hit else max((len(x) - 1 for x in sampling.stop), default=0)
+                    ready = text[: len(text) - hold].rstrip() if hold else text.rstrip()
                     if not ready.endswith("\ufffd") and ready.startswith(sent) and len(ready) > len(sent):
                         yield chunk({"content": ready[len(sent):]})
                         sent = ready
@@ -92,7 +107,7 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
                     gen = answer.generation
                     if gen.text.startswith(sent) and len(gen.text) > len(sent):
                         yield chunk({"content": gen.text[len(sent):]})
-                    finish = "length" if gen.new_tokens >= run["max_new_tokens"] else "stop"
+                    finish = _finish(gen, run["max_new_tokens"])
                     yield chunk({}, finish, nativemem=_extra(answer))
                     if req.stream_options is not None and req.stream_options.include_usage:
                         body = {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -112,9 +127,15 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _finish(gen, max_new: int) -> str:
+    return "stop" if gen.stopped or gen.new_tokens < max_new else "length"
+
+
 def _usage(gen) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.new_tokens,
-            "total_tokens": gen.prompt_tokens + gen.new_tokens}
+    """Every token the model attended: the prompt prefilled plus the memory's injected prefix (also reported on
+    its own as ``nativemem.prefix_tokens``)."""
+    prompt = gen.prompt_tokens + gen.prefix_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": gen.new_tokens, "total_tokens": prompt + gen.new_tokens}
 
 
 def _extra(answer) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Request bodies of the server (pydantic) and the limits they enforce, as named constants.
 
-The chat schema is OpenAI's ``/v1/chat/completions`` subset that a greedy local model can honour; fields
-OpenAI clients send and that change nothing here (``temperature``, ``top_p``, ``seed``, ``user``, ...) are
-accepted and ignored. nativemem's own options travel as extra fields (``extra_body`` in the openai client):
+The chat schema is OpenAI's ``/v1/chat/completions`` subset that a local model can honour: greedy decoding, or
+sampling with ``temperature``, ``top_p`` and ``seed``, and ``stop`` strings; parameters it cannot honour
+(``tools``, ``logprobs``, ``response_format`` other than text, penalties, ``logit_bias``, ``n`` > 1) get a 400
+naming them, and fields that change nothing (``user``, ...) are ignored. nativemem's own options travel as extra fields (``extra_body`` in the openai client):
 ``memory`` (inject the caller's memory, default true) and ``top_k`` (chunks injected).
 """
 
@@ -27,6 +28,7 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_SEARCH_K = 100
 MAX_LIST_LIMIT = 1000
 MAX_METADATA_CHARS = 16_384
+MAX_STOP = 4
 
 
 class _Strict(BaseModel):
@@ -65,9 +67,20 @@ class ChatRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
-    # accepted for compatibility; generation is greedy
+    # sampling (temperature 0 or absent: greedy)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    # OpenAI parameters this server cannot honour: refused by name (never silently ignored)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
     # nativemem's extra fields
     memory: bool = True
     top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
@@ -79,8 +92,36 @@ class ChatRequest(_Strict):
             raise ValueError("messages must contain at least one user message")
         return messages
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        items = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(items) > MAX_STOP or any(not s for s in items):
+            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        return stop
+
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def unsupported(self) -> str | None:
+        """The first parameter given that this server cannot honour, or None."""
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice"
+        if self.logprobs or self.top_logprobs:
+            return "logprobs"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class AddRequest(_Strict):
