@@ -19,7 +19,7 @@ def _client(served, user=None):
 
 
 def _chat(question="What is my note?", **extra):
-    return {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 6, **extra}
+    return {"model": "nativemem", "messages": [{"role": "user", "content": question}], "max_tokens": 6, **extra}
 
 
 def _hooks(model) -> int:
@@ -44,7 +44,9 @@ def test_openai_client_chat_streaming_and_models(served):
     with _client(served, "alice") as c:
         assert c.post("/v1/memories", json={"text": "Alice's locker code is zq0123456789ab."}).status_code == 200
     models = client.models.list()
-    assert [m.id for m in models.data] == [served.lm.name]
+    assert [m.id for m in models.data] == [served.lm.name, "nativemem"]  # the model and the alias
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is my locker code?"}]
     resp = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=6,
                                           extra_body={"top_k": 1})

@@ -8,7 +8,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
   whose calibrated relevance passes its ``gate_threshold``). The response carries ``nativemem.memory_ids``
   (the caller's chunks that were injected), ``nativemem.hits`` (every hit considered: ``id``, raw ``score``,
   ``relevance``, ``injected`` and, if not, ``reason``), ``prefix_tokens`` and ``ttft_s``.
-- ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the served model and its alias ``nativemem`` (a chat naming another
+  model gets 404).
 - ``POST /v1/memories`` (``{"text": ...}`` or ``{"texts": [...]}``, optional ``metadata``): write; all or
   nothing, acknowledged only once durable. ``GET /v1/memories?limit=&offset=``: list.
   ``POST /v1/memories/search`` (``{"query": ..., "k": 4}``). ``GET /v1/memories/{id}``.

@@ -17,6 +17,7 @@ from ..model import Sampling
 from .calls import acquire_model, engine, in_thread, new_stop, start_model_work, user_of, with_model
 from .engine import Engine
 from .http import ApiError, map_error, read_json
+from .routes_admin import check_model
 from .schemas import ChatRequest
 
 router = APIRouter()
@@ -29,6 +30,7 @@ async def chat_completions(request: Request):
     eng = engine(request)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in req.messages]
+    check_model(eng, req.model)
     bad = req.unsupported()
     if bad:
         raise ApiError(400, f"{bad} is not supported by this server (a local model: greedy or sampled text only)",
