@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from ..errors import ContextOverflowError, InputError
 from ..model import Sampling
@@ -81,12 +81,12 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
     eos = set(eng.lm.eos_token_ids)
     sampling = run["sampling"]
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(delta: dict, finish: str | None = None, **extra) -> dict[str, str]:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.lm.name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return {"data": json.dumps(body, ensure_ascii=False)}
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[dict[str, str]]:
         ids: list[int] = []
         sent = ""
         item = first
@@ -114,19 +114,20 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
                     if req.stream_options is not None and req.stream_options.include_usage:
                         body = {"id": cid, "object": "chat.completion.chunk", "created": created,
                                 "model": eng.lm.name, "choices": [], "usage": _usage(gen)}
-                        yield f"data: {json.dumps(body)}\n\n"
-                    yield "data: [DONE]\n\n"
+                        yield {"data": json.dumps(body)}
+                    yield {"data": "[DONE]"}
                     return
                 else:  # an error after the first token: tell the client in the stream
                     err = map_error(item[1])
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n"
+                    yield {"data": json.dumps({"error": {"message": err.message, "type": err.type}})}
                     return
                 item = await queue.get()
         finally:
             stop.event.set()  # client gone or stream over: the worker stops at its next token
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # server-sent events framed by sse-starlette (a comment line every 15 s keeps idle proxies from closing)
+    return EventSourceResponse(events(), ping=15, sep="\n",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _finish(gen, max_new: int) -> str:
