@@ -417,3 +417,12 @@ def test_sampling_stop_strings_usage_and_refused_parameters(served):
     ok = client.chat.completions.create(model=served.lm.name, messages=msgs, max_tokens=2,
                                         response_format={"type": "text"})
     assert ok.choices[0].message.role == "assistant"
+
+
+def test_the_openapi_schema_describes_the_request_bodies(served):
+    spec = httpx.get(served.url + "/openapi.json").json()
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"messages", "temperature", "stop", "memory", "top_k"} <= set(body["properties"])
+    assert "query" in spec["paths"]["/v1/memories/search"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]
+    assert httpx.get(served.url + "/docs").status_code == 200

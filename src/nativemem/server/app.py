@@ -19,7 +19,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
   ``DELETE /v1/memories/consolidated`` (``?into=side_ffn|pkm``, default both) removes it; a consolidated
   memory that cannot be read is left out of chats, with a line in ``nativemem.warnings``.
   Only the caller's memories exist for the caller: another user's id answers 404 like an unknown one.
-- ``GET /health``: liveness, no authentication, no counts.
+- ``GET /health``: liveness, no authentication, no counts. ``GET /openapi.json`` and ``GET /docs``: the API's
+  schema and its browsable page (no data in them, so no key needed).
 
 Every body is read by :func:`_read_json` (size limit -> 413, UTF-8, JSON without NaN, lone surrogates,
 huge integers or deep nesting -> 400) and validated by the pydantic schemas (-> 400), so no client input
@@ -102,7 +103,8 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
                     close()
 
     # no trailing-slash redirects: they are built from the request's Host header
-    app = FastAPI(title="nativemem", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+    app = FastAPI(title="nativemem", description="OpenAI-compatible chat with per-user native memory",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
                   redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.settings, app.state.keys = settings, keys

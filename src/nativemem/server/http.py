@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ContextOverflowError, InputError, MemoryLockedError, NativememError, UnknownNameError
 from .engine import Cancelled
 
-__all__ = ["ApiError", "BodyLimit", "read_json", "int_param", "map_error", "MAX_ID_CHARS"]
+__all__ = ["ApiError", "BodyLimit", "read_json", "int_param", "map_error", "json_body", "MAX_ID_CHARS"]
 
 log = logging.getLogger("nativemem.server")
 
@@ -148,6 +148,11 @@ async def read_json(request: Request, schema: type[BaseModel]):
         return schema.model_validate(data)
     except ValidationError as e:
         raise ApiError(400, _validation_message(e), param=_first_loc(e)) from None
+
+
+def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads ``schema`` itself with :func:`read_json`."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
 def _validation_message(e: ValidationError) -> str:

@@ -16,14 +16,14 @@ from ..errors import ContextOverflowError, InputError
 from ..model import Sampling
 from .calls import acquire_model, engine, in_thread, new_stop, start_model_work, user_of, with_model
 from .engine import Engine
-from .http import ApiError, map_error, read_json
+from .http import ApiError, json_body, map_error, read_json
 from .routes_admin import check_model
 from .schemas import ChatRequest
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
 async def chat_completions(request: Request):
     user = user_of(request)
     req = await read_json(request, ChatRequest)

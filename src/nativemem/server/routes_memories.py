@@ -7,13 +7,13 @@ import json
 from fastapi import APIRouter, Request
 
 from .calls import engine, in_thread, user_of, with_model
-from .http import MAX_ID_CHARS, ApiError, int_param, read_json
+from .http import MAX_ID_CHARS, ApiError, int_param, json_body, read_json
 from .schemas import MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, SearchRequest
 
 router = APIRouter()
 
 
-@router.post("/v1/memories")
+@router.post("/v1/memories", openapi_extra=json_body(AddRequest))
 async def add_memories(request: Request):
     user = user_of(request)
     req = await read_json(request, AddRequest)
@@ -35,7 +35,7 @@ async def list_memories(request: Request):
     eng = engine(request)
     return await in_thread(lambda: eng.list(user_id=user, limit=limit, offset=offset))
 
-@router.post("/v1/memories/search")
+@router.post("/v1/memories/search", openapi_extra=json_body(SearchRequest))
 async def search_memories(request: Request):
     user = user_of(request)
     req = await read_json(request, SearchRequest)
@@ -43,7 +43,7 @@ async def search_memories(request: Request):
     hits = await with_model(request, lambda stop: eng.search(req.query, user_id=user, k=req.k))
     return {"object": "list", "data": hits}
 
-@router.post("/v1/memories/consolidate")
+@router.post("/v1/memories/consolidate", openapi_extra=json_body(ConsolidateRequest))
 async def consolidate_memories(request: Request):
     user = user_of(request)
     req = await read_json(request, ConsolidateRequest)

@@ -3,8 +3,9 @@
 The chat schema is OpenAI's ``/v1/chat/completions`` subset that a local model can honour: greedy decoding, or
 sampling with ``temperature``, ``top_p`` and ``seed``, and ``stop`` strings; parameters it cannot honour
 (``tools``, ``logprobs``, ``response_format`` other than text, penalties, ``logit_bias``, ``n`` > 1) get a 400
-naming them, and fields that change nothing (``user``, ...) are ignored. nativemem's own options travel as extra fields (``extra_body`` in the openai client):
-``memory`` (inject the caller's memory, default true) and ``top_k`` (chunks injected).
+naming them, and fields that change nothing (``user``, ...) are ignored. nativemem's own options travel as extra
+fields (``extra_body`` in the openai client): ``memory`` (inject the caller's memory, default true) and ``top_k``
+(most chunks injected).
 """
 
 from __future__ import annotations
