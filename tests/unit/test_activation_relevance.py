@@ -133,3 +133,10 @@ def test_a_write_the_disk_cannot_hold_is_refused_before_anything_is_written(lm, 
     assert mem.stats()["chunks"] == 1 and len(list((fast_dir / "m" / "segments").iterdir())) == 1
     mem.config.min_free_bytes = 0
     assert len(mem.add(NOTES[1:], user_id="u").ids) == len(NOTES) - 1
+
+
+def test_stats_say_how_relevance_was_fitted(lm, fast_dir):
+    mem = fitted(lm, fast_dir / "m")
+    stats = mem.stats()
+    assert stats["gate_threshold"] == 0.5 and stats["relevance"]["pairs"] == 30
+    assert stats["relevance"]["source"] == "caller's pairs" and 0 <= stats["relevance"]["heldout_ece"] <= 1

@@ -955,7 +955,10 @@ class ActivationMemory(Memory):
                 "kv_dtype": self.config.kv_dtype, "bytes_per_token": self.bytes_per_token(),
                 "retrieval_layer": self.retrieval_layer, "reroute_layers": self.reroute_layers,
                 "checkpoint_layer": self.checkpoint_layer, "fitted": self.pooled_transform.fitted,
-                "backend": self.config.backend, "dims": self.dims()}
+                "backend": self.config.backend, "dims": self.dims(), "gate_threshold": self.config.gate_threshold,
+                "relevance": None if self.config.relevance is None else {
+                    k: self.config.relevance.get(k) for k in ("source", "pairs", "unanswerable", "heldout_ece",
+                                                              "heldout_auc")}}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
