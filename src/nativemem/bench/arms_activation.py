@@ -4,7 +4,7 @@ Every arm here shares one :class:`~nativemem.memories.activation.ActivationMemor
 first arm that needs it, reused by the others in the same process): the whole pool is written to it, each
 pool chunk as one memory chunk whose ``source_id`` is the pool chunk id. The memory's retrieval transform
 is fitted first on a fit set disjoint from the pool (:func:`fit_texts`: the task's chunks outside the
-pool, seeded sample), as the research note demands (§8.5); with fewer than :data:`MIN_FIT_TEXTS` such
+pool, seeded sample): never fitted on what is evaluated; with fewer than :data:`MIN_FIT_TEXTS` such
 texts (SQuAD from 300 questions on: the pool is the whole file) the memory stays unfitted.
 
 - ``activation``: retrieve the top-``k`` chunks of the whole pool with the memory's default variant

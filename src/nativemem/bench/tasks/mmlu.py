@@ -1,6 +1,6 @@
 """MMLU forgetting check: accuracy before and after memorising a whole book (side-FFN vs LoRA).
 
-Protocol (research note §7, made explicit): a fixed seeded subset of the MMLU test set
+Protocol: a fixed seeded subset of the MMLU test set
 (``per_subject`` questions from every subject, chosen with ``random.Random(seed)``), 5-shot with the
 subject's first five dev questions, in the usual layout::
 

@@ -6,7 +6,7 @@ This is a retrieval benchmark, not a QA task, so it has its own runner, :func:`r
 ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id  corpus-id  score``, header
 line); default ``scifact/`` under the data root with ``qrels/train.tsv``.
 
-Fit split (research note §8.5: never fit on what is evaluated): the judged queries are shuffled with the
+Fit split (never fit on what is evaluated): the judged queries are shuffled with the
 seed; ``fit_fraction`` of them (their texts and their relevant documents) fit the own-state retrieval
 transform and its layer probe; only the remaining queries are evaluated, against the full corpus.
 Documents are ``title + " " + text``; a document longer than one chunk scores as its best chunk.

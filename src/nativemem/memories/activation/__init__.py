@@ -1,8 +1,9 @@
 """Activation memory: chunks stored as the model's own KV, retrieved by the model's own states, injected as a
 KV prefix (keys re-rotated for their new positions).
 
-See ``docs/research/activation-nnm.md`` for the method this re-implements and :mod:`.memory` for what
-``add``, ``search`` and ``active`` do. Modules: :mod:`.config`, :mod:`.kv` (capture, rotation, cache),
+The method follows KV-Embedding (arXiv 2601.01046) as Neural Native Memory
+(github.com/tobiasbrummer/neural-native-memory) uses it; :mod:`.memory` says what ``add``, ``search`` and
+``active`` do. Modules: :mod:`.config`, :mod:`.kv` (capture, rotation, cache),
 :mod:`.encode` (KV-Embedding, token vectors, whitening, TwoNN), :mod:`.fit`, :mod:`.store` (Qdrant Edge or
 qdrant-client index, payload blobs, lock).
 """

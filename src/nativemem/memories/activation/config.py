@@ -1,10 +1,10 @@
 """Configuration of the activation memory (KV payload + retrieval by the model's own states).
 
-Defaults follow ``docs/research/activation-nnm.md``: the payload is the full per-layer KV of each chunk
-with keys stored before rotary encoding (the only injection the original system evaluated, §4), fp16;
-retrieval uses a KV-Embedding pooled vector (§1.1), token-level MaxSim, or either fused with BM25 (§6,
-exp16). Layer choice and the retrieval transform are fitted by :meth:`ActivationMemory.fit` on a fit set
-that is not the evaluated corpus (§8.5) and recorded in ``fit_report``.
+Defaults follow Neural Native Memory (github.com/tobiasbrummer/neural-native-memory): the payload is the full
+per-layer KV of each chunk with keys stored before rotary encoding (the only injection that system evaluated);
+retrieval uses a KV-Embedding pooled vector (arXiv 2601.01046), token-level MaxSim, or either fused with BM25.
+Layer choice and the retrieval transform are fitted by :meth:`ActivationMemory.fit` on a fit set that is not
+the evaluated corpus and recorded in ``fit_report``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Retrieval vectors from the model's own states: KV-Embedding pooled vectors, token vectors, whitening.
 
-How this works (``docs/research/activation-nnm.md`` §1, §3.3):
+How this works (KV-Embedding, arXiv 2601.01046, as used by Neural Native Memory):
 
 - **Token layout.** A chunk is ``[BOS] + prefix + content + suffix`` (each part tokenised on its own, so
   the content positions are known exactly); a query is ``[BOS] + query_prefix + content``. Token vectors
@@ -310,7 +310,7 @@ def twonn(x: torch.Tensor) -> float:
 
 
 def choose_reroute_layers(curve: Sequence[float]) -> tuple[list[int], str]:
-    """The research note's rule (§2): a window after the ID minimum if the curve is U-shaped, else the
+    """Neural Native Memory's rule: a window after the ID minimum if the curve is U-shaped, else the
     lowest-ID layers after the first 20 %. Returns (layers, rule used)."""
     L = len(curve)
     span = max(1, L // 10)

@@ -1,6 +1,6 @@
 """Fit an activation memory on a fit set: TwoNN layer curve, retrieval-layer probe, whitening transforms.
 
-Steps (``docs/research/activation-nnm.md`` §2, §3.3, §8):
+Steps (after Neural Native Memory's layer selection and whitening, github.com/tobiasbrummer/neural-native-memory):
 
 1. **ID curve.** Residual stream after every layer, at *content* tokens only (BOS and template excluded),
    dropping attention-sink positions (a token whose norm exceeds ``SINK_FACTOR`` x the median token norm
@@ -16,7 +16,8 @@ Steps (``docs/research/activation-nnm.md`` §2, §3.3, §8):
 4. **Transforms** at the chosen layer, fitted on every fit text. With ``whiten="auto"`` each variant keeps
    z-score + PCA whitening or plain centring, whichever scored better in the probe (both scores are in
    the report). On SmolLM2-135M with SQuAD paragraphs, whitening did not beat centring (see the report
-   of issue 3); the research note's whitening gains came from a transductive fit (§8.5).
+   of issue 3); the whitening gains reported for that system came from a transductive fit (transforms
+   fitted on the evaluated corpus itself).
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ import numpy as np
 from ...errors import InputError
 from .fitset import GENERIC_FIT_TEXTS
 
-__all__ = ["Calibrator", "RelevanceWarning", "features", "fit_relevance", "expected_calibration_error", "choose_threshold",
-           "GENERIC_QA", "GENERIC_UNANSWERABLE", "FEATURES"]
+__all__ = ["Calibrator", "RelevanceWarning", "features", "fit_relevance", "expected_calibration_error",
+           "choose_threshold", "GENERIC_QA", "GENERIC_UNANSWERABLE", "FEATURES"]
 
 FEATURES = ("dense", "bm25", "dense_gap", "bm25_gap", "rank")
 MIN_PAIRS = 8
@@ -251,7 +251,8 @@ GENERIC_QA = [
 GENERIC_UNANSWERABLE = [
     "Hi", "Hello, how are you today?", "Thanks a lot!", "What is the capital of France?",
     "Who wrote Romeo and Juliet?", "What is two plus two?", "Can you tell me a joke?",
-    "How many legs does a spider have?", "What is the boiling point of water?", "Translate 'good morning' into Spanish.",
+    "How many legs does a spider have?", "What is the boiling point of water?",
+    "Translate 'good morning' into Spanish.",
     "Who painted the Mona Lisa?", "What is the largest planet in the solar system?", "Write a haiku about autumn.",
     "What is my favourite colour?", "What is the square root of eighty-one?", "Which language is spoken in Brazil?",
     "What year did the Second World War end?", "What is photosynthesis?", "Recommend a good book to read.",

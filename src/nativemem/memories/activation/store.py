@@ -378,7 +378,8 @@ class ClientIndex(Index):
         idf = None if user_id is None else m.SearchParams(idf=m.IdfCorpusParams(corpus=self._filter(user_id)))
         if variant in ("pooled", "tokens", "bm25"):
             res = self.client.query_points(self.collection, query=vec[variant](), using=variant, query_filter=flt,
-                                           limit=limit, with_payload=True, search_params=idf if variant == "bm25" else None)
+                                           limit=limit, with_payload=True,
+                                           search_params=idf if variant == "bm25" else None)
         else:
             dense = "pooled" if variant == "hybrid" else "tokens"
             res = self.client.query_points(

@@ -1,8 +1,8 @@
 """Product-key memory (``pkm``): trainable product-key memory layers added to frozen MLP outputs.
 
 Facts go in with ``add`` (answer-only loss, one fact per sequence, a row-sparse optimiser on a value pool
-shared by the memory layers); a learned per-token relevance gate keeps general text untouched. See
-``docs/research/pkm-memory-layers.md`` for the method and :mod:`.memory` for what each operation does.
+shared by the memory layers); a learned per-token relevance gate keeps general text untouched. The method is
+Memory Layers at Scale (arXiv 2412.09764); :mod:`.memory` says what each operation does.
 
 Example::
 

@@ -1,6 +1,6 @@
 """Configuration of the product-key memory (``pkm``).
 
-Defaults follow ``docs/research/pkm-memory-layers.md`` (§1.2 Memory+, §6 tiny CPU version) with the
+Defaults follow Memory Layers at Scale (Memory+, arXiv 2412.09764), scaled to a tiny CPU version, with the
 changes this project measured (see the kind's module docstring in :mod:`.memory`): values start at zero
 and the output projection is random (so the memory is an exact no-op and the values get a gradient from
 the first step), the router (query projection and keys) and the projections stay fixed by default, and

@@ -4,7 +4,7 @@ How this works, per token x (D) at one memory layer (letters as in STYLE.md B8):
 
 1. **Normalise** the input: z = (x - center) * inv_scale, with per-dimension statistics measured on the
    model's own hidden states (``calibrate``). Without it a few high-norm outlier dimensions make every
-   token's query nearly the same (research note §3, "Reversal 1").
+   token's query nearly the same (as the consumer-hardware reconstruction of memory layers found).
 2. **Query**: q = W_q z, split into H heads of key_dim, each split into two halves; each half is
    L2-normalised (Memory+ qk-norm).
 3. **Product keys**: per head two codebooks of N unit half-keys; the scores of the N**2 slots are sums

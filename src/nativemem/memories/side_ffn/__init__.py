@@ -1,6 +1,6 @@
 """Side-FFN memory (Locas-GLU): cloned GLU neurons beside each frozen MLP, refined by test-time training.
 
-See ``docs/research/parametric-locas.md`` for the method and :mod:`.memory` for what ``add`` does.
+The method is Locas (arXiv 2602.05085); :mod:`.memory` says what ``add`` does.
 """
 
 from ..base import register_memory

@@ -1,6 +1,6 @@
 """Configuration of the side-FFN (Locas-GLU) memory.
 
-Defaults follow the research note (``docs/research/parametric-locas.md`` §10) scaled to a laptop CPU:
+Defaults follow Locas (arXiv 2602.05085) scaled to a laptop CPU:
 width 16 (the paper sweeps 16-512 on 1.7B models), windows of 512 new tokens behind 512 tokens of
 context, one Adam step per window, score before training. Every field is stored in
 ``memory_config.json`` and can be overridden per call of :meth:`SideFFNMemory.train_stream`.
@@ -23,7 +23,7 @@ LOSSES = ("ntp", "sd", "mix")
 class SideFFNConfig(MemoryConfig):
     """Side-FFN memory: ``width`` cloned GLU neurons per layer, refined by test-time training.
 
-    Parameter count: 3 · layers · hidden · neurons (research note §8).
+    Parameter count: 3 · layers · hidden · neurons (as in Locas).
     """
 
     width: int = field(default=16, metadata={"help": "neurons added per layer by each memorize (r). The paper "

@@ -1,4 +1,4 @@
-"""Structural fuse: append memory neurons to each MLP's intermediate dimension (research note §4).
+"""Structural fuse: append memory neurons to each MLP's intermediate dimension (Locas, arXiv 2602.05085).
 
 For every decoder layer the MLP ``down(act(gate(x)) * up(x))`` becomes one with m + M neurons:
 

@@ -1,6 +1,6 @@
 """LoRA baseline (peft), trained by the same streaming loop as the side-FFN memory.
 
-The Temp-LoRA recipe of the research note §3.3 (LoRA on all linear layers, values B = 0 so the start is
+The Temp-LoRA recipe as Locas (arXiv 2602.05085) runs it (LoRA on all linear layers, values B = 0 so the start is
 an exact no-op) with our loop: the same windows, context, optimiser (AdamW, no weight decay), steps
 per window, losses and NaN guard as :class:`~.memory.SideFFNMemory`, so the comparison is at matched
 budget. Only the learning rate is its own (LoRA usually wants a smaller one).

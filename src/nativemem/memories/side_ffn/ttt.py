@@ -1,6 +1,6 @@
 """Streaming test-time training: score each window with the current state, then train on it.
 
-How this works (the online protocol of Temp-LoRA / Locas ``compute_nll``, research note §5.1):
+How this works (the online protocol of Temp-LoRA / Locas ``compute_nll``, arXiv 2602.05085):
 
 - The token stream ``ids`` (BOS first when the tokenizer has one) is cut into windows of ``window``
   *new* tokens. Every token but the first is a target exactly once.
