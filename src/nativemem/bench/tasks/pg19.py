@@ -1,8 +1,8 @@
 """PG-19 whole-book online language modelling: window-only vs side-FFN TTT vs LoRA TTT.
 
 Protocol (as Locas, arXiv 2602.05085, and Temp-LoRA evaluate PG-19): each book is cut between the Project
-Gutenberg ``*** START OF`` and ``*** END OF`` markers, tokenised with a BOS first, and streamed in windows of ``window`` new tokens
-behind ``context`` tokens of preceding text. Every window is scored (summed NLL of its new tokens)
+Gutenberg ``*** START OF`` and ``*** END OF`` markers, tokenised with a BOS first, and streamed in windows of
+``window`` new tokens behind ``context`` tokens of preceding text. Every window is scored (summed NLL of its new tokens)
 *before* the arm trains on it; arms then train ``steps`` optimiser steps on it with the same loop
 (:func:`nativemem.memories.side_ffn.stream`):
 
