@@ -140,3 +140,9 @@ def test_stats_say_how_relevance_was_fitted(lm, fast_dir):
     stats = mem.stats()
     assert stats["gate_threshold"] == 0.5 and stats["relevance"]["pairs"] == 30
     assert stats["relevance"]["source"] == "caller's pairs" and 0 <= stats["relevance"]["heldout_ece"] <= 1
+
+
+def test_an_unknown_option_names_the_valid_ones(lm, fast_dir):
+    with pytest.raises(InputError, match=r"unknown activation option\(s\) 'topk' \(did you mean 'top_k'\?\).*valid:"):
+        nm.open_memory(fast_dir / "m", lm, kind="activation", topk=3)
+    assert not (fast_dir / "m" / "memory_config.json").exists()

@@ -377,6 +377,16 @@ def open_memory(path: str | os.PathLike, lm, kind: str | None = None, **config) 
     if kind is None:
         raise InputError(f"{path} is not a memory folder; pass kind= to create one ({', '.join(memory_kinds())})")
     cls = get_memory_class(kind)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls.config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, n=1)) else repr(u)
+                 for u in unknown]
+        raise InputError(f"unknown {kind} option(s) {', '.join(hints)}; valid: {', '.join(sorted(known))}")
     mem = cls(lm, cls.config_cls(**config), path=path)
     mem.save(path)
     return mem
