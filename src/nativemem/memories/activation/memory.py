@@ -80,6 +80,7 @@ class ActivationMemory(Memory):
         self._store: Store | None = None
         self.last_timing: dict[str, Any] = {}
         self.last_selection: dict[str, Any] = {}
+        self._noted_unfitted = False
         self._tmpdir: str | None = None
         self._frame_cache: dict[str, Any] | None = None
         L = self.geometry.num_layers
@@ -274,7 +275,8 @@ class ActivationMemory(Memory):
         receipt = Receipt(self.kind, "add", layers=self.layers_used,
                           details={"chunks": [], "payload": self.config.payload, "kv_dtype": self.config.kv_dtype,
                                    "bytes_per_token": self.bytes_per_token(), "user_id": user})
-        if not self.pooled_transform.fitted:
+        if not self.pooled_transform.fitted and not self._noted_unfitted:
+            self._noted_unfitted = True  # said once per memory object, not on every add
             receipt.notes.append("retrieval transform not fitted (raw states, or a random projection of them for "
                                  "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
                                  "for better retrieval")
