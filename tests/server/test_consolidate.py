@@ -101,3 +101,17 @@ def test_a_damaged_consolidated_memory_never_locks_its_user_out(served):
         r = c.post("/v1/chat/completions", json=chat)
         assert r.json()["nativemem"]["parametric"] == [] and r.json()["nativemem"]["warnings"] == []
         assert c.delete("/v1/memories/consolidated").json()["deleted"] == []
+
+
+def test_a_disk_too_full_for_writes_is_said_at_start(tmp_path, model_dir):
+    import pytest
+
+    from nativemem.errors import InputError
+    from nativemem.server.engine import Engine
+
+    lm = nm.load_model(model_dir)
+    mem = nm.open_memory(tmp_path / "m", lm, kind="activation", gate_threshold=0.0, min_free_bytes=2**60)
+    with pytest.raises(InputError, match="not enough free disk space"):
+        Engine(lm, mem)
+    mem.config.min_free_bytes = 0
+    assert Engine(lm, mem).memory is mem

@@ -126,6 +126,9 @@ class Engine:
                              "per user")
         self.lm = lm
         self.memory = memory
+        check_free = getattr(memory, "_check_free_space", None)
+        if check_free is not None:  # a disk too full to take a write is said at start, not at the first add
+            check_free(0)
         if memory.config.gate_threshold > 0:  # an unfitted relevance score is fitted now, not at the first request
             _ = memory.calibrator
         self.model_lock = asyncio.Lock()
