@@ -144,7 +144,7 @@ def ask(question: Annotated[str, typer.Argument(help="the question, or - to read
         import nativemem as nm
 
         mem = nm.open_memory(memory, lm)
-        if user is None:
+        if user is None and getattr(mem, "supports_search", False):  # per-user memories
             err_console.print("[dim]no --user: answering with the memories stored without a user id[/]")
     console.print(lm.chat(question, memory=mem, user_id=user, max_new_tokens=max_new_tokens), highlight=False)
 
