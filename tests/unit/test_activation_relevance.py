@@ -146,3 +146,14 @@ def test_an_unknown_option_names_the_valid_ones(lm, fast_dir):
     with pytest.raises(InputError, match=r"unknown activation option\(s\) 'topk' \(did you mean 'top_k'\?\).*valid:"):
         nm.open_memory(fast_dir / "m", lm, kind="activation", topk=3)
     assert not (fast_dir / "m" / "memory_config.json").exists()
+
+
+def test_the_strict_threshold_rejects_the_share_of_unanswerable_questions_asked():
+    from nativemem.memories.activation.relevance import strict_threshold
+
+    # 20 unanswerable questions whose best hits score 0.00 .. 0.95; answerable gold hits at 0.3 and 0.99
+    scores = [[i / 20, 0.0] for i in range(20)] + [[0.3, 0.1], [0.99, 0.2]]
+    gold = [-1] * 20 + [0, 0]
+    t, passing = strict_threshold(scores, gold, reject=0.95)
+    assert 0.9 < t <= 0.95 + 1e-9 and sum(max(s) < t for s in scores[:20]) >= 19 and passing == 0.5
+    assert strict_threshold(scores, gold, reject=1.0)[0] > 0.95

@@ -40,7 +40,7 @@ from ...errors import InputError
 from .fitset import GENERIC_FIT_TEXTS
 
 __all__ = ["Calibrator", "RelevanceWarning", "features", "fit_relevance", "expected_calibration_error",
-           "choose_threshold", "GENERIC_QA", "GENERIC_UNANSWERABLE", "FEATURES"]
+           "choose_threshold", "strict_threshold", "GENERIC_QA", "GENERIC_UNANSWERABLE", "FEATURES"]
 
 FEATURES = ("dense", "bm25", "dense_gap", "bm25_gap", "rank")
 MIN_PAIRS = 8
@@ -98,6 +98,20 @@ def choose_threshold(scores: Sequence[Sequence[float]], gold: Sequence[int | Non
         if value > best[1]:
             best = (t, value)
     return best
+
+
+def strict_threshold(scores: Sequence[Sequence[float]], gold: Sequence[int | None], reject: float = 0.95
+                     ) -> tuple[float, float]:
+    """The lowest threshold at which nothing passes for at least ``reject`` of the unanswerable questions (``gold``
+    -1), and the share of answerable questions whose gold hit still passes there (``scores``/``gold`` as in
+    :func:`choose_threshold`)."""
+    tops = sorted(max(s, default=0.0) for s, g in zip(scores, gold) if g == -1)
+    if not tops:
+        return 0.0, 1.0
+    keep = int(np.ceil(reject * len(tops)))  # questions that must have every hit below the threshold
+    t = min(1.0, float(np.nextafter(tops[keep - 1], np.inf)) if keep else 0.0)
+    answerable = [(s, g) for s, g in zip(scores, gold) if g is not None and g >= 0]
+    return t, sum(s[g] >= t for s, g in answerable) / max(1, len(answerable))
 
 
 def expected_calibration_error(p: Sequence[float], y: Sequence[int], bins: int = 10) -> float:
@@ -186,6 +200,7 @@ def fit_relevance(memory, pairs: Sequence[tuple[str, str]], *, unanswerable: Seq
         at += len(ids)
     best_t, best_j = choose_threshold(per_q, gold_idx)
     best_t = min(best_t, 1.0)
+    strict_t, strict_pass = strict_threshold(per_q, gold_idx)
     auc = float(roc_auc_score(y, held)) if 0 < y.mean() < 1 else float("nan")
     return {"variant": memory.config.variant, "features": list(FEATURES), "mean": mean.tolist(),
             "scale": scale.tolist(), "coef": final.coef_[0].tolist(), "intercept": float(final.intercept_[0]),
@@ -193,7 +208,9 @@ def fit_relevance(memory, pairs: Sequence[tuple[str, str]], *, unanswerable: Seq
             "hits": int(len(y)), "positive_rate": round(float(y.mean()), 4), "k": k, "seed": seed,
             "heldout_ece": round(expected_calibration_error(held, y), 4), "heldout_auc": round(auc, 4),
             "heldout_folds": folds, "heldout_best_threshold": round(float(best_t), 4),
-            "heldout_best_objective": round(float(best_j), 4)}
+            "heldout_best_objective": round(float(best_j), 4),
+            "heldout_threshold_reject95": round(float(strict_t), 4),
+            "heldout_gold_pass_at_reject95": round(float(strict_pass), 4)}
 
 
 GENERIC_QA = [
