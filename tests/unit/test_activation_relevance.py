@@ -138,7 +138,7 @@ def test_a_write_the_disk_cannot_hold_is_refused_before_anything_is_written(lm, 
 def test_stats_say_how_relevance_was_fitted(lm, fast_dir):
     mem = fitted(lm, fast_dir / "m")
     stats = mem.stats()
-    assert stats["gate_threshold"] == 0.5 and stats["relevance"]["pairs"] == 30
+    assert stats["gate_threshold"] == mem.config.gate_threshold == 0.7 and stats["relevance"]["pairs"] == 30
     assert stats["relevance"]["source"] == "caller's pairs" and 0 <= stats["relevance"]["heldout_ece"] <= 1
 
 
