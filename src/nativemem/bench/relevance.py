@@ -11,7 +11,7 @@ questions it cannot answer. Here (SQuAD-format data, seeded):
 - arms: ``none`` (the question alone), ``activation`` (the top-``k`` chunks always injected),
   ``activation_gated`` (only chunks whose calibrated relevance passes the memory's ``gate_threshold``),
   ``rag_bm25`` (the top-``k`` BM25 passages pasted) and ``rag_bm25_gated`` (only passages whose BM25 score
-  passes a threshold chosen on the fit articles the way the gate's default was: the threshold that maximises
+  passes a threshold chosen on the fit articles: the one that maximises
   the mean of "the gold passage passes" on answerable and "nothing passes" on unanswerable fit questions).
 
 Metrics per arm: ``contains_answerable``, ``f1_answerable``, ``agree_none_unanswerable`` (share of
@@ -115,7 +115,7 @@ def _questions(by_art, mmlu_test, limit: int, rng: random.Random) -> list[dict[s
 
 def _bm25_threshold(squad, fit_items, fit_unanswerable, k: int, seed: int) -> tuple[float, float]:
     """BM25 score threshold chosen on the fit articles (70 % of their paragraphs indexed) and the fit set's
-    unanswerable questions, by the same objective as the gate's held-out threshold."""
+    unanswerable questions: the one maximising mean(gold passage passes, nothing passes) (`choose_threshold`)."""
     from ..memories.activation.relevance import choose_threshold
     from ..retrieval import BM25Retriever
 
