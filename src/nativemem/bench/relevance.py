@@ -333,7 +333,8 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                    "fit_pairs": len(pairs), "fit_unanswerable": len(fit_unanswerable), "memory": config,
                    "gate_threshold": threshold, "bm25_threshold": bm25_threshold,
                    "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy"},
-        "counts": {kind: sum(r["kind"] == kind for r in records) for kind in ("answerable", "other_article", "general")},
+        "counts": {kind: sum(r["kind"] == kind for r in records)
+                   for kind in ("answerable", "other_article", "general")},
         "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": _calibration(records),
         "write_s": write_s, "arms": {arm: _arm_block(arm, records, seed) for arm in arms},
         "comparisons": _comparisons(arms, records, seed),
