@@ -31,11 +31,14 @@ def user_of(request: Request) -> str:
                        headers={"WWW-Authenticate": "Bearer"})
     return user
 
+
 def engine(request: Request) -> Engine:
     return request.app.state.engine
 
+
 def new_stop(request: Request) -> Stop:
     return Stop(deadline=time.monotonic() + request.app.state.settings.request_timeout_s)
+
 
 async def acquire_model(eng: Engine, stop: Stop) -> None:
     wait = stop.deadline - time.monotonic()
@@ -45,6 +48,7 @@ async def acquire_model(eng: Engine, stop: Stop) -> None:
     except TimeoutError:
         raise ApiError(503, "the server is busy (the model is in use by other requests); retry later",
                        type="server_busy", code="timeout", headers={"Retry-After": "1"}) from None
+
 
 def start_model_work(eng: Engine, fn: Callable[[], Any]) -> asyncio.Task:
     """Run ``fn`` in a thread while holding the (already acquired) model lock; released when it ends."""
@@ -59,6 +63,7 @@ def start_model_work(eng: Engine, fn: Callable[[], Any]) -> asyncio.Task:
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception was never retrieved"
     return task
 
+
 async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> None:
     """Stop the worker at its next token when the client goes away (a plain response has no other signal)."""
     while not task.done():
@@ -66,6 +71,7 @@ async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> 
             stop.event.set()
             return
         await asyncio.sleep(0.1)
+
 
 async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
     eng, stop = engine(request), new_stop(request)
@@ -79,6 +85,7 @@ async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
         raise
     finally:
         watcher.cancel()
+
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
     return await anyio.to_thread.run_sync(fn)

@@ -18,6 +18,7 @@ async def health(request: Request):
     eng = getattr(request.app.state, "engine", None)
     return {"status": "ok" if eng is not None else "starting", "model": eng.lm.name if eng else None}
 
+
 MODEL_ALIAS = "nativemem"  # every server also answers to this name, whatever model it serves
 
 

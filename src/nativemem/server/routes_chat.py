@@ -57,6 +57,7 @@ async def chat_completions(request: Request):
                          "finish_reason": _finish(gen, max_new)}],
             "usage": _usage(gen), "nativemem": _extra(answer)}
 
+
 async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, cid: str, created: int):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

@@ -27,6 +27,7 @@ async def add_memories(request: Request):
     eng = engine(request)
     return await with_model(request, lambda stop: eng.add(texts, user_id=user, metadata=req.metadata, stop=stop))
 
+
 @router.get("/v1/memories")
 async def list_memories(request: Request):
     user = user_of(request)
@@ -34,6 +35,7 @@ async def list_memories(request: Request):
     offset = int_param(request, "offset", 0, 0, 1 << 40)
     eng = engine(request)
     return await in_thread(lambda: eng.list(user_id=user, limit=limit, offset=offset))
+
 
 @router.post("/v1/memories/search", openapi_extra=json_body(SearchRequest))
 async def search_memories(request: Request):
@@ -43,12 +45,14 @@ async def search_memories(request: Request):
     hits = await with_model(request, lambda stop: eng.search(req.query, user_id=user, k=req.k))
     return {"object": "list", "data": hits}
 
+
 @router.post("/v1/memories/consolidate", openapi_extra=json_body(ConsolidateRequest))
 async def consolidate_memories(request: Request):
     user = user_of(request)
     req = await read_json(request, ConsolidateRequest)
     eng = engine(request)
     return await with_model(request, lambda stop: eng.consolidate(req.into, user_id=user))
+
 
 @router.delete("/v1/memories/consolidated")
 async def delete_consolidated(request: Request):
@@ -57,28 +61,30 @@ async def delete_consolidated(request: Request):
     eng = engine(request)
     return await with_model(request, lambda stop: eng.delete_consolidated(user_id=user, into=into))
 
+
 def _not_found(memory_id: str) -> ApiError:
     # the id is not echoed: a response must never carry a memory id its caller does not own
     return ApiError(404, "no such memory", type="not_found", code="memory_not_found")
 
-@router.get("/v1/memories/{memory_id}")
-async def get_memory(memory_id: str, request: Request):
+
+async def _for_owner(request: Request, memory_id: str, fn):
+    """``fn(engine, memory_id, user)`` in a worker thread; 404 for an over-long id or when it finds nothing."""
     user = user_of(request)
     if len(memory_id) > MAX_ID_CHARS:
         raise _not_found(memory_id)
     eng = engine(request)
-    record = await in_thread(lambda: eng.get(memory_id, user_id=user))
-    if record is None:
+    out = await in_thread(lambda: fn(eng, memory_id, user))
+    if out is None:
         raise _not_found(memory_id)
-    return record
+    return out
+
+
+@router.get("/v1/memories/{memory_id}")
+async def get_memory(memory_id: str, request: Request):
+    return await _for_owner(request, memory_id, lambda eng, mid, user: eng.get(mid, user_id=user))
+
 
 @router.delete("/v1/memories/{memory_id}")
 async def delete_memory(memory_id: str, request: Request):
-    user = user_of(request)
-    if len(memory_id) > MAX_ID_CHARS:
-        raise _not_found(memory_id)
-    eng = engine(request)
-    deleted = await in_thread(lambda: eng.delete(memory_id, user_id=user))
-    if deleted is None:
-        raise _not_found(memory_id)
+    deleted = await _for_owner(request, memory_id, lambda eng, mid, user: eng.delete(mid, user_id=user))
     return {"object": "memory.deleted", "id": memory_id, "deleted": True, "ids": deleted}
