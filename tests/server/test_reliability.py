@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_BODY, start_server
 
-from nativemem.server.reliability import run_durability, run_fuzz, run_isolation, run_load
+from nativemem.server.reliability import DAMAGE, run_damage, run_durability, run_fuzz, run_isolation, run_load
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,17 @@ def test_durability_no_acknowledged_write_is_lost_under_sigkill(tmp_path, model_
     assert res["acknowledged_chunks"] > 0 and res["server_starts"] == 2
     assert res["lost_acknowledged"] == 0 and res["changed_text"] == 0, res
     assert res["unreadable_acknowledged"] == 0 and res["api_keys_in_log"] == 0, res
+
+
+def test_every_damaged_file_is_reported_and_repair_serves_every_acknowledged_chunk(tmp_path, model_dir):
+    res = run_damage(tmp_path, model=str(model_dir), users=2, texts_per_user=4, seed=5, log=lambda m: None)
+    n = res["acknowledged_chunks"]
+    assert n >= 8 and set(res["cases"]) == set(DAMAGE)
+    for case, r in res["cases"].items():
+        assert r["outcome"] in ("warning", "error"), (case, r)  # never served short without a word
+        assert r["served_after_repair"] == n, (case, r)
+    assert res["cases"]["id_tracker_bytes_flipped"]["outcome"] == "error"
+    assert res["cases"]["index_segment_lost"]["served_before"] < n
 
 
 def test_isolation_no_response_carries_another_users_memory(shared):

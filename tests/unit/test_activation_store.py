@@ -104,7 +104,8 @@ def test_damaged_or_missing_payload_is_reported_and_skipped(lm, fast_dir):
     _corrupt(segment, int(offset) + int(length) - 3)  # a byte of this chunk's body
     with pytest.raises(BlobError, match="corrupted"):
         mem.load_chunk(payloads[ids[0]])
-    assert len(mem.check().notes) == 1 and ids[0] in mem.check().notes[0]
+    notes = mem.check().notes
+    assert len(notes) == 2 and ids[0] in notes[0] and "nativemem repair" in notes[1]
     assert {h.id for h in mem.search(QUESTION, k=2, user_id="alice")} == set(ids)  # the index still answers
     with pytest.warns(ChunkSkippedWarning, match=ids[0]):
         g = lm.generate(lm.chat_ids(QUESTION), max_new_tokens=3, memory=mem, user_id="alice", query=QUESTION)

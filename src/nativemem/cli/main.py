@@ -35,8 +35,8 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder, "
-                                              ".gguf file, or random:NAME (or random:NAME@SEED): a published shape "
-                                              "with random weights, for timing at real shapes (e.g. "
+                                              ".gguf file, gemma3-270m (after `make gemma`), or random:NAME (or "
+                                              "random:NAME@SEED): a published shape with random weights, for timing at real shapes (e.g. "
                                               "random:llama-3.1-8b; random:tiny, llama-3.2-1b/3b, qwen2.5-1.5b/7b; "
                                               "see `nativemem info --model random:NAME`); default: "
                                               "SmolLM2-135M-Instruct (offline)")]

@@ -108,3 +108,27 @@ def register(app: typer.Typer) -> None:
         extra = sum(p.numel() for p in fused.parameters()) - sum(p.numel() for p in lm.model.parameters())
         console.print(f"fused {mem.kind} memory {memory} into {out} (+{extra:,} parameters); "
                       f"use it with: nativemem ask \"...\" --model {out}", highlight=False)
+
+    @app.command()
+    @_handle_errors
+    def repair(memory: Annotated[Path, typer.Option("--memory", help="activation memory folder to repair")],
+               model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+        """Rebuild an activation memory's index from its catalog (after a damaged index or unreadable payload).
+
+        Every live chunk is encoded again, keeping its id, user, source and metadata.
+        The old index is kept aside as store.damaged-<time> for you to delete.
+        """
+        from ..errors import InputError
+        from ..memories.activation import ActivationMemory
+        from ..memories.base import read_memory_config
+
+        kind = read_memory_config(memory)["kind"]
+        if kind != "activation":
+            raise InputError(f"repair rebuilds activation memories; {memory} holds a {kind!r} memory")
+        lm = _load(model, dtype, device)
+        with console.status("encoding the catalog's chunks again…"):
+            receipt = ActivationMemory.repair(memory, lm)
+        for note in receipt.notes:
+            console.print(note, highlight=False)
+        console.print(f"repaired {memory}: {receipt.details['chunks']} chunks served ({receipt.elapsed_s:.1f} s)",
+                      highlight=False)

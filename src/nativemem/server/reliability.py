@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerProcess", "run_durability", "run_isolation", "run_load", "run_fuzz", "run_ttft", "run_suite",
-           "SIZES", "write_keys"]
+__all__ = ["ServerProcess", "run_durability", "run_isolation", "run_load", "run_fuzz", "run_ttft", "run_damage",
+           "run_suite", "SIZES", "DAMAGE", "write_keys"]
 
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"kills": 2, "kill_window_s": (0.5, 1.5), "isolation_requests": 400, "users": 4, "load_clients": 50,
@@ -713,8 +713,106 @@ def run_ttft(workdir: Path, *, model: str | None = None, n: int = 30, seed: int 
             "overhead_ms": round(1000 * (h - p), 2), "ratio": round(h / p, 3)}
 
 
+# ---------------------------------------------------------------------------- damaged files
+def _lose_index_segment(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(next(p for p in sorted((folder / "store" / "segments").iterdir()) if p.is_dir()))
+
+
+def _flip_id_tracker(folder: Path) -> None:
+    with open(next((folder / "store").rglob("mutable_id_tracker.mappings")), "r+b") as f:
+        f.write(b"\xff" * 16)
+
+
+def _lose_index(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder / "store")
+
+
+def _zero_payload(folder: Path) -> None:
+    for seg in (folder / "segments").iterdir():
+        seg.write_bytes(b"\0" * seg.stat().st_size)
+
+
+DAMAGE = {"index_segment_lost": _lose_index_segment, "id_tracker_bytes_flipped": _flip_id_tracker,
+          "index_folder_lost": _lose_index, "payload_zeroed": _zero_payload}
+
+
+def run_damage(workdir: Path, *, model: str | None = None, users: int = 2, texts_per_user: int = 12, seed: int = 0,
+               log=print) -> dict[str, Any]:
+    """Damage a copy of a served memory folder in each way of :data:`DAMAGE`, start ``nativemem serve`` on it, then
+    repair it and serve it again.
+
+    Per case: ``outcome`` is ``warning`` (the server starts and its log or the memory's check names the damage
+    and the repair command), ``error`` (it refuses to start, naming the repair command), ``full`` (nothing lost,
+    nothing said) or ``silent_loss`` (chunks lost without a word: a failure); ``served_before`` and
+    ``served_after_repair`` count acknowledged chunks listed and readable.
+    """
+    import shutil
+
+    import nativemem as nm
+    from nativemem.memories.activation import ActivationMemory
+
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = [f"owner{i}" for i in range(users)]
+    keys = write_keys(workdir / "damage-keys.json", names, seed)
+    base = workdir / "base.mem"
+    acked: dict[str, str] = {}  # chunk id -> owner
+    with ServerProcess(base, workdir / "damage-keys.json", model=model) as server:
+        for user in names:
+            with _client(server.url, keys[user]) as c:
+                r = c.post("/v1/memories", json={"texts": [_sentence(rng, user, _marker(rng))
+                                                           for _ in range(texts_per_user)]})
+                r.raise_for_status()
+                acked.update({chunk["id"]: user for chunk in r.json()["data"]})
+    lm = nm.load_model(model)
+    out: dict[str, Any] = {"acknowledged_chunks": len(acked), "cases": {}}
+    for case, damage in DAMAGE.items():
+        folder = workdir / f"{case}.mem"
+        shutil.copytree(base, folder)
+        damage(folder)
+        server = ServerProcess(folder, workdir / "damage-keys.json", model=model)
+        served_before, started = 0, True
+        try:
+            server.start()
+            for user in names:
+                with _client(server.url, keys[user]) as c:
+                    served_before += sum(1 for mid in _list_all(c) if acked.get(mid) == user)
+            server.stop()
+        except RuntimeError:
+            started = False
+        said = any("nativemem repair" in line for line in server.log)
+        if started and not said:  # the server lists every chunk: is each one still readable?
+            mem = nm.open_memory(folder, lm)
+            notes = mem.check().notes
+            said = any("nativemem repair" in n for n in notes)
+            served_before -= sum(1 for n in notes if n.split(":")[0] in acked)
+            mem.close()
+            del mem
+        outcome = ("warning" if said else "full" if served_before == len(acked) else "silent_loss") if started \
+            else ("error" if said else "unclear_error")
+        import gc
+
+        gc.collect()
+        ActivationMemory.repair(folder, lm)
+        mem = nm.open_memory(folder, lm)
+        check = mem.check()
+        rows = dict(mem.store.index.get(list(acked)))
+        after = sum(1 for mid, user in acked.items() if mid in rows and rows[mid]["user_id"] == user)
+        after -= sum(1 for n in check.notes if n.split(":")[0] in acked)
+        mem.close()
+        del mem
+        gc.collect()
+        out["cases"][case] = {"outcome": outcome, "served_before": served_before, "served_after_repair": after}
+        log(f"damage: {case}: {outcome}, {served_before}/{len(acked)} served before repair, {after} after")
+    return out
+
+
 # ---------------------------------------------------------------------------- the suite
-PARTS = ("durability", "isolation", "load", "fuzz", "ttft")
+PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage")
 
 
 def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts: Sequence[str] = PARTS,
@@ -760,6 +858,8 @@ def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts
                 results["fuzz"] = run_fuzz(server.url, keys, examples=cfg["fuzz_examples"], max_body_bytes=max_body,
                                            seed=seed, log=log)
         results["api_keys_in_log"] = sum(1 for k in keys.values() if any(k in line for line in server.log))
+    if "damage" in parts:
+        results["damage"] = run_damage(work / "damage", model=model, seed=seed, log=log)
     if "ttft" in parts:
         results["ttft"] = run_ttft(work / "ttft", model=model, n=cfg["ttft_n"], seed=seed, log=log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
@@ -782,6 +882,10 @@ def _passed(r: dict[str, Any]) -> bool:
     if "fuzz" in r:
         f = r["fuzz"]
         ok &= f["server_errors"] == 0 and f["stored_lost"] == 0 and f["server_alive"] and not f["failures"]
+    if "damage" in r:
+        n = r["damage"]["acknowledged_chunks"]
+        ok &= all(c["outcome"] in ("warning", "error", "full") and c["served_after_repair"] == n
+                  for c in r["damage"]["cases"].values())
     if "api_keys_in_log" in r:
         ok &= r["api_keys_in_log"] == 0
     return bool(ok)

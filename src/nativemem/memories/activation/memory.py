@@ -7,7 +7,9 @@ one record (:mod:`.payload`); a worker thread appends the batch's records to a s
 upserts and flushes its index points, while the model encodes the next batch. The points carry a ``pending``
 field that hides them from every read until all batches are committed; then they are published together
 and the add returns (every chunk acknowledged): an add is seen whole or not at all, even across a SIGKILL
-(what a killed add left pending is dropped when the folder is next opened).
+(what a killed add left pending is dropped when the folder is next opened). Before the index learns of a
+chunk, its text goes to the folder's catalog (:mod:`.catalog`), which the index can be rebuilt from:
+:meth:`ActivationMemory.repair` (``nativemem repair``) after a damaged index, which the open reports.
 
 Frame (``config.frame``): every chunk is written after the same head. ``chat`` (default on chat models):
 the chat template's system turn (``frame_system``) and the opening of the user turn, so ``Context: <chunk>``
@@ -48,8 +50,8 @@ from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
 from .kv import ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
 from .payload import Record, dequantize, is_segment_location, pack, parse_location, quantize
-from .store import (DEFAULT_USER, PENDING, BlobError, IndexPoint, Store, bm25_document, bm25_query, new_id,
-                    open_store, serialize)
+from .store import (DEFAULT_USER, PENDING, REPAIR_HINT, BlobError, IndexPoint, Store, bm25_document, bm25_query,
+                    new_id, open_store, serialize)
 from .tiers import KVTiers
 
 __all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
@@ -81,6 +83,8 @@ class ActivationMemory(Memory):
         self.last_timing: dict[str, Any] = {}
         self.last_selection: dict[str, Any] = {}
         self._noted_unfitted = False
+        self._repairing = False  # repair(): the catalog already holds the chunks being re-encoded
+        self.damage: dict[str, Any] = {}  # what the last open found missing or unreadable (see _reconcile)
         self._tmpdir: str | None = None
         self._frame_cache: dict[str, Any] | None = None
         L = self.geometry.num_layers
@@ -180,14 +184,50 @@ class ActivationMemory(Memory):
             self._store = open_store(key, backend=self.config.backend, folder=folder, blob_dir=blob_dir,
                                      dims=self.dims(), location=self.config.qdrant_location,
                                      collection=self.collection_name())
-            if self.config.backend == "edge":  # the folder's one writer: what an unfinished add left is dropped
-                leftover = self._store.index.unpublished()
-                if leftover:
-                    self._store.index.delete(leftover)
-                    warnings.warn(f"{len(leftover)} chunks of an add that never finished (the process stopped "
-                                  "before acknowledging it) were dropped; `gc()` frees their payload", UserWarning,
-                                  stacklevel=2)
+            if self.config.backend == "edge" and not self._repairing:  # the folder's one writer: bring the index
+                self._reconcile()                                              # in line with the catalog
         return self._store
+
+    _CATALOG_FIELDS = ("memory_id", "user_id", "source_id", "chunk_index", "created", "text", "metadata")
+
+    def _reconcile(self) -> None:
+        """At open: finish what a crash interrupted, and say what the index lacks.
+
+        Points of an add that never finished are dropped (its catalog ``publish`` line is missing) or shown (the
+        line is there: the crash came between the two); a delete the catalog recorded is finished; chunks the
+        catalog holds but the index lost are counted in :attr:`damage` and reported with the repair command.
+        """
+        store = self._store
+        catalog = store.catalog
+        if not catalog.exists:  # a folder written before the catalog: it is made from the index once
+            rows = store.index.scroll(with_payload=list(self._CATALOG_FIELDS))
+            catalog.add([{k: p.get(k) for k in self._CATALOG_FIELDS} for _, p in rows])
+            catalog.create()
+            return
+        state = catalog.state()
+        leftover = store.index.unpublished()
+        finish = [i for i in leftover if i in state.live]
+        drop = [i for i in leftover if i not in state.live]
+        store.index.publish(finish)
+        if drop:
+            catalog.delete(drop)
+            store.index.delete(drop)
+            warnings.warn(f"{len(drop)} chunks of an add that never finished (the process stopped before "
+                          "acknowledging it) were dropped; `gc()` frees their payload", UserWarning, stacklevel=3)
+        self.damage = {}
+        if state.damaged_lines:
+            self.damage["catalog_lines_unreadable"] = state.damaged_lines
+            warnings.warn(f"{state.damaged_lines} lines of this memory's catalog cannot be read; the chunks they "
+                          "describe cannot be rebuilt by repair", UserWarning, stacklevel=3)
+        if store.index.count() == len(state.live):
+            return
+        in_index = {pid for pid, _ in store.index.scroll(with_payload=False)}
+        store.index.delete([i for i in in_index if i in state.deleted])
+        missing = len(state.live.keys() - in_index)
+        if missing:
+            self.damage["chunks_missing_from_index"] = missing
+            warnings.warn(f"{missing} of {len(state.live)} acknowledged chunks are missing from this memory's index "
+                          f"(damaged); they are not served until you {REPAIR_HINT}", UserWarning, stacklevel=3)
 
     def dims(self) -> dict[str, int]:
         D = self.geometry.hidden_size
@@ -280,25 +320,7 @@ class ActivationMemory(Memory):
             receipt.notes.append("retrieval transform not fitted (raw states, or a random projection of them for "
                                  "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
                                  "for better retrieval")
-        _ = self.store  # opened (and, for the embedded backend, locked) before any work
-        self._check_free_space(sum(len(p[3].ids) for p in pending))
-        # batches of similar lengths (less padding); the receipt keeps the input order
-        order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
-        done: dict[int, dict[str, Any]] = {}
-        # the model encodes batch b+1 while a worker thread makes batch b durable (payload write and fsync, then
-        # the index upsert and flush); add() returns once every batch is committed
-        futures = []
-        pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
-        try:
-            self._add_batches(pending, order, done, futures, user, metadata, pending_id)
-        except BaseException:
-            written = [info["id"] for info in done.values()]
-            try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
-                self.store.index.delete(written)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-            raise
-        self.store.index.publish([done[n]["id"] for n in range(len(pending))])
+        done = self._store_chunks(pending, user, metadata)
         for n in range(len(pending)):
             info = done[n]
             receipt.ids.append(info["id"])
@@ -313,6 +335,34 @@ class ActivationMemory(Memory):
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
 
+    def _store_chunks(self, pending: list[tuple], user: str, metadata: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Encode and commit chunks ``(source_id, chunk_index, text, layout[, kept])``, all or nothing; returns
+        each chunk's receipt entry by its position in ``pending``."""
+        _ = self.store  # opened (and, for the embedded backend, locked) before any work
+        self._check_free_space(sum(len(p[3].ids) for p in pending))
+        # batches of similar lengths (less padding); the receipt keeps the input order
+        order = sorted(range(len(pending)), key=lambda n: len(pending[n][3].pass_ids))
+        done: dict[int, dict[str, Any]] = {}
+        # the model encodes batch b+1 while a worker thread makes batch b durable (payload write and fsync, then
+        # the index upsert and flush); add() returns once every batch is committed
+        futures: list = []
+        pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
+        try:
+            self._add_batches(pending, order, done, futures, user, metadata, pending_id)
+        except BaseException:
+            written = [info["id"] for info in done.values()]
+            try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
+                if not self._repairing:
+                    self.store.catalog.delete(written)
+                self.store.index.delete(written)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        if not self._repairing:
+            self.store.catalog.publish(pending_id)
+        self.store.index.publish([done[n]["id"] for n in range(len(pending))])
+        return done
+
     def _add_batches(self, pending, order, done, futures, user, metadata, pending_id) -> None:
         """Encode the chunks batch by batch while a worker thread commits the previous batch (``done`` gets each
         chunk's receipt entry by its position in the add)."""
@@ -325,7 +375,7 @@ class ActivationMemory(Memory):
                 if self.config.payload == "kv":
                     payloads = self._pack_records([p[3] for p in batch], encoded)
                 elif self.config.payload == "residual":
-                    payloads = [self._blob_bytes(layout, enc) for (_, _, _, layout), enc in zip(batch, encoded)]
+                    payloads = [self._blob_bytes(layout, enc) for (_, _, _, layout, *_), enc in zip(batch, encoded)]
                 else:
                     payloads = None
                 vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
@@ -410,18 +460,23 @@ class ActivationMemory(Memory):
             stored = [("", 0)] * len(batch)
         frame_len = len(self.frame_ids()[0])
         points, infos = [], []
-        for (source, j, chunk, layout), (pooled, tokens), (location, nbytes) in zip(batch, vectors, stored):
-            mid = new_id()
+        for (source, j, chunk, layout, *kept), (pooled, tokens), (location, nbytes) in zip(batch, vectors, stored):
+            # kept: what repair() re-encodes keeps of the original chunk (id, owner, time, metadata)
+            known = kept[0] if kept else {"memory_id": new_id(), "user_id": user, "created": time.time(),
+                                          "metadata": metadata}
+            mid = str(known["memory_id"])
             n_tokens = len(layout.ids) - frame_len
             points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
                                      bm25_document(chunk), {
-                "memory_id": mid, "user_id": user, "source_id": source, "chunk_index": j,
-                "created": time.time(), "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
+                "memory_id": mid, "user_id": known["user_id"], "source_id": source, "chunk_index": j,
+                "created": known["created"], "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
                 "tokens": n_tokens, "content_tokens": int(tokens.shape[0]), "payload_kind": self.config.payload,
-                "metadata": metadata, **({PENDING: pending_id} if pending_id else {})}))
+                "metadata": known["metadata"], **({PENDING: pending_id} if pending_id else {})}))
             infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
                           "blob_bytes": nbytes, "index_vector_bytes": self._index_bytes(int(tokens.shape[0])),
                           "blob": location})
+        if not self._repairing:  # the catalog first: the index never holds a chunk the catalog lacks
+            store.catalog.add([{k: p.payload[k] for k in self._CATALOG_FIELDS} for p in points], pending_id)
         store.index.upsert(points)  # flushed: acknowledged from here on
         return dict(zip(picked, infos))
 
@@ -885,6 +940,7 @@ class ActivationMemory(Memory):
             rows = index.scroll(field_name="source_id", values=[str(memory_id)])
         if not rows:
             return Receipt(self.kind, "delete", notes=[f"no chunk or source {memory_id!r}"])
+        self.store.catalog.delete([pid for pid, _ in rows])  # the catalog first: a crash here finishes at open
         index.delete([pid for pid, _ in rows])
         freed, released = 0, 0
         locations = {str(p.get("blob") or "") for _, p in rows}
@@ -901,9 +957,16 @@ class ActivationMemory(Memory):
                        details={"blob_bytes_freed": freed, "segment_bytes_released": released})
 
     def check(self) -> Receipt:
-        """Verify every chunk's payload (CRC, model, frame); the receipt lists unreadable chunks in ``notes``
-        (nothing is changed)."""
+        """Verify every chunk's payload (CRC, model, frame) and the index against the catalog; the receipt lists
+        unreadable chunks in ``notes`` and counts chunks missing from the index (nothing is changed)."""
         bad = []
+        state = self.store.catalog.state() if self.store.catalog.exists else None
+        missing = 0
+        if state is not None:
+            in_index = {pid for pid, _ in self.store.index.scroll(with_payload=False)}
+            missing = len(state.live.keys() - in_index)
+            if missing:
+                bad.append(f"{missing} acknowledged chunks are missing from the index; {REPAIR_HINT}")
         for pid, p in self.store.index.scroll(with_payload=["blob", "payload_kind"]):
             if p.get("payload_kind") == "none":
                 continue
@@ -916,11 +979,27 @@ class ActivationMemory(Memory):
                     self.store.blobs.get(location)
             except BlobError as e:
                 bad.append(f"{pid}: {e}")
-        return Receipt(self.kind, "check", notes=bad, details={"unreadable": len(bad)})
+        unreadable = len(bad) - (1 if missing else 0)
+        if unreadable:
+            bad.append(f"{unreadable} chunks have an unreadable payload (they are skipped when retrieved); "
+                       f"{REPAIR_HINT} to encode them again")
+        return Receipt(self.kind, "check", notes=bad, details={"unreadable": unreadable, "missing_from_index": missing})
 
     def gc(self) -> Receipt:
         """Remove payload no index point refers to: blobs, and segment files none of whose records is referenced
-        (left by deletes, or by a crash between the payload write and the index upsert)."""
+        (left by deletes, or by a crash between the payload write and the index upsert); and rewrite the catalog
+        without deleted chunks, so their text leaves the disk.
+
+        Raises:
+            MemoryFormatError: the index lacks acknowledged chunks (:attr:`damage`): repair it first.
+        """
+        from ...errors import MemoryFormatError
+
+        if self.store and self.damage.get("chunks_missing_from_index"):
+            raise MemoryFormatError(f"gc() refused: {self.damage['chunks_missing_from_index']} acknowledged chunks "
+                                    f"are missing from the index; first {REPAIR_HINT}")
+        catalog_freed = self.store.catalog.compact(self.store.catalog.state().live) \
+            if self.config.backend == "edge" and self.store.catalog.exists else 0
         used = {str(p.get("blob")) for _, p in self.store.index.scroll(with_payload=["blob"])}
         orphans = {sha: n for sha, n in self.store.blobs.all().items() if sha not in used}
         for sha in orphans:
@@ -937,7 +1016,7 @@ class ActivationMemory(Memory):
         return Receipt(self.kind, "gc", ids=sorted(orphans) + sorted(dead),
                        notes=[f"removed {len(orphans)} unreferenced blob(s) and {len(dead)} segment file(s)"],
                        details={"bytes_freed": sum(orphans.values()) + sum(dead.values()),
-                                "segment_bytes_unreferenced": garbage})
+                                "segment_bytes_unreferenced": garbage, "catalog_bytes_freed": catalog_freed})
 
     def stats(self) -> dict[str, Any]:
         blobs = self.store.blobs.all()
@@ -958,6 +1037,7 @@ class ActivationMemory(Memory):
                 "retrieval_layer": self.retrieval_layer, "reroute_layers": self.reroute_layers,
                 "checkpoint_layer": self.checkpoint_layer, "fitted": self.pooled_transform.fitted,
                 "backend": self.config.backend, "dims": self.dims(), "gate_threshold": self.config.gate_threshold,
+                "damage": dict(self.damage),
                 "relevance": None if self.config.relevance is None else {
                     k: self.config.relevance.get(k) for k in ("source", "pairs", "unanswerable", "heldout_ece",
                                                               "heldout_auc")}}
@@ -1014,10 +1094,70 @@ class ActivationMemory(Memory):
         mem = super().open(path, lm)
         if mem.config.backend == "edge" and meta.get("state", {}).get("store_initialized") \
                 and not (Path(path) / "store" / "edge_config.json").is_file():
-            raise MemoryFormatError(f"{Path(path) / 'store'} is missing: the memory's index is gone (restore the "
-                                    "folder from a copy; the payload blobs alone cannot be searched)")
+            raise MemoryFormatError(f"{Path(path) / 'store'} is missing: the memory's index is gone; {REPAIR_HINT}")
         _ = mem.store
         return mem
+
+    @classmethod
+    def repair(cls, path, lm) -> Receipt:
+        """Rebuild a memory folder's index from its catalog, encoding every live chunk again with ``lm``.
+
+        The damaged index is moved aside to ``store.damaged-<time>`` (delete it once the repaired memory serves
+        what you expect); each chunk keeps its id, owner, source, time and metadata, and gets a fresh payload
+        record, so chunks whose payload was unreadable are served again. ``gc()`` afterwards frees the old
+        payload. Embedded (``edge``) memories only.
+
+        Raises:
+            MemoryFormatError: the folder has no catalog (written before there was one) or is not an embedded
+                activation memory.
+        """
+        from ...errors import MemoryFormatError
+        from ..base import Memory
+        from .catalog import Catalog
+        from .store import _acquire_lock, _clean_file
+
+        path = Path(path)
+        start = time.perf_counter()
+        mem = Memory.open.__func__(cls, path, lm)  # config, fingerprint and transforms; the store stays closed
+        if mem.config.backend != "edge":
+            raise MemoryFormatError("repair rebuilds embedded (edge) memories; a Qdrant server keeps its own copies")
+        catalog = Catalog(path)
+        if not catalog.exists:
+            raise MemoryFormatError(f"{path} has no catalog to rebuild from (written by an older version); restore "
+                                    "the folder from a copy")
+        state = catalog.state()
+        lock = _acquire_lock(path)  # nobody else may have the folder open while its index is swapped
+        try:
+            moved = None
+            if (path / "store").exists():
+                moved = path / f"store.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+                (path / "store").rename(moved)
+                _clean_file(path / "store").unlink(missing_ok=True)
+        finally:
+            lock.release()
+        mem._repairing = True
+        try:
+            by_user: dict[str, list[dict[str, Any]]] = {}
+            for rec in state.live.values():
+                by_user.setdefault(str(rec.get("user_id") or DEFAULT_USER), []).append(rec)
+            for user, recs in by_user.items():
+                pending = [(str(r.get("source_id")), int(r.get("chunk_index") or 0), str(r["text"]),
+                            mem.chunk_layout(str(r["text"])),
+                            {"memory_id": r["memory_id"], "user_id": user, "created": r.get("created"),
+                             "metadata": r.get("metadata") or {}}) for r in recs]
+                mem._store_chunks(pending, user, {})
+        finally:
+            mem._repairing = False
+            mem.close()
+        notes = [f"encoded {len(state.live)} chunks of {len(by_user)} users again from the catalog"]
+        if moved is not None:
+            notes.append(f"the old index is in {moved.name}/; delete it when the memory serves what you expect")
+        if state.damaged_lines:
+            notes.append(f"{state.damaged_lines} catalog lines could not be read and were not restored")
+        return Receipt(cls.kind, "repair", ids=list(state.live), tokens=0, elapsed_s=time.perf_counter() - start,
+                       notes=notes, details={"chunks": len(state.live), "users": len(by_user),
+                                             "catalog_lines_unreadable": state.damaged_lines,
+                                             "old_index": moved.name if moved else None})
 
     # ------------------------------------------------------------------ fit
     def fit(self, texts: Sequence[str], *, probe_pairs: Sequence[tuple[str, str]] | None = None,

@@ -183,7 +183,8 @@ class EdgeIndex(Index):
             try:
                 self.shard = q.EdgeShard.load(str(self.path))
             except Exception as e:
-                raise MemoryFormatError(f"{self.path}: the Qdrant Edge shard cannot be opened: {e}") from e
+                raise MemoryFormatError(f"the memory's index (Qdrant Edge shard in {self.path.name}/) cannot be "
+                                        f"opened: {e}; {REPAIR_HINT}") from e
             _check_dims(self.dims(), dims, str(self.path))
         else:
             cfg = q.EdgeConfig(
@@ -522,12 +523,13 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the store and its lock
 class Store:
-    """Index, payload segments (and the blobs of older versions) of one memory folder, and the writer lock."""
+    """Index, payload segments (and the blobs of older versions), catalog of one memory folder, and the writer lock."""
 
-    def __init__(self, index: Index, blobs: BlobStore, segments, lock=None):
+    def __init__(self, index: Index, blobs: BlobStore, segments, lock=None, catalog=None):
         self.index = index
         self.blobs = blobs
         self.segments = segments  # payload.SegmentStore
+        self.catalog = catalog  # catalog.Catalog: what the folder holds, independent of the index
         self.tiers = None  # set by the first memory that reads payloads (it knows the device and budgets)
         self._lock = lock
         self._finalizer = weakref.finalize(self, _close, index, lock)
@@ -539,6 +541,8 @@ class Store:
 def _close(index: Index, lock) -> None:
     try:
         index.close()
+        if isinstance(index, EdgeIndex):
+            _write_clean_signature(index.path)
     except Exception as e:  # e.g. the folder was removed while open; nothing left to flush
         warnings.warn(f"closing the memory store failed: {e}", RuntimeWarning, stacklevel=2)
     finally:
@@ -574,6 +578,71 @@ def _acquire_lock(folder: Path):
     return lock
 
 
+REPAIR_HINT = "rebuild it from the memory's catalog: `nativemem repair --memory DIR`"
+
+
+def _clean_file(path: Path) -> Path:
+    return path.with_name(path.name + ".clean.json")
+
+
+def _shard_signature(path: Path) -> list[list]:
+    """(relative path, size, mtime) of every file of a shard."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out.append([str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _write_clean_signature(path: Path) -> None:
+    """After a clean close: what the shard's files look like, so the next open can trust them unprobed."""
+    import json
+
+    if not path.is_dir():
+        return
+    _clean_file(path).write_text(json.dumps(_shard_signature(path)))
+
+
+def verify_shard(path: Path, timeout_s: float = 300.0) -> None:
+    """Check that a Qdrant Edge shard can be loaded before this process loads it.
+
+    A damaged shard can abort the process from native code (an allocation of a garbage size), which no
+    ``except`` catches. A shard whose files are as the last clean close left them is trusted; otherwise
+    (a crash, an edit, a damaged disk) it is first loaded and counted in a child process.
+
+    Raises:
+        MemoryFormatError: the child process failed or died; the message says how and how to repair.
+    """
+    import json
+    import subprocess
+    import sys
+
+    if not (path / "edge_config.json").is_file():
+        return
+    try:
+        clean = json.loads(_clean_file(path).read_text())
+    except (OSError, ValueError):
+        clean = None
+    if clean == _shard_signature(path):
+        return
+    probe = ("import sys, qdrant_edge as q\n"
+             "s = q.EdgeShard.load(sys.argv[1])\n"
+             "s.count(q.CountRequest(exact=True))\n"
+             "s.close()\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise MemoryFormatError(f"the memory's index (Qdrant Edge shard in {path.name}/) did not load within "
+                                f"{timeout_s:.0f} s; {REPAIR_HINT}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        how = f"exit status {done.returncode}" if done.returncode > 0 else f"killed by signal {-done.returncode}"
+        raise MemoryFormatError(f"the memory's index (Qdrant Edge shard in {path.name}/) is damaged: loading it "
+                                f"failed ({how}: {last}); {REPAIR_HINT}")
+
+
 def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: dict[str, int],
                location: str = "", collection: str = "") -> Store:
     """The store of a memory folder, shared by every Memory object of this process that opens it."""
@@ -585,6 +654,7 @@ def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: di
         if backend == "edge":
             lock = _acquire_lock(folder)
             try:
+                verify_shard(folder / "store")
                 index: Index = EdgeIndex(folder / "store", dims)
             except BaseException:
                 lock.release()
@@ -594,10 +664,11 @@ def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: di
             index = ClientIndex(location, collection, dims)
         else:
             raise InputError(f"unknown backend {backend!r}")
+        from .catalog import Catalog
         from .payload import SegmentStore
 
         segments = SegmentStore(folder / "segments" if blob_dir == folder / "blobs" else blob_dir / "segments")
-        store = Store(index, BlobStore(blob_dir), segments, lock)
+        store = Store(index, BlobStore(blob_dir), segments, lock, Catalog(folder))
         _OPEN[key] = store
         return store
 

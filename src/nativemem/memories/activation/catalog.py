@@ -1,0 +1,162 @@
+"""The catalog: what a memory folder holds, in a log that does not depend on the index.
+
+The Qdrant index is fast but fragile: a lost segment folder or a few flipped bytes lose chunks silently or
+stop the process. The catalog is the source of truth it can be rebuilt from (:func:`repair_memory`):
+
+- **Lines.** ``catalog/<writer>.jsonl`` files of JSON lines. ``add`` (one per chunk: id, user, source,
+  chunk index, creation time, text, metadata, and the pending id of its add), ``publish`` (an add's pending
+  id, when all its chunks are written) and ``delete`` (ids). Each process appends to its own file; a group of
+  lines is one write and one fsync.
+- **Order.** An add's lines are fsynced after its payload and before the index learns of its chunks; its
+  ``publish`` line before the index shows them; a ``delete`` line before the index drops them. So every
+  acknowledged chunk is in the catalog, and a crash between the two leaves the catalog ahead of the index,
+  which the next open catches up (:meth:`ActivationMemory._reconcile`).
+- **Live chunks** are the added ones whose add was published and that were not deleted. A line torn by a
+  crash (the last of a file) is ignored; a damaged line elsewhere is skipped and counted.
+- **Deleted text** stays in the catalog (as deleted KV stays in segment files) until ``gc()``, which
+  rewrites the catalog with only the live chunks (:meth:`Catalog.compact`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .store import _fsync_dir
+
+__all__ = ["Catalog", "CatalogState", "CATALOG_DIR", "FORMAT"]
+
+CATALOG_DIR = "catalog"
+FORMAT = "nativemem-catalog/1"
+_MARKER = "FORMAT"
+
+
+@dataclass
+class CatalogState:
+    """What the catalog's lines say: the live chunks by id, deleted ids, and lines that could not be read."""
+
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    unpublished: set[str] = field(default_factory=set)  # chunks of adds never published
+    damaged_lines: int = 0
+
+
+class Catalog:
+    """The catalog of one memory folder (created on first use; see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        self.root = Path(folder) / CATALOG_DIR
+        self._file = self.root / f"{uuid.uuid4().hex}.jsonl"  # this writer's own file
+        self._lock = threading.Lock()
+
+    @property
+    def exists(self) -> bool:
+        return (self.root / _MARKER).is_file()
+
+    def create(self) -> None:
+        """Make the catalog folder and its format marker (durably)."""
+        if self.exists:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / _MARKER
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".FORMAT.")
+        with os.fdopen(fd, "w") as f:
+            f.write(FORMAT + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        _fsync_dir(self.root)
+        _fsync_dir(self.root.parent)
+
+    # ------------------------------------------------------------------ writes
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        data = "".join(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n" for line in lines)
+        with self._lock:
+            self.create()
+            new = not self._file.exists()
+            with open(self._file, "ab") as f:
+                f.write(data.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            if new:
+                _fsync_dir(self.root)
+
+    def add(self, entries: list[dict[str, Any]], pending_id: str = "") -> None:
+        """Record chunks (each a dict with ``memory_id``, ``user_id``, ``source_id``, ``chunk_index``,
+        ``created``, ``text``, ``metadata``); with ``pending_id`` they are live only once it is published."""
+        self._append([{"op": "add", **e, **({"pending": pending_id} if pending_id else {})} for e in entries])
+
+    def publish(self, pending_id: str) -> None:
+        self._append([{"op": "publish", "pending": pending_id}])
+
+    def delete(self, ids: list[str]) -> None:
+        if ids:
+            self._append([{"op": "delete", "ids": list(ids)}])
+
+    # ------------------------------------------------------------------ reads
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("*.jsonl")) if self.root.is_dir() else []
+
+    def state(self) -> CatalogState:
+        """Replay every line of every writer's file."""
+        added: dict[str, dict[str, Any]] = {}
+        published: set[str] = set()
+        out = CatalogState()
+        for path in self.files():
+            raw = path.read_bytes().split(b"\n")
+            for n, line in enumerate(raw):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    op = rec["op"]
+                except (ValueError, KeyError, TypeError):
+                    if n < len(raw) - 1:  # the last line of a file may be torn by a crash: not damage
+                        out.damaged_lines += 1
+                    continue
+                if op == "add" and "memory_id" in rec:
+                    added[str(rec["memory_id"])] = rec
+                elif op == "publish":
+                    published.add(str(rec.get("pending", "")))
+                elif op == "delete":
+                    out.deleted.update(str(i) for i in rec.get("ids", []))
+                else:
+                    out.damaged_lines += 1
+        for mid, rec in added.items():
+            if mid in out.deleted:
+                continue
+            if rec.get("pending") and rec["pending"] not in published:
+                out.unpublished.add(mid)
+                continue
+            out.live[mid] = {k: v for k, v in rec.items() if k not in ("op", "pending")}
+        return out
+
+    # ------------------------------------------------------------------ maintenance
+    def compact(self, live: dict[str, dict[str, Any]]) -> int:
+        """Rewrite the catalog as one file of the live chunks (deleted text leaves the disk); returns bytes freed."""
+        with self._lock:
+            before = sum(p.stat().st_size for p in self.files())
+            self.create()
+            new = self.root / f"{uuid.uuid4().hex}.jsonl"
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".compact.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for rec in live.values():
+                    f.write(json.dumps({"op": "add", **rec}, ensure_ascii=False, separators=(",", ":")) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            old = self.files()
+            os.replace(tmp, new)
+            _fsync_dir(self.root)
+            for p in old:
+                p.unlink(missing_ok=True)
+            _fsync_dir(self.root)
+            self._file = self.root / f"{uuid.uuid4().hex}.jsonl"
+            return max(0, before - new.stat().st_size)
