@@ -21,6 +21,7 @@ __all__ = [
     "SiteResolutionError",
     "MemoryFormatError",
     "MemoryLockedError",
+    "UnsupportedError",
 ]
 
 
@@ -30,6 +31,10 @@ class NativememError(Exception):
 
 class InputError(NativememError, ValueError):
     """Text or arguments a user passed are unusable (empty, binary, too long, out of range)."""
+
+
+class UnsupportedError(InputError, NotImplementedError):
+    """An operation that this memory kind cannot do (the message names the kind and the operation)."""
 
 
 class DataError(NativememError):

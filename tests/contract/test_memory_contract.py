@@ -130,3 +130,29 @@ def test_bf16_model_keeps_its_dtype(kind, tmp_path):
     out = lm16.logits(ids(lm16), memory=mem, user_id="alice")
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert next(lm16.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_lifecycle_operations_work_or_name_the_kind(kind, lm, tmp_path):
+    """items/get/reset/export/import: a kind does them per user, or raises UnsupportedError naming itself."""
+    from nativemem.errors import UnsupportedError
+
+    mem = make(kind, lm, tmp_path / "m")
+    try:
+        items = mem.items(user_id="alice")
+    except UnsupportedError as e:
+        assert repr(kind) in str(e) and "items" in str(e)
+        for op, call in (("get", lambda: mem.get("x", user_id="alice")), ("reset", lambda: mem.reset("alice")),
+                         ("export", lambda: mem.export(tmp_path / "e.jsonl")),
+                         ("import", lambda: mem.import_file(tmp_path / "e.jsonl"))):
+            with pytest.raises(UnsupportedError, match=rf"{kind!r} does not support {op}"):
+                call()
+        return
+    assert sorted(i["text"] for i in items) == sorted(TEXTS) and mem.items(user_id="bob") == []
+    assert mem.get(items[0]["id"], user_id="alice")["text"] == items[0]["text"]
+    assert mem.get(items[0]["id"], user_id="bob") is None
+    mem.export(tmp_path / "e.jsonl", user_id="alice")
+    other = nm.open_memory(tmp_path / "other", lm, kind=kind, **CONFIGS.get(kind, {}))
+    assert other.import_file(tmp_path / "e.jsonl").details["imported"] == len(items)
+    assert [i["id"] for i in other.items(user_id="alice")] == [i["id"] for i in items]
+    assert sorted(mem.reset("alice").ids) == sorted(i["id"] for i in items) and mem.items(user_id="alice") == []

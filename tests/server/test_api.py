@@ -29,7 +29,8 @@ def _hooks(model) -> int:
 def test_health_is_open_and_everything_else_needs_a_key(served):
     assert httpx.get(served.url + "/health").json()["status"] == "ok"
     for method, path in [("GET", "/v1/models"), ("GET", "/v1/memories"), ("POST", "/v1/chat/completions"),
-                         ("POST", "/v1/memories"), ("POST", "/v1/memories/search"), ("DELETE", "/v1/memories/x")]:
+                         ("POST", "/v1/memories"), ("POST", "/v1/memories/search"), ("DELETE", "/v1/memories/x"),
+                         ("DELETE", "/v1/memories"), ("GET", "/v1/memories/export"), ("POST", "/v1/memories/import")]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {served.keys['alice']}"}):
             r = httpx.request(method, served.url + path, headers=headers, json={})
             assert r.status_code == 401, (method, path, r.text)
@@ -426,3 +427,33 @@ def test_the_openapi_schema_describes_the_request_bodies(served):
     assert "query" in spec["paths"]["/v1/memories/search"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]["properties"]
     assert httpx.get(served.url + "/docs").status_code == 200
+
+
+def test_export_import_and_reset_stay_within_the_caller(model_dir):
+    """GET /v1/memories/export gives the caller's own chunks; POST /v1/memories/import makes them the caller's
+    under new ids; DELETE /v1/memories needs confirm and removes only the caller's."""
+    with start_server(model_dir, ["dora", "ed"]) as s, _client(s, "dora") as d, _client(s, "ed") as e:
+        ids = d.post("/v1/memories", json={"texts": ["Dora keeps zq0000000d01a in the red box.",
+                                                     "Dora's bike is green."]}).json()["ids"]
+        e.post("/v1/memories", json={"text": "Ed's note zq0000000e01d."})
+        r = d.get("/v1/memories/export")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = r.text.splitlines()
+        assert len(lines) == 3 and "e01d" not in r.text and '"dora"' not in r.text
+        assert [json.loads(line)["id"] for line in lines[1:]] == ids
+        imported = e.post("/v1/memories/import", content=r.text.encode())
+        assert imported.status_code == 200, imported.text
+        new_ids = imported.json()["ids"]
+        assert imported.json()["imported"] == 2 and not set(new_ids) & set(ids)
+        texts = {m["text"] for m in e.get("/v1/memories").json()["data"]}
+        assert "Dora's bike is green." in texts and len(texts) == 3
+        assert d.get(f"/v1/memories/{new_ids[0]}").status_code == 404  # the copy is Ed's
+        bad = e.post("/v1/memories/import", content=(lines[0] + "\n{broken\n").encode())
+        assert bad.status_code == 400 and "line 2" in bad.json()["error"]["message"]
+        assert len(e.get("/v1/memories").json()["data"]) == 3  # nothing half-imported
+        refused = e.request("DELETE", "/v1/memories", json={})
+        assert refused.status_code == 400 and "confirm" in refused.text
+        done = e.request("DELETE", "/v1/memories", json={"confirm": True})
+        assert done.status_code == 200 and done.json()["deleted"] == 3
+        assert e.get("/v1/memories").json()["data"] == []
+        assert [m["id"] for m in d.get("/v1/memories").json()["data"]] == ids

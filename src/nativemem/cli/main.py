@@ -32,6 +32,20 @@ app = typer.Typer(
            "`nativemem bench squad --arms none,rag_bm25 --limit 50 --out results/squad`.",
 )
 console = Console(stderr=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"nativemem {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Memory that lives in a language model's own representations. Benchmarks against RAG and long context."""
 err_console = Console(stderr=True)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder, "
@@ -304,10 +318,12 @@ def merge_cmd(dirs: Annotated[list[Path], typer.Argument(help="run folders of on
 
 
 from .activation_cmds import register as _register_activation_cmds  # noqa: E402
+from .lifecycle_cmds import register as _register_lifecycle_cmds  # noqa: E402
 from .memory_cmds import register as _register_memory_cmds  # noqa: E402
 from .server_cmds import register as _register_server_cmds  # noqa: E402
 
 _register_memory_cmds(app)
+_register_lifecycle_cmds(app)
 _register_activation_cmds(app)
 _register_server_cmds(app)
 

@@ -9,6 +9,9 @@ A memory kind is a :class:`Memory` subclass with a :class:`MemoryConfig` datacla
   the kind's hooks (removed in ``finally``) and yields an :class:`Injection` (maybe a KV prefix).
   When the memory is disabled it does nothing, so logits are bit-identical to the bare model.
 - ``delete(memory_id) -> Receipt``, ``stats() -> dict``.
+- The lifecycle: ``items(user_id=, limit=, offset=)``, ``get(memory_id, user_id=)``, ``reset(user_id)``,
+  ``export(path, user_id=)`` (the portable JSON Lines format of :mod:`.export`) and ``import_file(path)``.
+  A kind that cannot do one raises :class:`~nativemem.errors.UnsupportedError` naming itself.
 - ``save(path)`` / ``Memory.open(path, lm)``: a folder with ``memory_config.json`` (sorted keys, a
   format version, the model fingerprint) and ``memory.safetensors`` (tensors named with the kind's
   ``param_prefix``). Opening with another model raises FingerprintMismatchError naming the field.
@@ -34,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import FingerprintMismatchError, InputError, MemoryFormatError
+from ..errors import FingerprintMismatchError, InputError, MemoryFormatError, UnsupportedError
 from ..fingerprint import Fingerprint
 from ..registry import Registry
 from ..text import check_text
@@ -197,6 +200,31 @@ class Memory(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {"kind": self.kind, "enabled": self.enabled}
+
+    # ------------------------------------------------------------------ the lifecycle
+    def _unsupported(self, op: str, why: str = "") -> UnsupportedError:
+        return UnsupportedError(f"memory kind {self.kind!r} does not support {op}" + (f": {why}" if why else ""))
+
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """The user's stored items, oldest first: ``id``, ``text``, ``source_id``, ``chunk_index``, ``created``,
+        ``metadata``."""
+        raise self._unsupported("items")
+
+    def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
+        """One of the user's items by id (as :meth:`items` gives it), or None; another user's id is None too."""
+        raise self._unsupported("get")
+
+    def reset(self, user_id: str | None) -> Receipt:
+        """Delete every item of one user."""
+        raise self._unsupported("reset")
+
+    def export(self, path: str | os.PathLike, *, user_id: str | None = None, force: bool = False) -> Receipt:
+        """Write what the memory was built from (one user's items, or all) to ``path`` in the portable format."""
+        raise self._unsupported("export")
+
+    def import_file(self, path: str | os.PathLike) -> Receipt:
+        """Encode the items of an export file (from any model) into this memory, all or nothing."""
+        raise self._unsupported("import")
 
     @abstractmethod
     @contextmanager

@@ -20,6 +20,7 @@ it wrote, so a failed or cancelled request leaves no partial write.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from ..memories.activation.memory import oldest_first
 from ..memories.base import Injection
 from ..model import GREEDY, Generation, Sampling
 from ..text import check_text
+from .schemas import MAX_METADATA_CHARS
 
 log = logging.getLogger("nativemem.server")
 
@@ -258,7 +261,7 @@ class Engine:
         with self.store_lock:
             rows = self.memory.store.index.scroll(user_id=user_id)
         rows = [r for r in rows if r[1].get("user_id") == user_id]
-        rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("source_id", ""), r[1].get("chunk_index", 0)))
+        rows.sort(key=oldest_first)
         page = rows[offset: offset + limit]
         return {"object": "list", "data": [public_record(pid, p) for pid, p in page], "total": len(rows),
                 "offset": offset, "has_more": offset + limit < len(rows)}
@@ -285,6 +288,38 @@ class Engine:
             for pid, _ in rows:
                 self.memory.delete(pid)
         return [pid for pid, _ in rows]
+
+    def reset(self, *, user_id: str) -> dict[str, Any]:
+        """Delete every chunk of the caller."""
+        with self.store_lock:
+            receipt = self.memory.reset(user_id or None)
+        return {"object": "memory.reset", "deleted": len(receipt.ids)}
+
+    def export(self, *, user_id: str) -> str:
+        """The caller's chunks in the portable export format (JSON Lines), user ids left out."""
+        from ..memories.export import dumps_export
+
+        with self.store_lock:
+            items = self.memory.items(user_id=user_id or None, limit=1 << 40)
+        return dumps_export([{**i, "user_id": ""} for i in items], kind=self.memory.kind,
+                            model=self.lm.name, user_id=None)
+
+    def import_(self, text: str, *, user_id: str, stop: Stop) -> dict[str, Any]:
+        """Encode an export file's items into the caller's memory (call under ``model_lock``), all or nothing.
+
+        Every item becomes the caller's, with a new id: an import never reuses, or tells anything about, the ids
+        of other users."""
+        from ..memories.export import loads_export
+
+        _, items = loads_export(text, where="body")
+        for n, item in enumerate(items):
+            item.update(id=str(uuid.uuid4()), user_id=user_id)
+            if item.get("metadata") is not None and len(json.dumps(item["metadata"])) > MAX_METADATA_CHARS:
+                raise InputError(f"body: item {n}: metadata larger than {MAX_METADATA_CHARS:,} characters of JSON")
+        stop.check()
+        with self.store_lock:
+            receipt = self.memory.import_items(items)
+        return {"object": "memory.import", "imported": receipt.details["imported"], "ids": list(receipt.ids)}
 
     def consolidate(self, into: str, *, user_id: str) -> dict[str, Any]:
         """Train the caller's chunks into a parametric memory of ``into`` kind (call under ``model_lock``).

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ContextOverflowError, InputError, MemoryLockedError, NativememError, UnknownNameError
+from ..errors import ContextOverflowError, DataError, InputError, MemoryLockedError, NativememError, UnknownNameError
 from .engine import Cancelled
 
 __all__ = ["ApiError", "BodyLimit", "read_json", "int_param", "map_error", "json_body", "MAX_ID_CHARS"]
@@ -187,7 +187,7 @@ def map_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, str(exc), code="context_length_exceeded")
-    if isinstance(exc, (InputError, UnknownNameError)):
+    if isinstance(exc, (InputError, UnknownNameError, DataError)):  # messages about the request, never server paths
         return ApiError(400, str(exc))
     if isinstance(exc, Cancelled):
         return ApiError(504 if "timed out" in exc.reason else 499, exc.reason, type="timeout", code="cancelled")

@@ -561,7 +561,8 @@ def run_fuzz(url: str, keys: dict[str, str], *, examples: int = 3000, max_body_b
                  ("GET", "/v1/memories", None),
                  ("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/v1/memories/{id}", None),
                  ("DELETE", "/v1/memories/{id}", None), ("GET", "/v1/models/{id}", None),
-                 ("PUT", "/v1/memories", None)]
+                 ("PUT", "/v1/memories", None), ("GET", "/v1/memories/export", None),
+                 ("POST", "/v1/memories/import", None), ("DELETE", "/v1/memories", None)]
 
     def body_of(data, schema):
         kind = data.draw(st.sampled_from(["schema", "json", "bytes", "bad_utf8", "huge", "none"]))

@@ -1,14 +1,17 @@
-"""Routes: the caller's memories (add, list, search, get, delete, consolidate); another user's ids answer 404."""
+"""Routes: the caller's memories (add, list, search, get, delete, reset, export, import, consolidate); another user's
+ids answer 404."""
 
 from __future__ import annotations
 
 import json
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 
 from .calls import engine, in_thread, user_of, with_model
 from .http import MAX_ID_CHARS, ApiError, int_param, json_body, read_json
-from .schemas import MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, SearchRequest
+from .schemas import (MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, ResetRequest,
+                      SearchRequest)
 
 router = APIRouter()
 
@@ -35,6 +38,39 @@ async def list_memories(request: Request):
     offset = int_param(request, "offset", 0, 0, 1 << 40)
     eng = engine(request)
     return await in_thread(lambda: eng.list(user_id=user, limit=limit, offset=offset))
+
+
+@router.delete("/v1/memories", openapi_extra=json_body(ResetRequest))
+async def reset_memories(request: Request):
+    """Delete every memory of the caller; the body must say ``{"confirm": true}``."""
+    user = user_of(request)
+    req = await read_json(request, ResetRequest)
+    if not req.confirm:
+        raise ApiError(400, "deleting all your memories needs {\"confirm\": true} in the body", param="confirm")
+    eng = engine(request)
+    return await in_thread(lambda: eng.reset(user_id=user))
+
+
+@router.get("/v1/memories/export")
+async def export_memories(request: Request):
+    """The caller's memories as a portable JSON Lines file (``nativemem import`` or ``POST /v1/memories/import``)."""
+    user = user_of(request)
+    eng = engine(request)
+    text = await in_thread(lambda: eng.export(user_id=user))
+    return PlainTextResponse(text, media_type="application/x-ndjson",
+                             headers={"Content-Disposition": 'attachment; filename="memories.jsonl"'})
+
+
+@router.post("/v1/memories/import")
+async def import_memories(request: Request):
+    """Encode an export file (the raw body, JSON Lines) into the caller's memories, all or nothing."""
+    user = user_of(request)
+    try:
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text") from None
+    eng = engine(request)
+    return await with_model(request, lambda stop: eng.import_(text, user_id=user, stop=stop))
 
 
 @router.post("/v1/memories/search", openapi_extra=json_body(SearchRequest))

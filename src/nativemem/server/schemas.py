@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "ConsolidateRequest", "MAX_MESSAGES",
+__all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "ConsolidateRequest", "ResetRequest",
+           "MAX_MESSAGES",
            "MAX_MESSAGE_CHARS",
            "MAX_NEW_TOKENS", "DEFAULT_MAX_TOKENS", "MAX_TOP_K", "MAX_TEXTS_PER_ADD", "MAX_TEXT_CHARS",
            "MAX_SEARCH_K", "MAX_LIST_LIMIT", "MAX_METADATA_CHARS"]
@@ -140,6 +141,12 @@ class AddRequest(_Strict):
 
 class ConsolidateRequest(_Strict):
     into: Literal["side_ffn", "pkm"]
+
+
+class ResetRequest(_Strict):
+    """``DELETE /v1/memories``: every memory of the caller goes; ``confirm`` must be true."""
+
+    confirm: bool = False
 
 
 class SearchRequest(_Strict):

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from ...errors import ContextOverflowError, InputError
-from ...text import chunk_text
+from ...text import check_text, chunk_text
 from ..base import Hit, Injection, Memory, Receipt
 from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
@@ -54,7 +54,7 @@ from .store import (DEFAULT_USER, PENDING, REPAIR_HINT, BlobError, IndexPoint, S
                     new_id, open_store, serialize)
 from .tiers import KVTiers
 
-__all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT"]
+__all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT", "reencode_memory", "oldest_first"]
 
 BLOB_FORMAT = "nativemem-activation-blob/1"
 TIE_MARGIN = 8  # extra rows fetched per search to order tied scores deterministically
@@ -188,7 +188,7 @@ class ActivationMemory(Memory):
                 self._reconcile()                                              # in line with the catalog
         return self._store
 
-    _CATALOG_FIELDS = ("memory_id", "user_id", "source_id", "chunk_index", "created", "text", "metadata")
+    _CATALOG_FIELDS = ("memory_id", "user_id", "source_id", "chunk_index", "created", "seq", "text", "metadata")
 
     def _reconcile(self) -> None:
         """At open: finish what a crash interrupted, and say what the index lacks.
@@ -348,7 +348,7 @@ class ActivationMemory(Memory):
         futures: list = []
         pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
         try:
-            self._add_batches(pending, order, done, futures, user, metadata, pending_id)
+            self._add_batches(pending, order, done, futures, user, metadata, (pending_id, time.time()))
         except BaseException:
             written = [info["id"] for info in done.values()]
             try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
@@ -363,7 +363,7 @@ class ActivationMemory(Memory):
         self.store.index.publish([done[n]["id"] for n in range(len(pending))])
         return done
 
-    def _add_batches(self, pending, order, done, futures, user, metadata, pending_id) -> None:
+    def _add_batches(self, pending, order, done, futures, user, metadata, add: tuple[str, float]) -> None:
         """Encode the chunks batch by batch while a worker thread commits the previous batch (``done`` gets each
         chunk's receipt entry by its position in the add)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
@@ -381,7 +381,7 @@ class ActivationMemory(Memory):
                 vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
                             self.token_transform.apply(enc.tokens).half().cpu()) for enc in encoded]
                 futures.append(committer.submit(self._commit, picked, batch, payloads, vectors, user, metadata,
-                                                pending_id))
+                                                add))
                 if len(futures) > 2:  # bound what waits in host memory
                     done.update(futures[-3].result())
             for f in futures:
@@ -448,9 +448,11 @@ class ActivationMemory(Memory):
         return records
 
     def _commit(self, picked: list[int], batch: list[tuple], payloads, vectors: list[tuple], user: str,
-                metadata: dict[str, Any], pending_id: str = "") -> dict[int, dict[str, Any]]:
+                metadata: dict[str, Any], add: tuple[str, float] = ("", 0.0)) -> dict[int, dict[str, Any]]:
         """Make one batch durable: its payload first (one write and one fsync), then its index points (one
-        upsert and flush). Returns the receipt entry of each chunk by its position in the add."""
+        upsert and flush). ``add``: the add's pending id and time (every chunk of an add has the same ``created``;
+        ``seq``, its position in the add, orders them). Returns the receipt entry of each chunk by its position."""
+        pending_id, created = add
         store = self.store
         if self.config.payload == "kv":
             stored = [(loc, parse_location(loc)[2]) for loc in store.segments.append(payloads)]
@@ -460,9 +462,10 @@ class ActivationMemory(Memory):
             stored = [("", 0)] * len(batch)
         frame_len = len(self.frame_ids()[0])
         points, infos = [], []
-        for (source, j, chunk, layout, *kept), (pooled, tokens), (location, nbytes) in zip(batch, vectors, stored):
+        for seq, (source, j, chunk, layout, *kept), (pooled, tokens), (location, nbytes) in zip(
+                picked, batch, vectors, stored):
             # kept: what repair() re-encodes keeps of the original chunk (id, owner, time, metadata)
-            known = kept[0] if kept else {"memory_id": new_id(), "user_id": user, "created": time.time(),
+            known = kept[0] if kept else {"memory_id": new_id(), "user_id": user, "created": created,
                                           "metadata": metadata}
             mid = str(known["memory_id"])
             n_tokens = len(layout.ids) - frame_len
@@ -471,7 +474,8 @@ class ActivationMemory(Memory):
                 "memory_id": mid, "user_id": known["user_id"], "source_id": source, "chunk_index": j,
                 "created": known["created"], "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
                 "tokens": n_tokens, "content_tokens": int(tokens.shape[0]), "payload_kind": self.config.payload,
-                "metadata": known["metadata"], **({PENDING: pending_id} if pending_id else {})}))
+                "metadata": known["metadata"], "seq": seq if known.get("seq") is None else known["seq"],
+                **({PENDING: pending_id} if pending_id else {})}))
             infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
                           "blob_bytes": nbytes, "index_vector_bytes": self._index_bytes(int(tokens.shape[0])),
                           "blob": location})
@@ -930,6 +934,93 @@ class ActivationMemory(Memory):
         """A memory-like view that injects exactly these chunks (oracle/random benchmark arms)."""
         return _Pinned(self, list(memory_ids))
 
+    # ------------------------------------------------------------------ the lifecycle
+    @staticmethod
+    def _item(pid: str, p: dict[str, Any]) -> dict[str, Any]:
+        return {"id": pid, "user_id": p.get("user_id", DEFAULT_USER), "text": p.get("text", ""),
+                "source_id": p.get("source_id"), "chunk_index": p.get("chunk_index"), "created": p.get("created"),
+                "seq": p.get("seq"), "metadata": p.get("metadata") or {}, "tokens": p.get("tokens")}
+
+    def _user_rows(self, user_id: str | None) -> list[tuple[str, dict[str, Any]]]:
+        user = _check_user(user_id)
+        rows = [r for r in self.store.index.scroll(user_id=user, with_payload=list(self._CATALOG_FIELDS) + ["tokens"])
+                if r[1].get("user_id") == user]
+        rows.sort(key=oldest_first)
+        return rows
+
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        if limit < 1 or offset < 0:
+            raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
+        return [self._item(pid, p) for pid, p in self._user_rows(user_id)[offset: offset + limit]]
+
+    def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
+        user = _check_user(user_id)
+        rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
+        return self._item(*rows[0]) if rows else None
+
+    def reset(self, user_id: str | None) -> Receipt:
+        """Delete every chunk of one user (the catalog first, then the index; ``gc()`` frees the bytes)."""
+        start = time.perf_counter()
+        rows = self._user_rows(user_id)
+        ids = [pid for pid, _ in rows]
+        self.store.catalog.delete(ids)
+        self.store.index.delete(ids)
+        locations = {str(p.get("blob") or "") for _, p in rows}
+        self.tiers.forget(lambda key: key[1] in locations)
+        return Receipt(self.kind, "reset", ids=ids, tokens=sum(int(p.get("tokens") or 0) for _, p in rows),
+                       elapsed_s=time.perf_counter() - start, details={"user_id": _check_user(user_id)})
+
+    def export(self, path, *, user_id: str | None = None, force: bool = False) -> Receipt:
+        from ..export import write_export
+
+        start = time.perf_counter()
+        if user_id is None:
+            rows = sorted(self.store.index.scroll(with_payload=list(self._CATALOG_FIELDS)), key=oldest_first)
+        else:
+            rows = self._user_rows(user_id)
+        n = write_export(path, [self._item(pid, p) for pid, p in rows], kind=self.kind, model=self.fingerprint.name,
+                         user_id=user_id, force=force)
+        return Receipt(self.kind, "export", ids=[pid for pid, _ in rows], elapsed_s=time.perf_counter() - start,
+                       details={"items": n, "path": str(path)})
+
+    def import_file(self, path) -> Receipt:
+        from ..export import read_export
+
+        header, items = read_export(path)
+        receipt = self.import_items(items)
+        receipt.details["from_model"] = header.get("model")
+        return receipt
+
+    def import_items(self, items: Sequence[dict[str, Any]]) -> Receipt:
+        """Encode exported items (``id``, ``user_id``, ``text``, ``source_id``, ``chunk_index``, ``created``,
+        ``metadata``) with this memory's model, all or nothing; each keeps its id, owner, source, time and
+        metadata. Ids already stored are skipped (counted as duplicates); each item stays one chunk."""
+        start = time.perf_counter()
+        known = {pid for pid, _ in self.store.index.get([str(i["id"]) for i in items])}
+        seen: set[str] = set()
+        pending = []
+        for n, item in enumerate(items):
+            mid = str(item["id"])
+            if mid in known or mid in seen:
+                continue
+            seen.add(mid)
+            text = check_text(item["text"], what=f"item {n}")
+            layout = self.chunk_layout(text)
+            self._check_fits(layout, what=f"item {n} with its template")
+            user = _check_user(item.get("user_id") or None)
+            pending.append((str(item.get("source_id") or mid), int(item.get("chunk_index") or 0), text, layout,
+                            {"memory_id": mid, "user_id": user, "created": item.get("created") or time.time(),
+                             "seq": item.get("seq", n), "metadata": item.get("metadata") or {}}))
+        done = self._store_chunks(pending, DEFAULT_USER, {}) if pending else {}
+        users = {p[4]["user_id"] for p in pending}
+        return Receipt(self.kind, "import", ids=[p[4]["memory_id"] for p in pending],
+                       tokens=sum(info["tokens"] for info in done.values()), elapsed_s=time.perf_counter() - start,
+                       bytes_written=sum(info["blob_bytes"] + info["index_vector_bytes"] for info in done.values()),
+                       notes=[f"imported {len(pending)} items of {len(users)} users"
+                              + (f"; {len(items) - len(pending)} already stored (skipped)" if len(pending) < len(items)
+                                 else "")],
+                       details={"imported": len(pending), "duplicates": len(items) - len(pending), "users": len(users)})
+
     # ------------------------------------------------------------------ delete and maintenance
     def delete(self, memory_id: str) -> Receipt:
         """Remove one chunk (by memory id) or every chunk of a source (by source id): index points, then blobs."""
@@ -1144,7 +1235,7 @@ class ActivationMemory(Memory):
                 pending = [(str(r.get("source_id")), int(r.get("chunk_index") or 0), str(r["text"]),
                             mem.chunk_layout(str(r["text"])),
                             {"memory_id": r["memory_id"], "user_id": user, "created": r.get("created"),
-                             "metadata": r.get("metadata") or {}}) for r in recs]
+                             "seq": r.get("seq"), "metadata": r.get("metadata") or {}}) for r in recs]
                 mem._store_chunks(pending, user, {})
         finally:
             mem._repairing = False
@@ -1234,6 +1325,12 @@ class _Pinned:
         yield injection
 
 
+def oldest_first(row: tuple[str, dict[str, Any]]) -> tuple:
+    """Sort key of index rows: by add, then by position in the add (chunk index for points without one)."""
+    p = row[1]
+    return (p.get("created") or 0.0, p.get("seq") if p.get("seq") is not None else p.get("chunk_index") or 0, row[0])
+
+
 def _check_user(user_id: str | None) -> str:
     if user_id is None:
         return DEFAULT_USER
@@ -1264,3 +1361,46 @@ def _initial_token_transform(hidden_size: int, token_dim: int | None) -> Transfo
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(hidden_size, token_dim, generator=g, dtype=torch.float64))
     return Transform(torch.zeros(hidden_size), None, q.float())
+
+
+# config fields that describe the old model (its layers, its fitted transforms and scores) or the old folder
+_MODEL_BOUND = ("checkpoint_layer", "retrieval_layer", "reroute_layers", "fit_report", "relevance", "collection",
+                "blob_dir", "qdrant_location")
+
+
+def reencode_memory(source, out, lm) -> Receipt:
+    """Encode an activation memory's live chunks again, with ``lm``, into a new memory folder ``out``.
+
+    The source folder is only read, from its catalog (its own model is not needed, so this moves a memory to
+    any other model). Settings that do not depend on the model (chunking, frame, payload precision, retrieval
+    variant, gate threshold) are kept; the layers and fitted transforms of the old model are not: fit the new
+    memory's relevance score on your pairs (``fit_relevance``) for the best gate.
+
+    Raises:
+        InputError: ``out`` exists and is not empty.
+        MemoryFormatError: the source is not an activation memory or has no catalog.
+    """
+    from ...errors import MemoryFormatError
+    from ..base import read_memory_config
+    from .catalog import Catalog
+
+    source, out = Path(source), Path(out)
+    meta = read_memory_config(source)
+    if meta["kind"] != ActivationMemory.kind:
+        raise MemoryFormatError(f"{source} holds a {meta['kind']!r} memory; reencode moves activation memories")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not an empty folder; choose a new --out")
+    catalog = Catalog(source)
+    if not catalog.exists:
+        raise MemoryFormatError(f"{source} has no catalog (written by an older version): open it once with its own "
+                                "model, which writes one, then re-encode")
+    live = catalog.state().live
+    config = {k: v for k, v in meta["config"].items() if k not in _MODEL_BOUND}
+    mem = ActivationMemory(lm, ActivationConfig.from_dict(config), path=out)
+    receipt = mem.import_items([{**rec, "id": rec["memory_id"]} for rec in live.values()])
+    mem.save()
+    mem.close()
+    receipt.op = "reencode"
+    receipt.notes = [f"re-encoded {receipt.details['imported']} chunks of {receipt.details['users']} users from "
+                     f"{meta['fingerprint'].get('name')} for {lm.name}"]
+    return receipt

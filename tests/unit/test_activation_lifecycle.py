@@ -1,0 +1,149 @@
+"""Activation memory's lifecycle: items, get, reset, export and import (same or another model), reencode."""
+
+import json
+
+import pytest
+import torch
+from activation_helpers import fast_dir  # noqa: F401
+from testing import save_tiny_lm, tiny_lm
+from typer.testing import CliRunner
+
+import nativemem as nm
+from nativemem.errors import DataError, InputError
+from nativemem.memories.activation import reencode_memory
+from nativemem.memories.export import EXPORT_FORMAT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALICE = ["Alice keeps her spare key under the blue flower pot.", "Alice's cat is called Pepper.",
+         "Alice parks on level four of the station garage."]
+BOB = ["Bob parks his bicycle behind the old bakery.", "Bob's dog is called Biscuit."]
+QUESTIONS = ["Where is the spare key?", "What is the cat called?", "Where does she park?", "Where is the bicycle?",
+             "What is the dog called?"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama")
+
+
+def filled(lm, folder):
+    mem = nm.open_memory(folder, lm, kind="activation")
+    a = mem.add(ALICE, user_id="alice", metadata={"topic": "home"})
+    b = mem.add(BOB, user_id="bob")
+    return mem, a.ids, b.ids
+
+
+def test_items_and_get_are_per_user_and_reset_removes_one_users_items(lm, fast_dir):
+    mem, a, b = filled(lm, fast_dir / "m")
+    items = mem.items(user_id="alice")
+    assert [i["id"] for i in items] == a and [i["text"] for i in items] == ALICE
+    assert all(i["metadata"] == {"topic": "home"} and i["user_id"] == "alice" for i in items)
+    assert [i["id"] for i in mem.items(user_id="alice", limit=1, offset=1)] == a[1:2]
+    assert mem.get(a[0], user_id="alice")["text"] == ALICE[0]
+    assert mem.get(a[0], user_id="bob") is None and mem.get("no-such-id", user_id="bob") is None
+    assert mem.items(user_id="carol") == []
+    receipt = mem.reset("alice")
+    assert sorted(receipt.ids) == sorted(a)
+    assert mem.items(user_id="alice") == [] and [i["id"] for i in mem.items(user_id="bob")] == b
+    assert mem.search("Where is the spare key?", user_id="alice") == []
+    with pytest.raises(InputError, match="limit"):
+        mem.items(user_id="bob", limit=0)
+
+
+def test_export_then_import_for_the_same_model_gives_the_same_search_results(lm, fast_dir):
+    mem, a, b = filled(lm, fast_dir / "m")
+    mem.export(fast_dir / "all.jsonl")
+    lines = (fast_dir / "all.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["format"] == EXPORT_FORMAT and header["items"] == 5 and "tensor" not in lines[1]
+    copy = nm.open_memory(fast_dir / "copy", lm, kind="activation")
+    receipt = copy.import_file(fast_dir / "all.jsonl")
+    assert receipt.details == {"imported": 5, "duplicates": 0, "users": 2, "from_model": lm.name}
+    for user in ("alice", "bob"):
+        assert copy.items(user_id=user) == mem.items(user_id=user)  # ids, texts, times and metadata kept
+        for q in QUESTIONS:
+            got = [(h.id, round(h.score, 5)) for h in copy.search(q, k=3, user_id=user)]
+            assert got == [(h.id, round(h.score, 5)) for h in mem.search(q, k=3, user_id=user)]
+    prompt = lm.chat_ids(QUESTIONS[0])
+    torch.testing.assert_close(lm.logits(prompt, memory=copy.injecting(a[:1])),
+                               lm.logits(prompt, memory=mem.injecting(a[:1])))
+    again = copy.import_file(fast_dir / "all.jsonl")  # importing twice stores nothing twice
+    assert again.details["imported"] == 0 and again.details["duplicates"] == 5
+    mem.export(fast_dir / "bob.jsonl", user_id="bob")
+    assert json.loads((fast_dir / "bob.jsonl").read_text().splitlines()[0])["items"] == 2
+
+
+def test_import_into_another_model_re_encodes_everything(lm, fast_dir):
+    mem, a, b = filled(lm, fast_dir / "m")
+    mem.export(fast_dir / "all.jsonl")
+    other = tiny_lm("qwen3")
+    new = nm.open_memory(fast_dir / "other", other, kind="activation")
+    receipt = new.import_file(fast_dir / "all.jsonl")
+    assert receipt.details["imported"] == 5 and receipt.tokens > 0
+    assert [i["id"] for i in new.items(user_id="alice")] == a
+    hits = new.search("Where is the spare key?", k=3, user_id="alice", variant="bm25")
+    assert hits[0].id == a[0] and new.load_chunk(hits[0].payload)[0]
+
+
+def test_bad_export_files_name_the_line_and_import_nothing(lm, fast_dir):
+    mem, a, b = filled(lm, fast_dir / "m")
+    path = fast_dir / "all.jsonl"
+    mem.export(path)
+    with pytest.raises(InputError, match="exists"):
+        mem.export(path)
+    mem.export(path, force=True)
+    lines = path.read_text().splitlines()
+    bad = fast_dir / "bad.jsonl"
+    bad.write_text("\n".join(lines[:3] + ['{"id": "x", "text": 5}'] + lines[3:]) + "\n")
+    target = nm.open_memory(fast_dir / "t", lm, kind="activation")
+    with pytest.raises(DataError, match="line 4: field 'user_id'"):
+        target.import_file(bad)
+    bad.write_text("\n".join(lines[:2]) + "\n{not json\n")
+    with pytest.raises(DataError, match="line 3 is not JSON"):
+        target.import_file(bad)
+    newer = json.loads(lines[0]) | {"format": "nativemem-export/9"}
+    bad.write_text("\n".join([json.dumps(newer)] + lines[1:]) + "\n")
+    with pytest.raises(DataError, match="newer"):
+        target.import_file(bad)
+    bad.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DataError, match="truncated"):
+        target.import_file(bad)
+    assert target.items(user_id="alice") == [] and target.items(user_id="bob") == []
+
+
+def test_reencode_and_the_lifecycle_commands(tmp_path):
+    from nativemem.cli.main import app
+
+    save_tiny_lm(tmp_path / "model")
+    loaded = nm.load_model(tmp_path / "model")
+    mem, a, b = filled(loaded, tmp_path / "m")
+    mem.save()
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()
+    model = ["--model", str(tmp_path / "model")]
+    run = CliRunner().invoke
+    res = run(app, ["list", "--memory", str(tmp_path / "m"), "--user", "alice", "--json", *model])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["id"] for line in res.output.splitlines()] == a
+    res = run(app, ["get", a[0], "--memory", str(tmp_path / "m"), "--user", "bob", *model])
+    assert res.exit_code == 2 and "no item" in res.output
+    res = run(app, ["reset", "--memory", str(tmp_path / "m"), "--user", "bob", *model])
+    assert res.exit_code == 2 and "--yes" in res.output
+    res = run(app, ["export", "--memory", str(tmp_path / "m"), "--out", str(tmp_path / "e.jsonl"), *model])
+    assert res.exit_code == 0 and "exported 5 item(s)" in res.output, res.output
+    res = run(app, ["import", str(tmp_path / "e.jsonl"), "--memory", str(tmp_path / "i"), *model])
+    assert res.exit_code == 0 and "imported 5 items of 2 users" in res.output, res.output
+    res = run(app, ["reset", "--memory", str(tmp_path / "m"), "--user", "bob", "--yes", *model])
+    assert res.exit_code == 0 and "deleted 2 item(s)" in res.output, res.output
+    gc.collect()
+    other = tiny_lm("qwen3")
+    receipt = reencode_memory(tmp_path / "m", tmp_path / "q", other)
+    assert receipt.details["imported"] == 3 and receipt.details["users"] == 1
+    moved = nm.open_memory(tmp_path / "q", other)
+    assert [i["id"] for i in moved.items(user_id="alice")] == a
+    with pytest.raises(InputError, match="not an empty folder"):
+        reencode_memory(tmp_path / "m", tmp_path / "q", other)
