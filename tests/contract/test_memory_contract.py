@@ -143,6 +143,8 @@ def test_lifecycle_operations_work_or_name_the_kind(kind, lm, tmp_path):
     except UnsupportedError as e:
         assert repr(kind) in str(e) and "items" in str(e)
         for op, call in (("get", lambda: mem.get("x", user_id="alice")), ("reset", lambda: mem.reset("alice")),
+                         ("update", lambda: mem.update("x", text="y", user_id="alice")),
+                         ("history", lambda: mem.history("x", user_id="alice")),
                          ("export", lambda: mem.export(tmp_path / "e.jsonl")),
                          ("import", lambda: mem.import_file(tmp_path / "e.jsonl"))):
             with pytest.raises(UnsupportedError, match=rf"{kind!r} does not support {op}"):
@@ -155,4 +157,8 @@ def test_lifecycle_operations_work_or_name_the_kind(kind, lm, tmp_path):
     other = nm.open_memory(tmp_path / "other", lm, kind=kind, **CONFIGS.get(kind, {}))
     assert other.import_file(tmp_path / "e.jsonl").details["imported"] == len(items)
     assert [i["id"] for i in other.items(user_id="alice")] == [i["id"] for i in items]
+    mem.update(items[0]["id"], text="Warsaw is in Poland.", user_id="alice")
+    assert mem.get(items[0]["id"], user_id="alice")["text"] == "Warsaw is in Poland."
+    assert [h["op"] for h in mem.history(items[0]["id"], user_id="alice")] == ["add", "update"]
+    assert mem.history(items[0]["id"], user_id="bob") == []
     assert sorted(mem.reset("alice").ids) == sorted(i["id"] for i in items) and mem.items(user_id="alice") == []

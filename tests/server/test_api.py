@@ -457,3 +457,18 @@ def test_export_import_and_reset_stay_within_the_caller(model_dir):
         assert done.status_code == 200 and done.json()["deleted"] == 3
         assert e.get("/v1/memories").json()["data"] == []
         assert [m["id"] for m in d.get("/v1/memories").json()["data"]] == ids
+
+
+def test_update_and_history_over_http_answer_another_user_as_unknown(served):
+    with _client(served, "alice") as a, _client(served, "bob") as b:
+        mid = a.post("/v1/memories", json={"text": "Alice's locker code is 1234."}).json()["ids"][0]
+        r = a.put(f"/v1/memories/{mid}", json={"text": "Alice's locker code is 9876."})
+        assert r.status_code == 200 and r.json()["text"] == "Alice's locker code is 9876." and r.json()["id"] == mid
+        for other in (b.put(f"/v1/memories/{mid}", json={"text": "hijacked"}), b.get(f"/v1/memories/{mid}/history"),
+                      a.put("/v1/memories/no-such-id", json={"text": "x"})):
+            assert other.status_code == 404 and mid not in other.text
+        assert a.get(f"/v1/memories/{mid}").json()["text"] == "Alice's locker code is 9876."
+        bad = a.put(f"/v1/memories/{mid}", json={})
+        assert bad.status_code == 400 and "needs a new text" in bad.text
+        history = a.get(f"/v1/memories/{mid}/history").json()["data"]
+        assert [h["op"] for h in history] == ["add", "update"] and history[0]["text"] == "Alice's locker code is 1234."

@@ -137,6 +137,13 @@ def test_reencode_and_the_lifecycle_commands(tmp_path):
     assert res.exit_code == 0 and "exported 5 item(s)" in res.output, res.output
     res = run(app, ["import", str(tmp_path / "e.jsonl"), "--memory", str(tmp_path / "i"), *model])
     assert res.exit_code == 0 and "imported 5 items of 2 users" in res.output, res.output
+    res = run(app, ["update", a[0], "--memory", str(tmp_path / "m"), "--user", "alice", "--text",
+                    "Alice keeps her spare key in the shed.", *model])
+    assert res.exit_code == 0 and "version 2" in res.output, res.output
+    res = run(app, ["history", a[0], "--memory", str(tmp_path / "m"), "--user", "alice", *model])
+    assert [json.loads(line)["op"] for line in res.output.splitlines()] == ["add", "update"], res.output
+    res = run(app, ["history", a[0], "--memory", str(tmp_path / "m"), "--user", "bob", *model])
+    assert res.exit_code == 2 and "no item" in res.output
     res = run(app, ["reset", "--memory", str(tmp_path / "m"), "--user", "bob", "--yes", *model])
     assert res.exit_code == 0 and "deleted 2 item(s)" in res.output, res.output
     gc.collect()
@@ -147,3 +154,76 @@ def test_reencode_and_the_lifecycle_commands(tmp_path):
     assert [i["id"] for i in moved.items(user_id="alice")] == a
     with pytest.raises(InputError, match="not an empty folder"):
         reencode_memory(tmp_path / "m", tmp_path / "q", other)
+
+
+def test_update_keeps_the_id_reencodes_and_history_lists_every_version(lm, fast_dir):
+    mem, a, b = filled(lm, fast_dir / "m")
+    before = mem.get(a[1], user_id="alice")
+    receipt = mem.update(a[1], text="Alice's cat is called Miso now.", user_id="alice")
+    assert receipt.ids == [a[1]] and receipt.details["version"] == 2
+    after = mem.get(a[1], user_id="alice")
+    assert after["text"] == "Alice's cat is called Miso now." and after["created"] == before["created"]
+    assert after["metadata"] == {"topic": "home"} and [i["id"] for i in mem.items(user_id="alice")] == a
+    assert mem.search("Miso", k=1, user_id="alice", variant="bm25")[0].id == a[1]
+    ids = mem.load_chunk(mem.store.index.get([a[1]])[0][1])[0]
+    assert "Miso" in lm.tokenizer.decode(ids)  # the payload is the new text's KV
+    mem.update(a[1], metadata={"topic": "pets"}, user_id="alice")
+    assert mem.get(a[1], user_id="alice")["metadata"] == {"topic": "pets"}
+    mem.delete(a[1])
+    history = mem.history(a[1], user_id="alice")
+    assert [h["op"] for h in history] == ["add", "update", "update", "delete"]
+    assert [h.get("text") for h in history[:3]] == [ALICE[1], "Alice's cat is called Miso now.",
+                                                    "Alice's cat is called Miso now."]
+    assert all(x["time"] <= y["time"] for x, y in zip(history, history[1:]))
+    assert mem.history(a[1], user_id="bob") == [] and mem.history("nope", user_id="alice") == []
+    for bad, match in (({"text": "x"}, "no memory"), ({}, "needs a new text")):
+        with pytest.raises(InputError, match=match):
+            mem.update(b[0] if bad else a[0], user_id="alice", **bad)
+    with pytest.raises(InputError, match="more than one chunk"):
+        mem.update(a[0], text="word " * 400, user_id="alice")
+
+
+def test_an_update_killed_before_it_was_acknowledged_leaves_the_old_version(lm, fast_dir):
+    """The new version reached the catalog (unpublished) and the index (pending), then the process stopped: the
+    next open serves the old version, re-encoded from the catalog."""
+    mem, a, b = filled(lm, fast_dir / "m")
+    old = mem.get(a[0], user_id="alice")
+    real_publish = mem.store.catalog.publish
+    mem.store.catalog.publish = lambda pending_id: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+    with pytest.raises(KeyboardInterrupt):
+        mem.update(a[0], text="A new text that never got acknowledged.", user_id="alice")
+    mem.store.catalog.publish = real_publish
+    mem.close()
+    del mem
+    import gc
+
+    gc.collect()
+    mem = nm.open_memory(fast_dir / "m", lm)
+    assert mem.get(a[0], user_id="alice")["text"] == old["text"]
+    assert "acknowledged" not in " ".join(h.get("text") or "" for h in mem.history(a[0], user_id="alice"))
+    assert len(mem.items(user_id="alice")) == 3 and mem.damage == {}
+
+
+def test_a_failed_update_leaves_the_old_version(lm, fast_dir, monkeypatch):
+    mem, a, b = filled(lm, fast_dir / "m")
+    old = mem.get(a[2], user_id="alice")
+    index = mem.store.index
+    real = index.upsert
+
+    def fail(points):
+        real(points)  # the new version reaches the index (pending), then the write fails
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(index, "upsert", fail)
+    with pytest.raises(OSError):
+        mem.update(a[2], text="Alice parks in the street now.", user_id="alice")
+    monkeypatch.setattr(index, "upsert", real)
+    mem.close()  # the restore failed too (same disk); the next open restores the old version from the catalog
+    del mem, index
+    import gc
+
+    gc.collect()
+    mem = nm.open_memory(fast_dir / "m", lm)
+    assert mem.get(a[2], user_id="alice")["text"] == old["text"]
+    assert mem.search("street", k=3, user_id="alice", variant="bm25") == []  # the new text is nowhere
+    assert [h["op"] for h in mem.history(a[2], user_id="alice")] == ["add"]

@@ -1,4 +1,5 @@
-"""CLI commands of a memory's lifecycle: `list`, `get`, `delete`, `reset`, `export`, `import`, `reencode`.
+"""CLI commands of a memory's lifecycle: `list`, `get`, `update`, `history`, `delete`, `reset`, `export`, `import`,
+`reencode`.
 
 They parse input and call the Python API (:class:`nativemem.memories.base.Memory`'s lifecycle methods);
 registered onto the main app by :func:`register`.
@@ -65,6 +66,41 @@ def register(app: typer.Typer) -> None:
         if row is None:
             raise InputError(f"no item {memory_id!r} for this user")
         typer.echo(json.dumps(row, ensure_ascii=False, indent=2))
+
+    @app.command()
+    @_handle_errors
+    def update(memory_id: Annotated[str, typer.Argument(help="item id")], memory: MemoryOpt, user: UserOpt = None,
+               text: Annotated[str | None, typer.Option(help="the new text (encoded again; one chunk at most)")] = None,
+               metadata: Annotated[str | None, typer.Option(help="new metadata, a JSON object")] = None,
+               model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+        """Replace one of a user's items: a new text and/or new metadata; the id stays."""
+        from ..errors import InputError
+
+        meta = None
+        if metadata is not None:
+            try:
+                meta = json.loads(metadata)
+            except ValueError as e:
+                raise InputError(f"--metadata is not JSON: {e}") from None
+            if not isinstance(meta, dict):
+                raise InputError("--metadata must be a JSON object")
+        mem = _open(memory, model, dtype, device)
+        receipt = mem.update(memory_id, text=text, metadata=meta, user_id=user)
+        mem.save()
+        console.print(f"updated {memory_id} (version {receipt.details['version']})", highlight=False)
+
+    @app.command()
+    @_handle_errors
+    def history(memory_id: Annotated[str, typer.Argument(help="item id")], memory: MemoryOpt, user: UserOpt = None,
+                model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
+        """Show the versions of one of a user's items (add, update, delete, with times) as JSON lines."""
+        from ..errors import InputError
+
+        versions = _open(memory, model, dtype, device).history(memory_id, user_id=user)
+        if not versions:
+            raise InputError(f"no item {memory_id!r} for this user")
+        for v in versions:
+            typer.echo(json.dumps(v, ensure_ascii=False))
 
     @app.command()
     @_handle_errors

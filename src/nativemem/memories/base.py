@@ -9,7 +9,8 @@ A memory kind is a :class:`Memory` subclass with a :class:`MemoryConfig` datacla
   the kind's hooks (removed in ``finally``) and yields an :class:`Injection` (maybe a KV prefix).
   When the memory is disabled it does nothing, so logits are bit-identical to the bare model.
 - ``delete(memory_id) -> Receipt``, ``stats() -> dict``.
-- The lifecycle: ``items(user_id=, limit=, offset=)``, ``get(memory_id, user_id=)``, ``reset(user_id)``,
+- The lifecycle: ``items(user_id=, limit=, offset=)``, ``get(memory_id, user_id=)``, ``update``, ``history``,
+  ``reset(user_id)``,
   ``export(path, user_id=)`` (the portable JSON Lines format of :mod:`.export`) and ``import_file(path)``.
   A kind that cannot do one raises :class:`~nativemem.errors.UnsupportedError` naming itself.
 - ``save(path)`` / ``Memory.open(path, lm)``: a folder with ``memory_config.json`` (sorted keys, a
@@ -213,6 +214,15 @@ class Memory(ABC):
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         """One of the user's items by id (as :meth:`items` gives it), or None; another user's id is None too."""
         raise self._unsupported("get")
+
+    def update(self, memory_id: str, *, text: str | None = None, metadata: dict[str, Any] | None = None,
+               user_id: str | None = None) -> Receipt:
+        """Replace one of the user's items with a new text (encoded again) and/or metadata; the id stays."""
+        raise self._unsupported("update")
+
+    def history(self, memory_id: str, *, user_id: str | None = None) -> list[dict[str, Any]]:
+        """The versions of one of the user's items (``op``: add, update, delete; ``time``), oldest first."""
+        raise self._unsupported("history")
 
     def reset(self, user_id: str | None) -> Receipt:
         """Delete every item of one user."""

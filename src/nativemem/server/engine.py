@@ -289,6 +289,24 @@ class Engine:
                 self.memory.delete(pid)
         return [pid for pid, _ in rows]
 
+    def update(self, memory_id: str, *, user_id: str, text: str | None, metadata: dict[str, Any] | None,
+               stop: Stop) -> dict[str, Any] | None:
+        """Replace one of the caller's chunks (call under ``model_lock``); None when the caller has no such chunk."""
+        stop.check()
+        with self.store_lock:
+            if self.memory.get(memory_id, user_id=user_id or None) is None:
+                return None
+            self.memory.update(memory_id, text=text, metadata=metadata, user_id=user_id or None)
+            rows = self.memory.store.index.get([memory_id])
+        return public_record(*rows[0])
+
+    def history(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
+        with self.store_lock:
+            versions = self.memory.history(memory_id, user_id=user_id or None)
+        if not versions:
+            return None
+        return {"object": "list", "id": memory_id, "data": versions}
+
     def reset(self, *, user_id: str) -> dict[str, Any]:
         """Delete every chunk of the caller."""
         with self.store_lock:

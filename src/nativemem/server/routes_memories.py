@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 from .calls import engine, in_thread, user_of, with_model
 from .http import MAX_ID_CHARS, ApiError, int_param, json_body, read_json
 from .schemas import (MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, ResetRequest,
-                      SearchRequest)
+                      SearchRequest, UpdateRequest)
 
 router = APIRouter()
 
@@ -124,3 +124,26 @@ async def get_memory(memory_id: str, request: Request):
 async def delete_memory(memory_id: str, request: Request):
     deleted = await _for_owner(request, memory_id, lambda eng, mid, user: eng.delete(mid, user_id=user))
     return {"object": "memory.deleted", "id": memory_id, "deleted": True, "ids": deleted}
+
+
+@router.put("/v1/memories/{memory_id}", openapi_extra=json_body(UpdateRequest))
+async def update_memory(memory_id: str, request: Request):
+    """Replace one of the caller's chunks: a new text (encoded again, same id) and/or new metadata."""
+    user = user_of(request)
+    req = await read_json(request, UpdateRequest)
+    if req.metadata is not None and len(json.dumps(req.metadata)) > MAX_METADATA_CHARS:
+        raise ApiError(400, f"metadata is larger than {MAX_METADATA_CHARS:,} characters of JSON", param="metadata")
+    if len(memory_id) > MAX_ID_CHARS:
+        raise _not_found(memory_id)
+    eng = engine(request)
+    out = await with_model(request, lambda stop: eng.update(memory_id, user_id=user, text=req.text,
+                                                            metadata=req.metadata, stop=stop))
+    if out is None:
+        raise _not_found(memory_id)
+    return out
+
+
+@router.get("/v1/memories/{memory_id}/history")
+async def memory_history(memory_id: str, request: Request):
+    """Versions of one of the caller's chunks (add, update, delete, with times), oldest first."""
+    return await _for_owner(request, memory_id, lambda eng, mid, user: eng.history(mid, user_id=user))

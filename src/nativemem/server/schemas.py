@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ChatMessage", "ChatRequest", "AddRequest", "SearchRequest", "ConsolidateRequest", "ResetRequest",
+           "UpdateRequest",
            "MAX_MESSAGES",
            "MAX_MESSAGE_CHARS",
            "MAX_NEW_TOKENS", "DEFAULT_MAX_TOKENS", "MAX_TOP_K", "MAX_TEXTS_PER_ADD", "MAX_TEXT_CHARS",
@@ -141,6 +142,13 @@ class AddRequest(_Strict):
 
 class ConsolidateRequest(_Strict):
     into: Literal["side_ffn", "pkm"]
+
+
+class UpdateRequest(_Strict):
+    """``PUT /v1/memories/{id}``: a new text (encoded again; one chunk at most) and/or new metadata."""
+
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    metadata: dict[str, Any] | None = None
 
 
 class ResetRequest(_Strict):

@@ -3,15 +3,16 @@
 The Qdrant index is fast but fragile: a lost segment folder or a few flipped bytes lose chunks silently or
 stop the process. The catalog is the source of truth it can be rebuilt from (:func:`repair_memory`):
 
-- **Lines.** ``catalog/<writer>.jsonl`` files of JSON lines. ``add`` (one per chunk: id, user, source,
-  chunk index, creation time, text, metadata, and the pending id of its add), ``publish`` (an add's pending
-  id, when all its chunks are written) and ``delete`` (ids). Each process appends to its own file; a group of
-  lines is one write and one fsync.
+- **Lines.** ``catalog/<writer>.jsonl`` files of JSON lines. ``add`` (one per chunk and version: id, user,
+  source, chunk index, creation time, text, metadata, ``version`` (1, then one more per update) and the pending
+  id of its add or update), ``publish`` (a pending id, when all its chunks are written) and ``delete`` (ids).
+  Every line has its ``time``. Each process appends to its own file; a group of lines is one write and one
+  fsync.
 - **Order.** An add's lines are fsynced after its payload and before the index learns of its chunks; its
   ``publish`` line before the index shows them; a ``delete`` line before the index drops them. So every
   acknowledged chunk is in the catalog, and a crash between the two leaves the catalog ahead of the index,
   which the next open catches up (:meth:`ActivationMemory._reconcile`).
-- **Live chunks** are the added ones whose add was published and that were not deleted. A line torn by a
+- **Live chunks** are the added ones not deleted, each at its latest published version. A line torn by a
   crash (the last of a file) is ignored; a damaged line elsewhere is skipped and counted.
 - **Deleted text** stays in the catalog (as deleted KV stays in segment files) until ``gc()``, which
   rewrites the catalog with only the live chunks (:meth:`Catalog.compact`).
@@ -23,6 +24,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +45,10 @@ class CatalogState:
 
     live: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
-    unpublished: set[str] = field(default_factory=set)  # chunks of adds never published
+    unpublished: set[str] = field(default_factory=set)  # chunks whose latest add or update was never published
     damaged_lines: int = 0
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # id -> its published versions, deletes
+    owners: dict[str, str] = field(default_factory=dict)  # id -> user id, deleted chunks included
 
 
 class Catalog:
@@ -78,7 +82,9 @@ class Catalog:
     def _append(self, lines: list[dict[str, Any]]) -> None:
         if not lines:
             return
-        data = "".join(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n" for line in lines)
+        now = time.time()
+        data = "".join(json.dumps({"time": now, **line}, ensure_ascii=False, separators=(",", ":")) + "\n"
+                       for line in lines)
         with self._lock:
             self.create()
             new = not self._file.exists()
@@ -90,8 +96,9 @@ class Catalog:
                 _fsync_dir(self.root)
 
     def add(self, entries: list[dict[str, Any]], pending_id: str = "") -> None:
-        """Record chunks (each a dict with ``memory_id``, ``user_id``, ``source_id``, ``chunk_index``,
-        ``created``, ``text``, ``metadata``); with ``pending_id`` they are live only once it is published."""
+        """Record chunks or new versions of them (each a dict with ``memory_id``, ``user_id``, ``source_id``,
+        ``chunk_index``, ``created``, ``text``, ``metadata``, ``version``); with ``pending_id`` they are live only
+        once it is published."""
         self._append([{"op": "add", **e, **({"pending": pending_id} if pending_id else {})} for e in entries])
 
     def publish(self, pending_id: str) -> None:
@@ -107,7 +114,8 @@ class Catalog:
 
     def state(self) -> CatalogState:
         """Replay every line of every writer's file."""
-        added: dict[str, dict[str, Any]] = {}
+        versions: dict[str, list[dict[str, Any]]] = {}
+        deletes: dict[str, float] = {}
         published: set[str] = set()
         out = CatalogState()
         for path in self.files():
@@ -123,20 +131,30 @@ class Catalog:
                         out.damaged_lines += 1
                     continue
                 if op == "add" and "memory_id" in rec:
-                    added[str(rec["memory_id"])] = rec
+                    versions.setdefault(str(rec["memory_id"]), []).append(rec)
                 elif op == "publish":
                     published.add(str(rec.get("pending", "")))
                 elif op == "delete":
-                    out.deleted.update(str(i) for i in rec.get("ids", []))
+                    for i in rec.get("ids", []):
+                        deletes.setdefault(str(i), rec.get("time"))
                 else:
                     out.damaged_lines += 1
-        for mid, rec in added.items():
-            if mid in out.deleted:
+        out.deleted = set(deletes)
+        for mid, recs in versions.items():
+            recs.sort(key=lambda r: int(r.get("version") or 1))
+            done = [{k: v for k, v in r.items() if k not in ("op", "pending")} for r in recs
+                    if not r.get("pending") or r["pending"] in published]
+            out.history[mid] = [{"op": "add" if int(r.get("version") or 1) == 1 else "update",
+                                 "time": r.get("time", r.get("created")), "version": int(r.get("version") or 1),
+                                 "text": r.get("text"), "metadata": r.get("metadata")} for r in done]
+            out.owners[mid] = str(recs[0].get("user_id") or "")
+            if mid in deletes:
+                out.history[mid].append({"op": "delete", "time": deletes[mid]})
                 continue
-            if rec.get("pending") and rec["pending"] not in published:
+            if recs[-1].get("pending") and recs[-1]["pending"] not in published:
                 out.unpublished.add(mid)
-                continue
-            out.live[mid] = {k: v for k, v in rec.items() if k not in ("op", "pending")}
+            if done:
+                out.live[mid] = done[-1]
         return out
 
     # ------------------------------------------------------------------ maintenance

@@ -188,7 +188,8 @@ class ActivationMemory(Memory):
                 self._reconcile()                                              # in line with the catalog
         return self._store
 
-    _CATALOG_FIELDS = ("memory_id", "user_id", "source_id", "chunk_index", "created", "seq", "text", "metadata")
+    _CATALOG_FIELDS = ("memory_id", "user_id", "source_id", "chunk_index", "created", "seq", "text", "metadata",
+                       "version")
 
     def _reconcile(self) -> None:
         """At open: finish what a crash interrupted, and say what the index lacks.
@@ -206,9 +207,13 @@ class ActivationMemory(Memory):
             return
         state = catalog.state()
         leftover = store.index.unpublished()
-        finish = [i for i in leftover if i in state.live]
+        finish = [i for i in leftover if i in state.live and i not in state.unpublished]
+        # an update that never finished: the index holds the new version, unpublished; the old one is restored
+        restore = [i for i in leftover if i in state.live and i in state.unpublished]
         drop = [i for i in leftover if i not in state.live]
         store.index.publish(finish)
+        if restore:
+            self._encode_again([state.live[i] for i in restore])
         if drop:
             catalog.delete(drop)
             store.index.delete(drop)
@@ -351,10 +356,15 @@ class ActivationMemory(Memory):
             self._add_batches(pending, order, done, futures, user, metadata, (pending_id, time.time()))
         except BaseException:
             written = [info["id"] for info in done.values()]
+            updated = {str(p[4]["memory_id"]) for p in pending if len(p) > 4 and int(p[4].get("version") or 1) > 1}
             try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
+                fresh = [i for i in written if i not in updated]
                 if not self._repairing:
-                    self.store.catalog.delete(written)
-                self.store.index.delete(written)
+                    self.store.catalog.delete(fresh)
+                self.store.index.delete(fresh)
+                if updated and not self._repairing:  # a failed update: the old version comes back
+                    live = self.store.catalog.state().live
+                    self._encode_again([live[i] for i in updated if i in live])
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
             raise
@@ -466,7 +476,7 @@ class ActivationMemory(Memory):
                 picked, batch, vectors, stored):
             # kept: what repair() re-encodes keeps of the original chunk (id, owner, time, metadata)
             known = kept[0] if kept else {"memory_id": new_id(), "user_id": user, "created": created,
-                                          "metadata": metadata}
+                                          "metadata": metadata, "version": 1}
             mid = str(known["memory_id"])
             n_tokens = len(layout.ids) - frame_len
             points.append(IndexPoint(mid, pooled.tolist() if pooled is not None else None, tokens.tolist(),
@@ -475,6 +485,7 @@ class ActivationMemory(Memory):
                 "created": known["created"], "fingerprint": self.fingerprint.short, "text": chunk, "blob": location,
                 "tokens": n_tokens, "content_tokens": int(tokens.shape[0]), "payload_kind": self.config.payload,
                 "metadata": known["metadata"], "seq": seq if known.get("seq") is None else known["seq"],
+                "version": int(known.get("version") or 1),
                 **({PENDING: pending_id} if pending_id else {})}))
             infos.append({"id": mid, "source_id": source, "chunk_index": j, "tokens": n_tokens,
                           "blob_bytes": nbytes, "index_vector_bytes": self._index_bytes(int(tokens.shape[0])),
@@ -934,6 +945,21 @@ class ActivationMemory(Memory):
         """A memory-like view that injects exactly these chunks (oracle/random benchmark arms)."""
         return _Pinned(self, list(memory_ids))
 
+    def _encode_again(self, records: Sequence[dict[str, Any]]) -> None:
+        """Write catalog records into the index again (new payload, same id, owner, time, metadata and version);
+        the catalog already holds them, so it gets no new line."""
+        before, self._repairing = self._repairing, True
+        try:
+            pending = [(str(r.get("source_id")), int(r.get("chunk_index") or 0), str(r["text"]),
+                        self.chunk_layout(str(r["text"])),
+                        {"memory_id": r["memory_id"], "user_id": str(r.get("user_id") or DEFAULT_USER),
+                         "created": r.get("created"), "seq": r.get("seq"), "metadata": r.get("metadata") or {},
+                         "version": r.get("version")}) for r in records]
+            if pending:
+                self._store_chunks(pending, DEFAULT_USER, {})
+        finally:
+            self._repairing = before
+
     # ------------------------------------------------------------------ the lifecycle
     @staticmethod
     def _item(pid: str, p: dict[str, Any]) -> dict[str, Any]:
@@ -957,6 +983,59 @@ class ActivationMemory(Memory):
         user = _check_user(user_id)
         rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
         return self._item(*rows[0]) if rows else None
+
+    def update(self, memory_id: str, *, text: str | None = None, metadata: dict[str, Any] | None = None,
+               user_id: str | None = None) -> Receipt:
+        """Replace one of the user's chunks with a new text (encoded again) and/or new metadata; the id stays.
+
+        All or nothing: until the new version is acknowledged, the old one is served, and a crash in between
+        leaves the old one (restored at the next open). The new text must fit one chunk (``chunk_tokens``).
+
+        Raises:
+            InputError: no such chunk for this user (another user's id answers the same), nothing to change, or a
+                text longer than one chunk.
+        """
+        start = time.perf_counter()
+        user = _check_user(user_id)
+        rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
+        if not rows:
+            raise InputError(f"no memory {memory_id!r} for this user")
+        if text is None and metadata is None:
+            raise InputError("update needs a new text, new metadata, or both")
+        old = rows[0][1]
+        new_text = check_text(text) if text is not None else str(old.get("text", ""))
+        if metadata is not None:
+            try:
+                json.dumps(metadata)
+            except TypeError as e:
+                raise InputError(f"metadata must be JSON-serialisable: {e}") from None
+        n = self.lm.count_tokens(new_text)
+        if n > self.config.chunk_tokens:
+            raise InputError(f"the new text has {n} tokens, more than one chunk ({self.config.chunk_tokens}); "
+                             "delete the chunk and add the text instead")
+        layout = self.chunk_layout(new_text)
+        self._check_fits(layout, what="the new text with its template")
+        version = int(old.get("version") or 1) + 1
+        done = self._store_chunks([(str(old.get("source_id")), int(old.get("chunk_index") or 0), new_text, layout,
+                                    {"memory_id": str(memory_id), "user_id": user, "created": old.get("created"),
+                                     "seq": old.get("seq"), "metadata": old.get("metadata") or {} if metadata is None
+                                     else metadata, "version": version})], user, {})
+        location = str(old.get("blob") or "")
+        self.tiers.forget(lambda key: key[1] == location)
+        info = done[0]
+        return Receipt(self.kind, "update", ids=[str(memory_id)], tokens=info["tokens"],
+                       bytes_written=info["blob_bytes"] + info["index_vector_bytes"],
+                       elapsed_s=time.perf_counter() - start, details={"version": version})
+
+    def history(self, memory_id: str, *, user_id: str | None = None) -> list[dict[str, Any]]:
+        """The versions of one of the user's chunks, oldest first: ``op`` (add, update, delete), ``time``,
+        ``version``, ``text``, ``metadata``. Empty for an id the user never had (or another user's); a deleted
+        chunk's history ends with its delete until ``gc()`` erases it (``gc()`` also keeps only the latest
+        version of live chunks)."""
+        state = self.store.catalog.state()
+        if state.owners.get(str(memory_id)) != _check_user(user_id):
+            return []
+        return state.history.get(str(memory_id), [])
 
     def reset(self, user_id: str | None) -> Receipt:
         """Delete every chunk of one user (the catalog first, then the index; ``gc()`` frees the bytes)."""
@@ -1226,20 +1305,13 @@ class ActivationMemory(Memory):
                 _clean_file(path / "store").unlink(missing_ok=True)
         finally:
             lock.release()
-        mem._repairing = True
+        mem._repairing = True  # the store opens without reconciling: its index is new and empty
         try:
-            by_user: dict[str, list[dict[str, Any]]] = {}
-            for rec in state.live.values():
-                by_user.setdefault(str(rec.get("user_id") or DEFAULT_USER), []).append(rec)
-            for user, recs in by_user.items():
-                pending = [(str(r.get("source_id")), int(r.get("chunk_index") or 0), str(r["text"]),
-                            mem.chunk_layout(str(r["text"])),
-                            {"memory_id": r["memory_id"], "user_id": user, "created": r.get("created"),
-                             "seq": r.get("seq"), "metadata": r.get("metadata") or {}}) for r in recs]
-                mem._store_chunks(pending, user, {})
+            mem._encode_again(list(state.live.values()))
         finally:
             mem._repairing = False
             mem.close()
+        by_user = {str(rec.get("user_id") or DEFAULT_USER) for rec in state.live.values()}
         notes = [f"encoded {len(state.live)} chunks of {len(by_user)} users again from the catalog"]
         if moved is not None:
             notes.append(f"the old index is in {moved.name}/; delete it when the memory serves what you expect")
