@@ -472,3 +472,19 @@ def test_update_and_history_over_http_answer_another_user_as_unknown(served):
         assert bad.status_code == 400 and "needs a new text" in bad.text
         history = a.get(f"/v1/memories/{mid}/history").json()["data"]
         assert [h["op"] for h in history] == ["add", "update"] and history[0]["text"] == "Alice's locker code is 1234."
+
+
+def test_memory_write_remembers_the_exchange_once(served):
+    with _client(served, "carol") as c:
+        body = _chat("Carol's favourite colour is teal.", memory_write=True)
+        first = c.post("/v1/chat/completions", json=body).json()
+        remembered = first["nativemem"]["remembered"]
+        if not first["choices"][0]["message"]["content"].strip():
+            assert remembered == {"ids": [], "skipped": "empty answer"}
+            return
+        assert remembered["ids"] and remembered["duplicate"] is False and remembered["write_s"] > 0
+        stored = c.get(f"/v1/memories/{remembered['ids'][0]}").json()
+        assert stored["text"].split()[:7] == "User: Carol's favourite colour is teal. Assistant:".split()
+        again = c.post("/v1/chat/completions", json={**body, "memory": False}).json()["nativemem"]["remembered"]
+        assert again["ids"] == [] and again["duplicate"] is True
+        assert "remembered" not in c.post("/v1/chat/completions", json=_chat("Hi")).json()["nativemem"]

@@ -227,3 +227,36 @@ def test_a_failed_update_leaves_the_old_version(lm, fast_dir, monkeypatch):
     assert mem.get(a[2], user_id="alice")["text"] == old["text"]
     assert mem.search("street", k=3, user_id="alice", variant="bm25") == []  # the new text is nowhere
     assert [h["op"] for h in mem.history(a[2], user_id="alice")] == ["add"]
+
+
+def test_remember_stores_an_exchange_once_per_user(lm, fast_dir):
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    first = mem.remember("My sister Mara lives in Oslo.", "Noted: Mara lives in Oslo.", user_id="alice")
+    assert first.ids and first.details["duplicate"] is False and first.elapsed_s > 0
+    again = mem.remember("My sister Mara lives in Oslo.", "Noted: Mara lives in Oslo.", user_id="alice")
+    assert again.ids == [] and again.details["duplicate"] is True
+    other = mem.remember("My sister Mara lives in Oslo.", "Noted: Mara lives in Oslo.", user_id="bob")
+    assert other.ids and other.details["duplicate"] is False  # another user's identical exchange is their own
+    items = mem.items(user_id="alice")
+    assert len(items) == 1 and items[0]["text"].split() == "User: My sister Mara lives in Oslo. Assistant: Noted: Mara " \
+        "lives in Oslo.".split()
+    assert items[0]["metadata"] == {"kind": "conversation"}
+
+
+def test_cli_chat_remembers_and_keeps_the_sessions_turns(tmp_path):
+    from nativemem.cli.main import app
+
+    save_tiny_lm(tmp_path / "model")
+    loaded = nm.load_model(tmp_path / "model")
+    nm.open_memory(tmp_path / "m", loaded, kind="activation").save()
+    import gc
+
+    gc.collect()
+    res = CliRunner().invoke(app, ["chat", "--memory", str(tmp_path / "m"), "--user", "u", "--remember",
+                                   "--max-new-tokens", "4", "--model", str(tmp_path / "model")],
+                             input="My locker code is 4312.\nWhat is my locker code?\n\n")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("remembered (") + res.output.count("already remembered") == 2
+    mem = nm.open_memory(tmp_path / "m", loaded)
+    texts = [i["text"] for i in mem.items(user_id="u")]
+    assert len(texts) == 2 and texts[0].split()[:7] == "User: My locker code is 4312. Assistant:".split()

@@ -95,16 +95,27 @@ def register(app: typer.Typer) -> None:
     @_handle_errors
     def chat(memory: MemoryOpt, user: UserOpt = None,
              max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="cap on generated tokens")] = 128,
+             remember: Annotated[bool, typer.Option("--remember", help="write each finished exchange into the "
+                                                    "user's memory (conversation memory)")] = False,
              model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-        """Interactive chat: each question retrieves from the memory and answers with the injected chunks."""
+        """Interactive chat: each question retrieves from the memory and answers with the injected chunks.
+
+        Earlier turns of the session stay in the prompt while they fit half the model's window (oldest dropped).
+        """
         from ..errors import NativememError
         from ..prompting import DEFAULT_SYSTEM, build_messages
         from ..text import check_text
 
         lm = _load(model, dtype, device)
         mem = _open(memory, lm)
+        if remember and not hasattr(mem, "remember"):
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError(f"--remember writes conversations into activation memory; {memory} holds a "
+                                   f"{mem.kind!r} memory")
         console.print(f"[bold]chatting with {lm.name}[/] and memory {memory} ({mem.stats().get('chunks', '?')} "
                       "chunks). Empty line or Ctrl-D to quit.")
+        turns: list[tuple[str, str]] = []
         while True:
             try:
                 line = input("you> ")
@@ -115,12 +126,27 @@ def register(app: typer.Typer) -> None:
                 return
             try:
                 question = check_text(line, what="question")
-                ids = lm.chat_ids(build_messages(question, system=getattr(mem, "chat_system", None) or DEFAULT_SYSTEM))
+                system, current = build_messages(question, system=getattr(mem, "chat_system", None) or DEFAULT_SYSTEM)
+                while True:  # the session's earlier turns, the oldest dropped until the prompt fits half the window
+                    earlier = [m for q, a in turns for m in ({"role": "user", "content": q},
+                                                            {"role": "assistant", "content": a})]
+                    ids = lm.chat_ids([system, *earlier, current])
+                    if not turns or ids.shape[1] + max_new_tokens <= lm.max_context // 2:
+                        break
+                    turns.pop(0)
                 gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem, user_id=user, query=question)
+                written = mem.remember(question, gen.text, user_id=user) if remember and gen.text.strip() else None
             except NativememError as e:  # one bad line does not end the session
                 console.print(f"[red]error:[/] {e}", highlight=False)
                 continue
+            turns.append((question, gen.text))
             console.print(gen.text, highlight=False)
+            if written is not None:
+                what = ("already remembered" if written.details["duplicate"]
+                        else f"remembered ({len(written.ids)} chunk)")
+                console.print(f"[dim]{what}: write {written.elapsed_s * 1000:.0f} ms, "
+                              f"turn {gen.total_s * 1000:.0f} ms[/]",
+                              highlight=False)
             hits = getattr(mem, "last_selection", {}).get("hits", [])
             scores = ", ".join(f"{'+' if h['injected'] else '-'}{h['relevance']:.2f}" for h in hits
                                if h.get("relevance") is not None)

@@ -71,6 +71,7 @@ class Answer:
     parametric: list[str] = field(default_factory=list)  # kinds of the caller's consolidated memories used
     hits: list[dict[str, Any]] = field(default_factory=list)  # every hit considered: scores, injected or why not
     warnings: list[str] = field(default_factory=list)  # e.g. a consolidated memory that could not be used
+    remembered: dict[str, Any] | None = None  # memory_write: what the exchange's write stored and cost
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +289,19 @@ class Engine:
             for pid, _ in rows:
                 self.memory.delete(pid)
         return [pid for pid, _ in rows]
+
+    def remember(self, answer: Answer, messages: list[dict[str, str]], *, user_id: str) -> None:
+        """Write the finished exchange (last user message, the answer) into the caller's memory; the cost and ids go
+        to ``answer.remembered`` (call under ``model_lock``)."""
+        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        if not answer.generation.text.strip():
+            answer.remembered = {"ids": [], "skipped": "empty answer"}
+            return
+        with self.store_lock:
+            receipt = self.memory.remember(question, answer.generation.text, user_id=user_id or None)
+        answer.remembered = {"ids": list(receipt.ids), "duplicate": receipt.details["duplicate"],
+                             "write_s": round(receipt.elapsed_s, 6),
+                             "turn_s": round(answer.generation.total_s, 6)}
 
     def update(self, memory_id: str, *, user_id: str, text: str | None, metadata: dict[str, Any] | None,
                stop: Stop) -> dict[str, Any] | None:

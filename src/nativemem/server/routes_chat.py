@@ -50,7 +50,13 @@ async def chat_completions(request: Request):
                sampling=sampling)
     if req.stream:
         return await _stream(request, eng, req, run, cid, created)
-    answer = await with_model(request, lambda stop: eng.generate(**run, stop=stop))
+    def answer_and_remember(stop):
+        answer = eng.generate(**run, stop=stop)
+        if req.memory_write:
+            eng.remember(answer, messages, user_id=user)
+        return answer
+
+    answer = await with_model(request, answer_and_remember)
     gen = answer.generation
     return {"id": cid, "object": "chat.completion", "created": created, "model": eng.lm.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
@@ -68,7 +74,10 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
 
     def work():
         try:
-            push(("done", eng.generate(**run, stop=stop, on_token=lambda ids: push(("token", ids)))))
+            answer = eng.generate(**run, stop=stop, on_token=lambda ids: push(("token", ids)))
+            if req.memory_write:
+                eng.remember(answer, run["messages"], user_id=run["user_id"])
+            push(("done", answer))
         except BaseException as e:  # noqa: BLE001 - handed to the event loop
             push(("error", e))
 
@@ -145,4 +154,5 @@ def _usage(gen) -> dict[str, int]:
 def _extra(answer) -> dict[str, Any]:
     gen = answer.generation
     return {"memory_ids": answer.memory_ids, "prefix_tokens": gen.prefix_tokens, "ttft_s": round(gen.ttft_s, 6),
-            "parametric": answer.parametric, "hits": answer.hits, "warnings": answer.warnings}
+            "parametric": answer.parametric, "hits": answer.hits, "warnings": answer.warnings,
+            **({"remembered": answer.remembered} if answer.remembered is not None else {})}

@@ -87,6 +87,7 @@ class ChatRequest(_Strict):
     # nativemem's extra fields
     memory: bool = True
     top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
+    memory_write: bool = False  # write the finished exchange into the caller's memory (conversation memory)
 
     @field_validator("messages")
     @classmethod

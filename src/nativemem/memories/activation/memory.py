@@ -984,6 +984,28 @@ class ActivationMemory(Memory):
         rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
         return self._item(*rows[0]) if rows else None
 
+    def remember(self, question: str, answer: str, *, user_id: str | None = None) -> Receipt:
+        """Write one finished chat exchange into the user's memory (conversation memory), once.
+
+        The exchange is stored as ``User: … / Assistant: …`` text under a source id derived from its content,
+        so the same exchange is never stored twice for a user (``details["duplicate"]``); metadata
+        ``{"kind": "conversation"}`` marks it. It is a separate write (one forward pass over the exchange), not a
+        reuse of the chat's own KV; ``elapsed_s`` is its cost.
+        """
+        start = time.perf_counter()
+        user = _check_user(user_id)
+        question, answer = check_text(question, what="question"), check_text(answer, what="answer")
+        text = f"User: {question.strip()}\nAssistant: {answer.strip()}"
+        source = "turn-" + hashlib.sha256(f"{user}\0{text}".encode()).hexdigest()[:24]
+        if self.store.index.count(user_id=user, field_name="source_id", value=source):
+            return Receipt(self.kind, "remember", elapsed_s=time.perf_counter() - start,
+                           details={"duplicate": True, "source_id": source})
+        receipt = self.add(text, user_id=user_id, metadata={"source_id": source, "kind": "conversation"})
+        receipt.op = "remember"
+        receipt.details.update(duplicate=False, source_id=source)
+        receipt.elapsed_s = time.perf_counter() - start
+        return receipt
+
     def update(self, memory_id: str, *, text: str | None = None, metadata: dict[str, Any] | None = None,
                user_id: str | None = None) -> Receipt:
         """Replace one of the user's chunks with a new text (encoded again) and/or new metadata; the id stays.
@@ -1098,7 +1120,8 @@ class ActivationMemory(Memory):
                        notes=[f"imported {len(pending)} items of {len(users)} users"
                               + (f"; {len(items) - len(pending)} already stored (skipped)" if len(pending) < len(items)
                                  else "")],
-                       details={"imported": len(pending), "duplicates": len(items) - len(pending), "users": len(users)})
+                       details={"imported": len(pending), "duplicates": len(items) - len(pending),
+                                "users": len(users)})
 
     # ------------------------------------------------------------------ delete and maintenance
     def delete(self, memory_id: str) -> Receipt:
@@ -1153,7 +1176,8 @@ class ActivationMemory(Memory):
         if unreadable:
             bad.append(f"{unreadable} chunks have an unreadable payload (they are skipped when retrieved); "
                        f"{REPAIR_HINT} to encode them again")
-        return Receipt(self.kind, "check", notes=bad, details={"unreadable": unreadable, "missing_from_index": missing})
+        return Receipt(self.kind, "check", notes=bad,
+                       details={"unreadable": unreadable, "missing_from_index": missing})
 
     def gc(self) -> Receipt:
         """Remove payload no index point refers to: blobs, and segment files none of whose records is referenced
