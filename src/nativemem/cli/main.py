@@ -252,13 +252,14 @@ _LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
                "scale": ("nativemem.bench.scale", "run_scale"),
                "boundary": ("nativemem.bench.boundary", "run_boundary"),
                "relevance": ("nativemem.bench.relevance", "run_relevance"),
-               "scifact": ("nativemem.bench.tasks.scifact", "run_scifact")}
+               "scifact": ("nativemem.bench.tasks.scifact", "run_scifact"),
+               "conversation": ("nativemem.bench.conversation", "run_conversation")}
 _LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
               "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
               "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
               "scale": (), "boundary": (),
               "relevance": ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated"),
-              "scifact": ()}
+              "scifact": (), "conversation": ()}
 
 
 def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
