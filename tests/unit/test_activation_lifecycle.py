@@ -260,3 +260,61 @@ def test_cli_chat_remembers_and_keeps_the_sessions_turns(tmp_path):
     mem = nm.open_memory(tmp_path / "m", loaded)
     texts = [i["text"] for i in mem.items(user_id="u")]
     assert len(texts) == 2 and texts[0].split()[:7] == "User: My locker code is 4312. Assistant:".split()
+
+
+def test_cli_add_names_each_files_chunks_by_the_file(tmp_path):
+    from nativemem.cli.main import app
+
+    save_tiny_lm(tmp_path / "model")
+    (tmp_path / "keys.txt").write_text("The spare key is under the blue flower pot.")
+    (tmp_path / "cat.txt").write_text("The cat is called Pepper.")
+    res = CliRunner().invoke(app, ["add", str(tmp_path / "keys.txt"), str(tmp_path / "cat.txt"), "--memory",
+                                   str(tmp_path / "m"), "--kind", "activation", "--model", str(tmp_path / "model")])
+    assert res.exit_code == 0, res.output
+    import gc
+
+    gc.collect()
+    mem = nm.open_memory(tmp_path / "m", nm.load_model(tmp_path / "model"))
+    assert [(i["source_id"], i["text"]) for i in mem.items()] == [("keys.txt", "The spare key is under the blue "
+                                                                   "flower pot."), ("cat.txt", "The cat is called Pepper.")]
+
+
+def test_readers_beside_a_writer_read_the_catalog(tmp_path):
+    """Another process holds the folder and writes; `list`, `get`, `history` and `export` still answer, with
+    every write that process acknowledged."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from nativemem.cli.main import app
+
+    save_tiny_lm(tmp_path / "model")
+    code = textwrap.dedent(f"""
+        import sys
+        import nativemem as nm
+        mem = nm.open_memory({str(tmp_path / 'm')!r}, nm.load_model({str(tmp_path / 'model')!r}), kind="activation")
+        for i in range(3):
+            ids = mem.add(f"Note number {{i}} of the writer.", user_id="w").ids
+            print("ACK", ids[0], flush=True)
+        sys.stdin.readline()
+    """)
+    tests = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": tests})
+    try:
+        acked = [proc.stdout.readline().split()[1] for _ in range(3)]
+        model = ["--model", str(tmp_path / "model")]
+        res = CliRunner().invoke(app, ["list", "--memory", str(tmp_path / "m"), "--user", "w", "--json", *model])
+        assert res.exit_code == 0, res.output
+        rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+        assert [r["id"] for r in rows] == acked and "reading its catalog" in res.output
+        res = CliRunner().invoke(app, ["history", acked[1], "--memory", str(tmp_path / "m"), "--user", "w", *model])
+        assert res.exit_code == 0 and '"op": "add"' in res.output, res.output
+        res = CliRunner().invoke(app, ["export", "--memory", str(tmp_path / "m"), "--out", str(tmp_path / "e.jsonl"),
+                                       *model])
+        assert res.exit_code == 0 and "exported 3 item(s)" in res.output, res.output
+        res = CliRunner().invoke(app, ["reset", "--memory", str(tmp_path / "m"), "--user", "w", "--yes", *model])
+        assert res.exit_code == 2 and "open in another process" in " ".join(res.output.split())
+    finally:
+        proc.communicate("\n", timeout=60)

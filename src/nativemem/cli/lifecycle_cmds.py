@@ -36,6 +36,22 @@ def register(app: typer.Typer) -> None:
         read_memory_config(memory)  # not a memory folder: a clear error before loading the model
         return nm.open_memory(memory, _load(model, dtype, device))
 
+    def _reader(memory: Path, model, dtype, device):
+        """The memory for reading; while another process holds an activation folder, its catalog (no model)."""
+        from ..errors import MemoryLockedError
+        from ..memories.activation.catalog import Catalog, CatalogView
+        from ..memories.activation.store import _acquire_lock
+        from ..memories.base import read_memory_config
+
+        if read_memory_config(memory)["kind"] == "activation" and Catalog(memory).exists:
+            try:
+                _acquire_lock(memory).release()
+            except MemoryLockedError:
+                console.print("[dim]the folder is open in another process: reading its catalog (every acknowledged "
+                              "write; search and ask need that process, e.g. its HTTP API)[/]", highlight=False)
+                return CatalogView(memory)
+        return _open(memory, model, dtype, device)
+
     @app.command("list")
     @_handle_errors
     def list_(memory: MemoryOpt, user: UserOpt = None,
@@ -43,8 +59,8 @@ def register(app: typer.Typer) -> None:
               offset: Annotated[int, typer.Option(min=0, help="items skipped")] = 0,
               as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
               model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-        """List a user's stored items, oldest first."""
-        mem = _open(memory, model, dtype, device)
+        """List a user's stored items, oldest first (also while another process writes to the folder)."""
+        mem = _reader(memory, model, dtype, device)
         rows = mem.items(user_id=user, limit=limit, offset=offset)
         if as_json:
             for row in rows:
@@ -62,7 +78,7 @@ def register(app: typer.Typer) -> None:
         """Show one of a user's items as JSON (another user's id is 'not found', as an unknown one)."""
         from ..errors import InputError
 
-        row = _open(memory, model, dtype, device).get(memory_id, user_id=user)
+        row = _reader(memory, model, dtype, device).get(memory_id, user_id=user)
         if row is None:
             raise InputError(f"no item {memory_id!r} for this user")
         typer.echo(json.dumps(row, ensure_ascii=False, indent=2))
@@ -96,7 +112,7 @@ def register(app: typer.Typer) -> None:
         """Show the versions of one of a user's items (add, update, delete, with times) as JSON lines."""
         from ..errors import InputError
 
-        versions = _open(memory, model, dtype, device).history(memory_id, user_id=user)
+        versions = _reader(memory, model, dtype, device).history(memory_id, user_id=user)
         if not versions:
             raise InputError(f"no item {memory_id!r} for this user")
         for v in versions:
@@ -146,8 +162,10 @@ def register(app: typer.Typer) -> None:
 
         if out.exists() and not force:
             raise InputError(f"{out} exists; choose another file or pass --force")
-        receipt = _open(memory, model, dtype, device).export(out, user_id=user, force=force)
-        console.print(f"exported {receipt.details['items']} item(s) to {out}", highlight=False)
+        mem = _reader(memory, model, dtype, device)
+        done = mem.export(out, user_id=user, force=force)
+        n = done if isinstance(done, int) else done.details["items"]
+        console.print(f"exported {n} item(s) to {out}", highlight=False)
 
     @app.command("import")
     @_handle_errors

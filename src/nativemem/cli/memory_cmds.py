@@ -75,7 +75,10 @@ def register(app: typer.Typer) -> None:
         lm = _load(model, dtype, device)
         mem = nm.open_memory(memory, lm, kind=kind, **config)
         with console.status(f"writing {len(texts)} text(s) into the {mem.kind} memory…"):
-            receipt = mem.add(texts if len(texts) > 1 else texts[0], user_id=user)
+            if mem.kind == "activation":  # each file's chunks carry its name as their source id
+                receipt = mem.add(texts, user_id=user, source_ids=["stdin" if str(f) == "-" else f.name for f in files])
+            else:
+                receipt = mem.add(texts if len(texts) > 1 else texts[0], user_id=user)
         mem.save(memory)
         console.print(str(receipt), highlight=False)
         for note in receipt.notes:

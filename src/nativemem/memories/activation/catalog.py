@@ -32,7 +32,7 @@ from typing import Any
 
 from .store import _fsync_dir
 
-__all__ = ["Catalog", "CatalogState", "CATALOG_DIR", "FORMAT"]
+__all__ = ["Catalog", "CatalogState", "CatalogView", "CATALOG_DIR", "FORMAT"]
 
 CATALOG_DIR = "catalog"
 FORMAT = "nativemem-catalog/1"
@@ -178,3 +178,59 @@ class Catalog:
             _fsync_dir(self.root)
             self._file = self.root / f"{uuid.uuid4().hex}.jsonl"
             return max(0, before - new.stat().st_size)
+
+
+class CatalogView:
+    """A read-only view of a memory folder through its catalog: ``items``, ``get``, ``history`` and ``export``,
+    with no model and no index, so it works while another process has the folder open and writes to it (it
+    sees every write acknowledged before each call; a line being written is skipped). Search and generation
+    need the index: ask the process that holds it (e.g. the server's HTTP API).
+
+    Raises:
+        MemoryFormatError: the folder has no catalog.
+    """
+
+    kind = "activation"
+
+    def __init__(self, folder: str | os.PathLike):
+        from ...errors import MemoryFormatError
+
+        self.catalog = Catalog(Path(folder))
+        if not self.catalog.exists:
+            raise MemoryFormatError(f"{folder} has no catalog to read (an older memory folder, or not an activation "
+                                    "memory)")
+
+    def _rows(self, user_id: str | None) -> list[tuple[str, dict[str, Any]]]:
+        from .memory import _check_user, oldest_first
+
+        user = _check_user(user_id)
+        rows = [(mid, rec) for mid, rec in self.catalog.state().live.items() if (rec.get("user_id") or "") == user]
+        return sorted(rows, key=oldest_first)
+
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        from .memory import item_of
+
+        return [item_of(mid, rec) for mid, rec in self._rows(user_id)[offset: offset + limit]]
+
+    def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
+        from .memory import item_of
+
+        return next((item_of(mid, rec) for mid, rec in self._rows(user_id) if mid == str(memory_id)), None)
+
+    def history(self, memory_id: str, *, user_id: str | None = None) -> list[dict[str, Any]]:
+        from .memory import _check_user
+
+        state = self.catalog.state()
+        if state.owners.get(str(memory_id)) != _check_user(user_id):
+            return []
+        return state.history.get(str(memory_id), [])
+
+    def export(self, path, *, user_id: str | None = None, force: bool = False) -> int:
+        from ..export import write_export
+        from .memory import item_of, oldest_first
+
+        state = self.catalog.state()
+        rows = self._rows(user_id) if user_id is not None else sorted(state.live.items(), key=oldest_first)
+        model = "unknown (read from the catalog)"
+        return write_export(path, [item_of(mid, rec) for mid, rec in rows], kind=self.kind, model=model,
+                            user_id=user_id, force=force)

@@ -961,11 +961,6 @@ class ActivationMemory(Memory):
             self._repairing = before
 
     # ------------------------------------------------------------------ the lifecycle
-    @staticmethod
-    def _item(pid: str, p: dict[str, Any]) -> dict[str, Any]:
-        return {"id": pid, "user_id": p.get("user_id", DEFAULT_USER), "text": p.get("text", ""),
-                "source_id": p.get("source_id"), "chunk_index": p.get("chunk_index"), "created": p.get("created"),
-                "seq": p.get("seq"), "metadata": p.get("metadata") or {}, "tokens": p.get("tokens")}
 
     def _user_rows(self, user_id: str | None) -> list[tuple[str, dict[str, Any]]]:
         user = _check_user(user_id)
@@ -977,12 +972,12 @@ class ActivationMemory(Memory):
     def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         if limit < 1 or offset < 0:
             raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
-        return [self._item(pid, p) for pid, p in self._user_rows(user_id)[offset: offset + limit]]
+        return [item_of(pid, p) for pid, p in self._user_rows(user_id)[offset: offset + limit]]
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         user = _check_user(user_id)
         rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
-        return self._item(*rows[0]) if rows else None
+        return item_of(*rows[0]) if rows else None
 
     def remember(self, question: str, answer: str, *, user_id: str | None = None) -> Receipt:
         """Write one finished chat exchange into the user's memory (conversation memory), once.
@@ -1079,7 +1074,7 @@ class ActivationMemory(Memory):
             rows = sorted(self.store.index.scroll(with_payload=list(self._CATALOG_FIELDS)), key=oldest_first)
         else:
             rows = self._user_rows(user_id)
-        n = write_export(path, [self._item(pid, p) for pid, p in rows], kind=self.kind, model=self.fingerprint.name,
+        n = write_export(path, [item_of(pid, p) for pid, p in rows], kind=self.kind, model=self.fingerprint.name,
                          user_id=user_id, force=force)
         return Receipt(self.kind, "export", ids=[pid for pid, _ in rows], elapsed_s=time.perf_counter() - start,
                        details={"items": n, "path": str(path)})
@@ -1419,6 +1414,13 @@ class _Pinned:
         payloads = [rows[i] for i in self.memory_ids if i in rows]
         injection, _ = self.memory._injection(payloads)
         yield injection
+
+
+def item_of(pid: str, p: dict[str, Any]) -> dict[str, Any]:
+    """One stored chunk as the lifecycle methods give it, from its index payload or catalog record."""
+    return {"id": pid, "user_id": p.get("user_id", DEFAULT_USER), "text": p.get("text", ""),
+            "source_id": p.get("source_id"), "chunk_index": p.get("chunk_index"), "created": p.get("created"),
+            "seq": p.get("seq"), "metadata": p.get("metadata") or {}, "tokens": p.get("tokens")}
 
 
 def oldest_first(row: tuple[str, dict[str, Any]]) -> tuple:
