@@ -85,11 +85,11 @@ def register(app: typer.Typer) -> None:
                     out: Annotated[Path, typer.Option(help="folder for reliability.json (and its work/ folder)")] =
                     Path("results/reliability"),
                     parts: Annotated[str, typer.Option(help="comma-separated: durability, isolation, load, fuzz, "
-                                                       "ttft")] = "durability,isolation,load,fuzz,ttft",
+                                                       "ttft, damage")] = "durability,isolation,load,fuzz,ttft,damage",
                     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
                     model: ModelOpt = None) -> None:
         """Reliability and security suite against real `nativemem serve` subprocesses: SIGKILL durability,
-        cross-user isolation, 50-client load, fuzzing of every endpoint, and TTFT over HTTP."""
+        cross-user isolation, 50-client load, fuzzing of every endpoint, TTFT over HTTP, damaged files and repair."""
         import json
 
         _quiet_libraries()
