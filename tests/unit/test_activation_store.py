@@ -359,3 +359,86 @@ def test_default_memory_writes_in_one_pass_and_refuses_pooled_search(lm, fast_di
     finally:
         handle.remove()
     assert len(calls) == 2
+
+
+UPDATER_CODE = """
+import os, sys
+from testing import tiny_lm
+import nativemem as nm
+lm = tiny_lm("llama")
+mem = nm.open_memory(sys.argv[1], lm, kind="activation")
+ids = mem.add([f"Locker {j} holds version 0." for j in range(4)], user_id="u").ids
+print("IDS", " ".join(ids), flush=True)
+for v in range(1, 1000):
+    for mid in ids:
+        mem.update(mid, text=f"Locker {ids.index(mid)} holds version {v}.", user_id="u")
+        print("ACK", mid, v, flush=True)
+"""
+
+RESETTER_CODE = """
+import os, sys
+from testing import tiny_lm
+import nativemem as nm
+lm = tiny_lm("llama")
+mem = nm.open_memory(sys.argv[1], lm, kind="activation")
+for i in range(1000):
+    mem.add([f"Round {i} note {j}." for j in range(6)], user_id="u")
+    mem.add(f"Bob's note {i}.", user_id="bob")
+    print("READY", i, flush=True)
+    mem.reset("u")
+    print("RESET", i, flush=True)
+"""
+
+
+def test_a_sigkill_during_updates_leaves_each_chunk_at_an_acknowledged_or_the_next_version(lm, tmp_path):
+    for attempt, delay in enumerate((0.03, 0.17)):
+        folder = tmp_path / f"m{attempt}"
+        proc = _run(UPDATER_CODE, str(folder))
+        ids = proc.stdout.readline().split()[1:]
+        assert len(ids) == 4, ids
+        acked: dict[str, int] = {mid: 0 for mid in ids}
+        while min(acked.values()) < 2:
+            line = proc.stdout.readline()
+            if line.startswith("ACK"):
+                _, mid, v = line.split()
+                acked[mid] = int(v)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        for line in proc.stdout:  # acknowledgements printed before the kill landed
+            if line.startswith("ACK"):
+                _, mid, v = line.split()
+                acked[mid] = int(v)
+        mem = nm.open_memory(folder, lm)
+        for mid in ids:
+            item = mem.get(mid, user_id="u")
+            assert item is not None, mid  # never lost, never half-updated
+            version = int(item["text"].split("version ")[1].rstrip("."))
+            assert version in (acked[mid], acked[mid] + 1), (item, acked[mid])
+            assert mem.load_chunk(mem.store.index.get([mid])[0][1])[0]
+        assert mem.check().details == {"unreadable": 0, "missing_from_index": 0}
+        mem.close()
+        del mem
+        import gc
+
+        gc.collect()
+
+
+def test_a_sigkill_during_a_reset_deletes_all_of_the_users_chunks_or_none(lm, tmp_path):
+    for attempt, delay in enumerate((0.0, 0.01, 0.05)):
+        folder = tmp_path / f"m{attempt}"
+        proc = _run(RESETTER_CODE, str(folder))
+        state = ""
+        while not state.startswith("READY 2"):
+            state = proc.stdout.readline()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        mem = nm.open_memory(folder, lm)
+        assert len(mem.items(user_id="u")) in (0, 6)  # one reset's chunks: all gone or all there
+        assert len(mem.items(user_id="bob")) >= 3  # another user's chunks are never touched
+        mem.close()
+        del mem
+        import gc
+
+        gc.collect()
