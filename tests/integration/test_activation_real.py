@@ -1,5 +1,7 @@
 """Activation memory on the real default model (SmolLM2-135M-Instruct). Marked slow."""
 
+import json
+
 import pytest
 import torch
 from activation_helpers import assert_spliced_injection_equals_text, fast_dir  # noqa: F401
@@ -97,3 +99,23 @@ def test_poisoned_notes_change_no_answer_to_an_unrelated_question(real_lm, fast_
             (question, mem.last_selection)
     # a stored note *about* the question is relevant and is injected: the gate filters relevance, not truth
     assert any("Berlin" in p["text"] for p in mem.select("What is the capital of France?", user_id="u"))
+
+
+def test_export_then_import_gives_the_same_search_results_for_100_questions(real_lm, data_dir, fast_dir):
+    """24 SQuAD paragraphs: exported, imported into a fresh memory for the same model, the top-3 of
+    100 questions are the same chunks with the same scores; imported into another model, every item arrives."""
+    squad = json.loads((data_dir / "squad" / "squad-v1.1-dev.json").read_text())
+    paragraphs = [p for article in squad["data"][:2] for p in article["paragraphs"]][:24]
+    questions = [qa["question"] for p in paragraphs for qa in p["qas"]][:100]
+    assert len(questions) == 100
+    mem = nm.open_memory(fast_dir / "a", real_lm, kind="activation")
+    mem.add([p["context"] for p in paragraphs], user_id="u")
+    mem.export(fast_dir / "e.jsonl")
+    copy = nm.open_memory(fast_dir / "b", real_lm, kind="activation")
+    assert copy.import_file(fast_dir / "e.jsonl").details["imported"] == len(mem.items(user_id="u", limit=1000))
+    for q in questions:
+        want = [(h.id, round(h.score, 6)) for h in mem.search(q, k=3, user_id="u", relevance=False)]
+        assert [(h.id, round(h.score, 6)) for h in copy.search(q, k=3, user_id="u", relevance=False)] == want, q
+    other = nm.open_memory(fast_dir / "c", nm.load_model("random:tiny"), kind="activation")
+    receipt = other.import_file(fast_dir / "e.jsonl")
+    assert receipt.details["imported"] == len(mem.items(user_id="u", limit=1000)) and receipt.tokens > 0
