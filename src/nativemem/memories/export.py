@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,18 +39,11 @@ def write_export(path: str | os.PathLike, items: Iterable[dict[str, Any]], *, ki
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} exists; choose another file or pass force=True (--force)")
+    from .base import _atomic_write
+
     text = dumps_export(items, kind=kind, model=model, user_id=user_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return text.count("\n") - 1
 
 
