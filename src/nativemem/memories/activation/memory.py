@@ -1184,7 +1184,7 @@ class ActivationMemory(Memory):
         """
         from ...errors import MemoryFormatError
 
-        if self.store and self.damage.get("chunks_missing_from_index"):
+        if self.damage.get("chunks_missing_from_index"):
             raise MemoryFormatError(f"gc() refused: {self.damage['chunks_missing_from_index']} acknowledged chunks "
                                     f"are missing from the index; first {REPAIR_HINT}")
         catalog_freed = self.store.catalog.compact(self.store.catalog.state().live) \
