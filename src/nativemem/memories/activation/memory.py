@@ -1184,6 +1184,7 @@ class ActivationMemory(Memory):
         """
         from ...errors import MemoryFormatError
 
+        _ = self.store  # opening it reconciles the index with the catalog, which sets ``damage``
         if self.damage.get("chunks_missing_from_index"):
             raise MemoryFormatError(f"gc() refused: {self.damage['chunks_missing_from_index']} acknowledged chunks "
                                     f"are missing from the index; first {REPAIR_HINT}")
