@@ -11,17 +11,38 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import ContextOverflowError, InputError
 from .fingerprint import Fingerprint, config_hash, tokenizer_hash
+from .hooks import hooks
 from .prompting import DEFAULT_SYSTEM, build_messages
 from .text import check_text
 
-__all__ = ["LanguageModel", "Generation", "Sampling", "DEFAULT_SYSTEM"]
+__all__ = ["LanguageModel", "Generation", "Sampling", "Kept", "DEFAULT_SYSTEM"]
+
+
+@dataclass
+class Kept:
+    """What a generation leaves for a memory to reuse (``generate(keep=...)``): its KV cache, the ids the cache
+    stands for, where the user's message and the answer sit in them, and one layer's output where it ran.
+
+    Positions index ``ids``: the prompt as the model saw it (a memory's KV prefix included) and every new token.
+    """
+
+    ids: list[int]
+    cache: Any  # a transformers Cache over ids[:run_end]
+    run_end: int  # the positions before it are in the cache (the last new token never ran)
+    user: tuple[int, int]  # the last user message's text (template tokens excluded)
+    answer: tuple[int, int]  # the answer's tokens (an end-of-sequence token excluded)
+    layer: int | None  # the layer whose output ``states`` holds
+    states: torch.Tensor | None  # (run_end - first, D): output of ``layer`` at positions first..run_end-1
+    first: int  # the first position this call ran (a cached memory prefix before it did not run)
 
 
 @dataclass
@@ -36,6 +57,7 @@ class Generation:
     prefix_tokens: int = 0  # tokens supplied by a memory's KV prefix (a spliced prompt head included)
     token_ids: list[int] = field(default_factory=list, repr=False)
     stopped: bool = False  # ended at a stop string (or the end-of-sequence token) rather than the token cap
+    kept: Kept | None = field(default=None, repr=False)  # with generate(keep=...): the KV it computed, for reuse
 
 
 @dataclass(frozen=True)
@@ -191,6 +213,27 @@ class LanguageModel:
             n += 1
         return a[:n]
 
+    def user_span(self, messages: list[dict[str, str]], *, system: str | None = None) -> tuple[int, int]:
+        """Where the last (user) message's text sits in ``chat_ids(messages, system=system)``: (start, end).
+
+        Found by comparing with the same prompt whose last message differs in its first and its last character:
+        the common start and end are the template's.
+        """
+        if not messages or messages[-1].get("role") != "user":
+            raise InputError("user_span needs messages ending with a user message")
+        text = str(messages[-1]["content"])
+        other = next(c for c in ("Alpha question?", "Zulu query!", "Xylo item;")
+                     if c[0].lower() != text[:1].lower() and c[-1] != text[-1:])
+        a = self.chat_ids(messages, system=system)[0].tolist()
+        b = self.chat_ids([*messages[:-1], {"role": "user", "content": other}], system=system)[0].tolist()
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        m = 0
+        while m < min(len(a), len(b)) - n and a[-1 - m] == b[-1 - m]:
+            m += 1
+        return n, len(a) - m
+
     # ---------------------------------------------------------------------------- forward
     @torch.inference_mode()
     def logits(self, input_ids: torch.LongTensor, *, memory=None, user_id: str | None = None,
@@ -219,7 +262,8 @@ class LanguageModel:
     @torch.inference_mode()
     def generate(self, input_ids: torch.LongTensor, *, max_new_tokens: int = 64, memory=None,
                  user_id: str | None = None, query: str | None = None, on_token=None,
-                 sampling: Sampling = GREEDY) -> Generation:
+                 sampling: Sampling = GREEDY, keep: tuple[int, int] | None = None,
+                 keep_layer: int | None = None) -> Generation:
         """Generation from prompt ids (1, T): greedy unless ``sampling`` says otherwise (:class:`Sampling`).
 
         Args:
@@ -229,6 +273,10 @@ class LanguageModel:
             user_id: whose memories may be used.
             query: text the memory retrieves with (defaults to the decoded prompt).
             on_token: called with each new token id list as it is produced (streaming).
+            keep: where the last user message's text sits in ``input_ids`` (:meth:`user_span`): the generation
+                then keeps its KV cache and the memory's retrieval-layer states in ``Generation.kept``, so that
+                the memory can write the exchange without running it again (``remember(generation=...)``).
+            keep_layer: the layer whose states are kept (default: ``memory.retrieval_layer`` where it has one).
 
         Raises:
             ContextOverflowError: prompt (plus any memory prefix) and max_new_tokens exceed the window.
@@ -237,14 +285,17 @@ class LanguageModel:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         input_ids = input_ids.to(self.device)
         start = time.perf_counter()
+        layer = None if keep is None else keep_layer if keep_layer is not None else getattr(memory, "retrieval_layer",
+                                                                                                None)
         if memory is None:
-            return self._generate(input_ids, max_new_tokens, start, None, on_token, sampling)
+            return self._generate(input_ids, max_new_tokens, start, None, on_token, sampling, keep, layer)
         if query is None:
             query = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
         with memory.active(lm=self, user_id=user_id, query=query) as inj:
-            return self._generate(input_ids, max_new_tokens, start, inj, on_token, sampling)
+            return self._generate(input_ids, max_new_tokens, start, inj, on_token, sampling, keep, layer)
 
-    def _generate(self, input_ids, max_new_tokens, start, inj, on_token, sampling: Sampling = GREEDY) -> Generation:
+    def _generate(self, input_ids, max_new_tokens, start, inj, on_token, sampling: Sampling = GREEDY,
+                  keep: tuple[int, int] | None = None, layer: int | None = None) -> Generation:
         if self.turn_stops:
             sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *self.turn_stops))
         cached = 0 if inj is None else inj.prefix_length
@@ -256,21 +307,40 @@ class LanguageModel:
         timer = _FirstTokenTimer(start, on_token)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the process-wide generator: a seeded call is reproducible
-        out = self.model.generate(
-            input_ids=full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=max_new_tokens,
-            streamer=timer, eos_token_id=self.eos_token_ids,
-            pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
-            **sampling.generate_kwargs(self.tokenizer), **kwargs)
+        states: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            if keep is not None:
+                kwargs["return_dict_in_generate"] = True
+                if layer is not None:
+                    def grab(module, args, kw, output):
+                        states.append((output if isinstance(output, torch.Tensor) else output[0])[0].detach())
+
+                    stack.enter_context(hooks(self.model, [("residual_post", layer, grab)]))
+            out = self.model.generate(
+                input_ids=full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=max_new_tokens,
+                streamer=timer, eos_token_id=self.eos_token_ids,
+                pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
+                **sampling.generate_kwargs(self.tokenizer), **kwargs)
         end = time.perf_counter()
-        new = out[0, full_ids.shape[1]:].tolist()
+        sequences = out.sequences if keep is not None else out
+        new = sequences[0, full_ids.shape[1]:].tolist()
         ended = bool(new) and new[-1] in self.eos_token_ids
         while new and new[-1] in self.eos_token_ids:
             new.pop()
         text, hit = sampling.cut(self.tokenizer.decode(new, skip_special_tokens=True))
+        kept = None
+        if keep is not None and not hit:  # an answer cut at a stop string has tokens its text lacks
+            shift = full_ids.shape[1] - input_ids.shape[1]  # the memory prefix, less a spliced prompt head
+            ids = sequences[0].tolist()
+            run_end = len(ids) - 1
+            ran = torch.cat(states) if states else None
+            kept = Kept(ids=ids, cache=out.past_key_values, run_end=run_end, user=(keep[0] + shift, keep[1] + shift),
+                        answer=(full_ids.shape[1], full_ids.shape[1] + len(new)), layer=layer, states=ran,
+                        first=run_end - (ran.shape[0] if ran is not None else 0))
         return Generation(
             text=text.strip(), ttft_s=(timer.first or end) - start, total_s=end - start,
             prompt_tokens=int(full_ids.shape[1]) - cached, new_tokens=len(new),
-            prefix_tokens=cached, token_ids=new, stopped=ended or hit)
+            prefix_tokens=cached, token_ids=new, stopped=ended or hit, kept=kept)
 
     def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,
              system: str | None = DEFAULT_SYSTEM, max_new_tokens: int = 64) -> str:

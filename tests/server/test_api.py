@@ -483,6 +483,7 @@ def test_memory_write_remembers_the_exchange_once(served):
             assert remembered == {"ids": [], "skipped": "empty answer"}
             return
         assert remembered["ids"] and remembered["duplicate"] is False and remembered["write_s"] > 0
+        assert remembered["reused_kv"] is True  # written from the chat's own KV, no second pass
         stored = c.get(f"/v1/memories/{remembered['ids'][0]}").json()
         assert stored["text"].split()[:7] == "User: Carol's favourite colour is teal. Assistant:".split()
         again = c.post("/v1/chat/completions", json={**body, "memory": False}).json()["nativemem"]["remembered"]

@@ -257,6 +257,7 @@ def test_cli_chat_remembers_and_keeps_the_sessions_turns(tmp_path):
                              input="My locker code is 4312.\nWhat is my locker code?\n\n")
     assert res.exit_code == 0, res.output
     assert res.output.count("remembered (") + res.output.count("already remembered") == 2
+    assert "the chat KV reused" in res.output or "already remembered" in res.output
     mem = nm.open_memory(tmp_path / "m", loaded)
     texts = [i["text"] for i in mem.items(user_id="u")]
     assert len(texts) == 2 and texts[0].split()[:7] == "User: My locker code is 4312. Assistant:".split()
@@ -318,3 +319,53 @@ def test_readers_beside_a_writer_read_the_catalog(tmp_path):
         assert res.exit_code == 2 and "open in another process" in " ".join(res.output.split())
     finally:
         proc.communicate("\n", timeout=60)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
+    """The remembered exchange's stored KV is the chat's own: rotated to the positions it had in the chat, it
+    equals the chat's cache there (sliding-window layers included); its retrieval states are the chat's too."""
+    from nativemem.memories.activation.kv import rotate_layers
+    from nativemem.prompting import build_messages
+
+    lm = tiny_lm(arch)
+    mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
+    mem.add(ALICE, user_id="u")  # so the chat has a memory prefix before the user's text
+    messages = build_messages("My sister Mara lives in Oslo.", system=mem.chat_system)
+    ids = lm.chat_ids(messages)
+    span = lm.user_span(messages)
+    assert lm.tokenizer.decode(ids[0, span[0]:span[1]]).strip().endswith("My sister Mara lives in Oslo.")
+    gen = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
+    kept = gen.kept
+    assert kept is not None and kept.states is not None and kept.first <= kept.user[0]
+    (u0, u1), (a0, a1) = kept.user, kept.answer
+    assert kept.ids[u0:u1] == ids[0, span[0]:span[1]].tolist() and a1 - a0 == gen.new_tokens
+    positions = list(range(u0, u1)) + list(range(a0, min(a1, kept.run_end)))
+    want_k = [layer.keys[0][:, torch.tensor(positions) - (getattr(layer, "cumulative_length", layer.keys.shape[-2])
+                                                           - layer.keys.shape[-2])].clone()
+              for layer in kept.cache.layers]
+    want_h = kept.states[torch.tensor(positions) - kept.first].clone()
+    again = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
+    receipt = mem.remember("My sister Mara lives in Oslo.", gen.text or "?", user_id="u", generation=gen)
+    if not gen.text:
+        pytest.skip("the tiny model's answer was empty")
+    assert receipt.details["reused_kv"] is True, receipt.details
+    assert gen.kept is None  # one write per generation
+    payload = next(p for i, p in mem.store.index.scroll(user_id="u") if i == receipt.ids[0])
+    stored_ids, kv = mem.load_chunk(payload)
+    prefix = len(mem._enc(mem.config.chunk_prefix))
+    n = len(positions)
+    assert stored_ids[prefix:prefix + u1 - u0] == kept.ids[u0:u1]
+    got = rotate_layers(lm.model, [k[:, prefix:prefix + n] for k in kv.keys], torch.tensor(positions))
+    for g, w in zip(got, want_k):
+        torch.testing.assert_close(g, w.float(), atol=2e-2, rtol=2e-2)  # int8 storage
+    # the retrieval states indexed are the chat's own at those positions (a second, identical greedy chat)
+    assert again.token_ids == gen.token_ids
+    layout, encoded = mem._from_chat(again)
+    assert layout.ids[layout.content[0]:layout.content[1]] == tuple(kept.ids[u0:u1] + kept.ids[a0:a1])
+    torch.testing.assert_close(encoded.tokens[:n], want_h.float())
+    # the same exchange again is not stored twice, and a plain generation falls back to a separate write
+    assert mem.remember("My sister Mara lives in Oslo.", gen.text, user_id="u").details["duplicate"] is True
+    plain = lm.generate(lm.chat_ids(build_messages("Bob has a red kite.", system=mem.chat_system)), max_new_tokens=4)
+    other = mem.remember("Bob has a red kite.", plain.text or "ok", user_id="u", generation=plain)
+    assert other.details["reused_kv"] is False and "keep" in other.details["separate_write_why"]

@@ -4,11 +4,14 @@ A user states personal facts, one per turn, in a chat with ``remember`` on (each
 into their activation memory); then a new conversation, with no history, asks one question per fact. Arms:
 
 - ``none``: the new conversation without memory (the model cannot know the facts; the floor);
-- ``remembered``: the same questions with the user's memory (retrieval, the relevance gate, KV injection).
+- ``remembered``: the same questions with the user's memory (retrieval, the relevance gate, KV injection), the
+  exchanges written from the chat's own KV (``remember(generation=...)``: no second pass over the exchange);
+- ``remembered_separate``: the same, with each exchange written by a separate pass (``remember`` without the
+  generation) into a second memory.
 
 Reported: ``contains`` (the fact's answer appears in the reply) per arm with a bootstrap interval and the paired
-test; the write's cost per turn (``write_s`` against the turn's own generation time, ``write_over_turn``); and
-how often the gate injected the remembered exchange. The facts are built in (synthetic, so the model cannot
+tests; the write's cost per turn for both ways of writing (``write_s`` against the turn's own generation time,
+``write_over_turn``); and how often the gate injected the remembered exchange. The facts are built in (synthetic, so the model cannot
 know them); ``limit`` takes the first N.
 """
 
@@ -64,50 +67,69 @@ def run_conversation(lm, *, out: str | Path, limit: int | None = None, seed: int
     user = "conversation-user"
     with tempfile.TemporaryDirectory(prefix="nativemem-conversation-") as tmp:
         mem = nm.open_memory(Path(tmp) / "m", lm, kind="activation")
+        separate = nm.open_memory(Path(tmp) / "separate", lm, kind="activation")
         system = mem.chat_system
-        writes, turns, records = [], [], []
+        writes, writes_separate, turns, records, reused = [], [], [], [], []
         for n, (statement, _, _) in enumerate(facts):  # the first conversation: one fact per turn, remembered
-            gen = lm.generate(lm.chat_ids(build_messages(statement, system=system)), max_new_tokens=max_new_tokens,
-                              memory=mem, user_id=user, query=statement)
-            receipt = mem.remember(statement, gen.text or "OK.", user_id=user)
+            messages = build_messages(statement, system=system)
+            gen = lm.generate(lm.chat_ids(messages), max_new_tokens=max_new_tokens, memory=mem, user_id=user,
+                              query=statement, keep=lm.user_span(messages))
+            reply = gen.text or "OK."
+            receipt = mem.remember(statement, reply, user_id=user, generation=gen)
+            other = separate.remember(statement, reply, user_id=user)
             writes.append(receipt.elapsed_s)
+            writes_separate.append(other.elapsed_s)
+            reused.append(float(bool(receipt.details.get("reused_kv"))))
             turns.append(gen.total_s)
             records.append({"kind": "turn", "item_id": n, "statement": statement, "reply": gen.text,
-                            "turn_s": gen.total_s, "write_s": receipt.elapsed_s, "ids": receipt.ids})
+                            "turn_s": gen.total_s, "write_s": receipt.elapsed_s, "reused_kv": bool(reused[-1]),
+                            "write_separate_s": other.elapsed_s, "ids": receipt.ids})
             if progress and (n + 1) % 10 == 0:
                 log(f"[conversation] {n + 1}/{len(facts)} turns remembered")
-        scores: dict[str, list[float]] = {"none": [], "remembered": []}
-        injected = []
+        arms = {"none": None, "remembered": mem, "remembered_separate": separate}
+        scores: dict[str, list[float]] = {arm: [] for arm in arms}
+        injected: dict[str, list[float]] = {"remembered": [], "remembered_separate": []}
         for n, (_, question, answer) in enumerate(facts):  # a new conversation: no history, only the memory
             ids = lm.chat_ids(build_messages(question, system=system))
-            for arm in ("none", "remembered"):
-                gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem if arm == "remembered" else None,
-                                  user_id=user, query=question)
+            for arm, memory in arms.items():
+                gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user, query=question)
                 hit = float(answer.lower() in gen.text.lower())
                 scores[arm].append(hit)
                 rec = {"kind": "question", "arm": arm, "item_id": n, "question": question, "answers": [answer],
                        "output": gen.text, "contains": hit, "ttft_s": gen.ttft_s, "prefix_tokens": gen.prefix_tokens}
-                if arm == "remembered":
-                    chosen = [h for h in mem.last_selection.get("hits", []) if h["injected"]]
-                    injected.append(float(bool(chosen)))
+                if memory is not None:
+                    chosen = [h for h in memory.last_selection.get("hits", []) if h["injected"]]
+                    injected[arm].append(float(bool(chosen)))
                     rec["injected"] = chosen
                 records.append(rec)
         mem.close()
+        separate.close()
     ratios = [w / t for w, t in zip(writes, turns)]
+    ratios_separate = [w / t for w, t in zip(writes_separate, turns)]
     results = {
         "task": "conversation", "model": lm.name, "n": len(facts), "seed": seed, "max_new_tokens": max_new_tokens,
         "arms": {arm: {"metrics": {"contains": statistics.fmean(v)},
                        "ci95": {"contains": list(bootstrap_mean_ci(v, seed=seed))}} for arm, v in scores.items()},
-        "comparisons": {"remembered_vs_none": compare_paired(scores["remembered"], scores["none"], binary=True,
-                                                             seed=seed)},
-        "write": {"write_s_median": statistics.median(writes), "turn_s_median": statistics.median(turns),
+        "comparisons": {
+            "remembered_vs_none": compare_paired(scores["remembered"], scores["none"], binary=True, seed=seed),
+            "remembered_vs_remembered_separate": compare_paired(scores["remembered"], scores["remembered_separate"],
+                                                                binary=True, seed=seed)},
+        "write": {"reused_kv_rate": statistics.fmean(reused),
+                  "write_s_median": statistics.median(writes), "turn_s_median": statistics.median(turns),
                   "write_over_turn_median": statistics.median(ratios), "write_over_turn_max": max(ratios),
-                  "write_over_turn_ci95": list(bootstrap_mean_ci(ratios, seed=seed))},
-        "inject_rate": statistics.fmean(injected),
-        "machine_note": "timings are wall-clock on the machine that ran it; the write is a separate forward pass",
+                  "write_over_turn_ci95": list(bootstrap_mean_ci(ratios, seed=seed)),
+                  "separate_write_s_median": statistics.median(writes_separate),
+                  "separate_write_over_turn_median": statistics.median(ratios_separate),
+                  "separate_write_over_turn_ci95": list(bootstrap_mean_ci(ratios_separate, seed=seed))},
+        "inject_rate": statistics.fmean(injected["remembered"]),
+        "machine_note": "timings are wall-clock on the machine that ran it; write_s reuses the chat's KV, "
+                        "separate_write_s runs a separate pass over the exchange",
         "created": time.time()}
-    results["arms"]["remembered"]["metrics"]["inject_rate"] = results["inject_rate"]
+    for arm, rate in injected.items():
+        results["arms"][arm]["metrics"]["inject_rate"] = statistics.fmean(rate)
     results["arms"]["remembered"]["metrics"]["write_over_turn_median"] = results["write"]["write_over_turn_median"]
+    results["arms"]["remembered_separate"]["metrics"]["write_over_turn_median"] = \
+        results["write"]["separate_write_over_turn_median"]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     with open(out / "items.jsonl", "w") as f:
         for rec in records:

@@ -134,8 +134,12 @@ def register(app: typer.Typer) -> None:
                     if not turns or ids.shape[1] + max_new_tokens <= lm.max_context // 2:
                         break
                     turns.pop(0)
-                gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem, user_id=user, query=question)
-                written = mem.remember(question, gen.text, user_id=user) if remember and gen.text.strip() else None
+                keep = lm.user_span([system, *earlier, current]) if remember else None  # the write reuses its KV
+                gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=mem, user_id=user, query=question,
+                                  keep=keep)
+                written = (mem.remember(question, gen.text, user_id=user, generation=gen)
+                           if remember and gen.text.strip() else None)
+                gen.kept = None
             except NativememError as e:  # one bad line does not end the session
                 console.print(f"[red]error:[/] {e}", highlight=False)
                 continue
@@ -143,7 +147,8 @@ def register(app: typer.Typer) -> None:
             console.print(gen.text, highlight=False)
             if written is not None:
                 what = ("already remembered" if written.details["duplicate"]
-                        else f"remembered ({len(written.ids)} chunk)")
+                        else f"remembered ({len(written.ids)} chunk, "
+                             f"{'the chat KV reused' if written.details.get('reused_kv') else 'a separate pass'})")
                 console.print(f"[dim]{what}: write {written.elapsed_s * 1000:.0f} ms, "
                               f"turn {gen.total_s * 1000:.0f} ms[/]",
                               highlight=False)

@@ -142,14 +142,18 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def generate(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
                  top_k: int | None, stop: Stop, on_token: Callable[[list[int]], None] | None = None,
-                 sampling: Sampling = GREEDY) -> Answer:
-        """Answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``)."""
+                 sampling: Sampling = GREEDY, keep: bool = False) -> Answer:
+        """Answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``); ``keep``: the
+        generation keeps its KV for :meth:`remember` to reuse."""
         for i, m in enumerate(messages):
             check_text(m["content"], what=f"message {i} content")
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         # without a system message, the one the memory's chunks were written under (so they sit in the user turn)
         has_system = any(m["role"] == "system" for m in messages)
         ids = self.lm.chat_ids(messages, system=None if has_system else self.memory.chat_system)
+        span = None
+        if keep and messages[-1]["role"] == "user":
+            span = self.lm.user_span(messages, system=None if has_system else self.memory.chat_system)
         chosen: list[str] = []
         considered: list[dict[str, Any]] = []
         # chunks that would push the prompt past the window are left out (the answer lists what was injected)
@@ -171,8 +175,8 @@ class Engine:
             for target in parametric:
                 scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
             gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
-                                   sampling=sampling,
-                                   on_token=tick)
+                                   sampling=sampling, on_token=tick, keep=span,
+                                   keep_layer=getattr(self.memory, "retrieval_layer", None))
         return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered), notices)
 
     def _consolidated_folder(self, user_id: str, into: str):
@@ -298,8 +302,11 @@ class Engine:
             answer.remembered = {"ids": [], "skipped": "empty answer"}
             return
         with self.store_lock:
-            receipt = self.memory.remember(question, answer.generation.text, user_id=user_id or None)
+            receipt = self.memory.remember(question, answer.generation.text, user_id=user_id or None,
+                                           generation=answer.generation)
+        answer.generation.kept = None
         answer.remembered = {"ids": list(receipt.ids), "duplicate": receipt.details["duplicate"],
+                             "reused_kv": bool(receipt.details.get("reused_kv")),
                              "write_s": round(receipt.elapsed_s, 6),
                              "turn_s": round(answer.generation.total_s, 6)}
 

@@ -47,7 +47,7 @@ async def chat_completions(request: Request):
     except InputError as e:
         raise ApiError(400, str(e)) from None
     run = dict(messages=messages, user_id=user, max_new_tokens=max_new, use_memory=req.memory, top_k=req.top_k,
-               sampling=sampling)
+               sampling=sampling, keep=bool(req.memory_write))
     if req.stream:
         return await _stream(request, eng, req, run, cid, created)
     def answer_and_remember(stop):

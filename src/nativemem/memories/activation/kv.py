@@ -36,7 +36,7 @@ from torch import nn
 from ...errors import InputError, SiteResolutionError
 from ...hooks import decoder_layers, hooks, resolve_site
 
-__all__ = ["ChunkKV", "Captured", "capture", "build_cache", "rotate_keys", "kv_geometry", "quantize_int8",
+__all__ = ["ChunkKV", "Captured", "capture", "build_cache", "rotate_keys", "rotate_layers", "kv_geometry", "quantize_int8",
            "dequantize_int8", "recompute_kv", "KVGeometry"]
 
 
@@ -295,6 +295,23 @@ def rotate_keys(model: nn.Module, keys: torch.Tensor, positions: torch.Tensor, l
     else:
         cos, sin = rotary(keys, positions)
     return apply(keys, keys, cos, sin)[1]
+
+
+def rotate_layers(model: nn.Module, keys: Sequence[torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`rotate_keys` for every layer's keys (H, T, Dh) at once, one rotary call per layer type (float32
+    inside; returned in the keys' dtype). ``positions`` (T,); negative positions rotate back."""
+    types = _layer_types(model) or []
+    groups: dict[str | None, list[int]] = {}
+    for layer in range(len(keys)):
+        groups.setdefault(types[layer] if layer < len(types) else None, []).append(layer)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(keys)
+    for layer_type, layers in groups.items():
+        k = torch.stack([keys[n] for n in layers]).float()
+        pos = positions.to(k.device).unsqueeze(0).expand(len(layers), -1)
+        rotated = rotate_keys(model, k, pos, layers[0])
+        for n, r in zip(layers, rotated):
+            out[n] = r.to(keys[n].dtype)
+    return out
 
 
 def build_cache(model: nn.Module, segments: Sequence[ChunkKV], *, start: int = 0):

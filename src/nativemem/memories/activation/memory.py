@@ -48,7 +48,7 @@ from ...text import check_text, chunk_text
 from ..base import Hit, Injection, Memory, Receipt
 from .config import ActivationConfig
 from .encode import Encoded, Layout, Transform, encode
-from .kv import ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
+from .kv import Captured, ChunkKV, capture, dequantize_int8, kv_geometry, quantize_int8, recompute_kv
 from .payload import Record, dequantize, is_segment_location, pack, parse_location, quantize
 from .store import (DEFAULT_USER, PENDING, REPAIR_HINT, BlobError, IndexPoint, Store, bm25_document, bm25_query,
                     new_id, open_store, serialize)
@@ -317,6 +317,11 @@ class ActivationMemory(Memory):
                 layout = self.chunk_layout(chunk)
                 self._check_fits(layout, what=f"chunk {j} of text {i} with its template and compression prompt")
                 pending.append((source, j, chunk, layout))
+        return self._write(pending, user, metadata, start=start)
+
+    def _write(self, pending: list[tuple], user: str, metadata: dict[str, Any], *, start: float,
+               encoded: dict[int, Encoded] | None = None) -> Receipt:
+        """Store ``pending`` chunks (``encoded``: some already encoded, by position) and make the add's receipt."""
         receipt = Receipt(self.kind, "add", layers=self.layers_used,
                           details={"chunks": [], "payload": self.config.payload, "kv_dtype": self.config.kv_dtype,
                                    "bytes_per_token": self.bytes_per_token(), "user_id": user})
@@ -325,7 +330,7 @@ class ActivationMemory(Memory):
             receipt.notes.append("retrieval transform not fitted (raw states, or a random projection of them for "
                                  "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
                                  "for better retrieval")
-        done = self._store_chunks(pending, user, metadata)
+        done = self._store_chunks(pending, user, metadata, encoded)
         for n in range(len(pending)):
             info = done[n]
             receipt.ids.append(info["id"])
@@ -340,9 +345,10 @@ class ActivationMemory(Memory):
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
 
-    def _store_chunks(self, pending: list[tuple], user: str, metadata: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    def _store_chunks(self, pending: list[tuple], user: str, metadata: dict[str, Any],
+                      encoded: dict[int, Encoded] | None = None) -> dict[int, dict[str, Any]]:
         """Encode and commit chunks ``(source_id, chunk_index, text, layout[, kept])``, all or nothing; returns
-        each chunk's receipt entry by its position in ``pending``."""
+        each chunk's receipt entry by its position in ``pending`` (``encoded``: chunks encoded already)."""
         _ = self.store  # opened (and, for the embedded backend, locked) before any work
         self._check_free_space(sum(len(p[3].ids) for p in pending))
         # batches of similar lengths (less padding); the receipt keeps the input order
@@ -353,7 +359,8 @@ class ActivationMemory(Memory):
         futures: list = []
         pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
         try:
-            self._add_batches(pending, order, done, futures, user, metadata, (pending_id, time.time()))
+            self._add_batches(pending, order, done, futures, user, metadata, (pending_id, time.time()),
+                              encoded or {})
         except BaseException:
             written = [info["id"] for info in done.values()]
             updated = {str(p[4]["memory_id"]) for p in pending if len(p) > 4 and int(p[4].get("version") or 1) > 1}
@@ -373,15 +380,19 @@ class ActivationMemory(Memory):
         self.store.index.publish([done[n]["id"] for n in range(len(pending))])
         return done
 
-    def _add_batches(self, pending, order, done, futures, user, metadata, add: tuple[str, float]) -> None:
+    def _add_batches(self, pending, order, done, futures, user, metadata, add: tuple[str, float],
+                     ready: dict[int, Encoded]) -> None:
         """Encode the chunks batch by batch while a worker thread commits the previous batch (``done`` gets each
-        chunk's receipt entry by its position in the add)."""
+        chunk's receipt entry by its position in the add; ``ready``: chunks encoded already, by position)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
             for b in range(0, len(order), self.config.batch_size):
                 picked = order[b: b + self.config.batch_size]
                 batch = [pending[n] for n in picked]
-                encoded = self._encode([p[3] for p in batch], pooled=self.indexes_pooled,
-                                       payload=self.config.payload != "none", framed=True)
+                todo = [n for n in picked if n not in ready]
+                fresh = dict(zip(todo, self._encode([pending[n][3] for n in todo], pooled=self.indexes_pooled,
+                                                    payload=self.config.payload != "none", framed=True)
+                                 if todo else []))
+                encoded = [ready[n] if n in ready else fresh[n] for n in picked]
                 if self.config.payload == "kv":
                     payloads = self._pack_records([p[3] for p in batch], encoded)
                 elif self.config.payload == "residual":
@@ -979,13 +990,20 @@ class ActivationMemory(Memory):
         rows = [r for r in self.store.index.get([str(memory_id)]) if r[1].get("user_id") == user]
         return item_of(*rows[0]) if rows else None
 
-    def remember(self, question: str, answer: str, *, user_id: str | None = None) -> Receipt:
+    def remember(self, question: str, answer: str, *, user_id: str | None = None, generation=None) -> Receipt:
         """Write one finished chat exchange into the user's memory (conversation memory), once.
 
         The exchange is stored as ``User: … / Assistant: …`` text under a source id derived from its content,
         so the same exchange is never stored twice for a user (``details["duplicate"]``); metadata
-        ``{"kind": "conversation"}`` marks it. It is a separate write (one forward pass over the exchange), not a
-        reuse of the chat's own KV; ``elapsed_s`` is its cost.
+        ``{"kind": "conversation"}`` marks it.
+
+        With ``generation`` (a :class:`~nativemem.model.Generation` made with ``generate(keep=...)`` whose
+        answer is ``answer``), the write reuses what the chat computed: the KV and retrieval-layer states of
+        the user's text and the answer, taken from the chat's cache (keys rotated back to position-free form),
+        so only the chunk suffix runs (a few tokens) instead of a forward pass over the exchange. Those KV were
+        computed in the chat's context (its system turn, history and injected memory), as the model read them
+        then, not as a separate pass would compute them. ``details["reused_kv"]`` says which way was taken and,
+        when not, why (``details["separate_write_why"]``); ``elapsed_s`` is the write's cost.
         """
         start = time.perf_counter()
         user = _check_user(user_id)
@@ -995,11 +1013,97 @@ class ActivationMemory(Memory):
         if self.store.index.count(user_id=user, field_name="source_id", value=source):
             return Receipt(self.kind, "remember", elapsed_s=time.perf_counter() - start,
                            details={"duplicate": True, "source_id": source})
-        receipt = self.add(text, user_id=user_id, metadata={"source_id": source, "kind": "conversation"})
+        meta = {"kind": "conversation"}
+        if generation is None:
+            reused = "no generation was given"
+        elif generation.text.strip() != answer.strip():
+            reused = "the answer is not the generation's text"
+        else:
+            reused = self._from_chat(generation)
+            generation.kept = None  # its cache has run on: it serves one write
+        if isinstance(reused, str):
+            receipt = self.add(text, user_id=user_id, metadata={"source_id": source, **meta})
+            receipt.details.update(reused_kv=False, separate_write_why=reused)
+        else:
+            layout, enc = reused
+            self._check_fits(layout, what="the remembered exchange")
+            receipt = self._write([(source, 0, text, layout)], user, meta, start=start, encoded={0: enc})
+            receipt.details.update(reused_kv=True)
         receipt.op = "remember"
         receipt.details.update(duplicate=False, source_id=source)
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
+
+    def _from_chat(self, generation) -> tuple[Layout, Encoded] | str:
+        """The exchange of a kept generation as an encoded chunk (``frame + chunk_prefix + the user's text + the
+        answer + chunk_suffix``), or why it cannot be had that way.
+
+        The user's text and the answer are the chat's own KV and retrieval states at their positions (keys
+        rotated back by their positions); the chunk prefix and suffix are constants (their KV around an empty
+        chunk, computed once). Only an answer cut by the token cap runs its last token (generation never runs
+        the token it ends with).
+        """
+        from ...hooks import hooks
+        from .kv import _rotary, _text_model, rotate_layers
+
+        kept = generation.kept
+        if kept is None:
+            return "the generation kept no KV (generate(keep=...)), or its answer was cut at a stop string"
+        if self.config.payload != "kv" or self.indexes_pooled:
+            return "this memory stores residual payloads or pooled vectors, which a chat's KV does not give"
+        if kept.layer != self.retrieval_layer or kept.states is None:
+            return "the generation kept no states of this memory's retrieval layer"
+        if float(getattr(_rotary(self.lm.model)[0], "attention_scaling", 1.0)) != 1.0:
+            return "this model's rotary encoding scales keys, so its cached keys cannot be rotated back"
+        (u0, u1), (a0, a1) = kept.user, kept.answer
+        if not (kept.first <= u0 < u1 <= a0 < a1 and kept.run_end <= a1 <= len(kept.ids)):
+            return "the user's text or the answer is not where the generation ran (or one of them is empty)"
+        model, layer, device = self.lm.model, self.retrieval_layer, self.lm.device
+        states = [kept.states]
+        if kept.run_end < a1:  # the answer ends at the token cap: its last token never ran
+            grabbed: dict[str, torch.Tensor] = {}
+
+            def grab(module, args, kwargs, output):
+                grabbed["h"] = (output if isinstance(output, torch.Tensor) else output[0])[0].detach()
+
+            with torch.inference_mode(), hooks(model, [("residual_post", layer, grab)]):
+                _text_model(model)(input_ids=torch.tensor([kept.ids[kept.run_end:a1]], device=device),
+                                   past_key_values=kept.cache, use_cache=True)
+            states.append(grabbed["h"])
+        positions = list(range(u0, u1)) + list(range(a0, a1))
+        content = [kept.ids[p] for p in positions]
+        keys, values = [], []
+        with torch.inference_mode():
+            for cached in kept.cache.layers:
+                held = int(cached.keys.shape[-2])
+                offset = int(getattr(cached, "cumulative_length", held)) - held  # a sliding layer keeps the last
+                if u0 < offset:
+                    return "the user's text left a sliding-window layer's cache (the chat was longer than its window)"
+                idx = torch.tensor(positions, device=cached.keys.device) - offset
+                keys.append(cached.keys[0][:, idx])
+                values.append(cached.values[0][:, idx])
+            keys = rotate_layers(model, keys, -torch.tensor(positions))
+            head, tail = self._chunk_frame_kv()
+            keys = [torch.cat([h.to(k), k, t.to(k)], dim=1) for h, k, t in zip(head.keys, keys, tail.keys)]
+            values = [torch.cat([h.to(v), v, t.to(v)], dim=1) for h, v, t in zip(head.values, values, tail.values)]
+            ran = torch.cat([s.to(device) for s in states])
+            tokens = ran[torch.tensor(positions, device=device) - kept.first].float()
+        frame, prefix, suffix = self.frame_ids()[0], self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
+        layout = Layout(tuple(frame + prefix + content + suffix),
+                        (len(frame) + len(prefix), len(frame) + len(prefix) + len(content)),
+                        tuple(self._enc(self.config.compress_prompt)))
+        return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame))
+
+    def _chunk_frame_kv(self) -> tuple[ChunkKV, ChunkKV]:
+        """Pre-RoPE KV of the chunk prefix and suffix around an empty chunk after the frame (computed once)."""
+        frame = self.frame_ids()[0]  # (fills the frame cache)
+        if "chunk_frame_kv" not in self._frame_cache:
+            prefix, suffix = self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
+            kv = capture(self.lm.model, [frame + prefix + suffix], kv=True)[0].kv
+            a, b = len(frame), len(frame) + len(prefix)
+            self._frame_cache["chunk_frame_kv"] = (ChunkKV([k[:, a:b] for k in kv.keys], [v[:, a:b] for v in kv.values]),
+                                                   ChunkKV([k[:, b:] for k in kv.keys], [v[:, b:] for v in kv.values]))
+        return self._frame_cache["chunk_frame_kv"]
 
     def update(self, memory_id: str, *, text: str | None = None, metadata: dict[str, Any] | None = None,
                user_id: str | None = None) -> Receipt:
