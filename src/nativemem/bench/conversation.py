@@ -11,8 +11,8 @@ into their activation memory); then a new conversation, with no history, asks on
 
 Reported: ``contains`` (the fact's answer appears in the reply) per arm with a bootstrap interval and the paired
 tests; the write's cost per turn for both ways of writing (``write_s`` against the turn's own generation time,
-``write_over_turn``); and how often the gate injected the remembered exchange. The facts are built in (synthetic, so the model cannot
-know them); ``limit`` takes the first N.
+``write_over_turn``); and how often the gate injected the remembered exchange. The facts are built in
+(synthetic, so the model cannot know them); ``limit`` takes the first N.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from ..fingerprint import Fingerprint
 from ..registry import Registry
 from ..text import check_text
 
-__all__ = ["Memory", "MemoryConfig", "Receipt", "Hit", "Injection", "register_memory", "memory_kinds",
-           "get_memory_class", "open_memory", "MEMORY_CONFIG_NAME", "MEMORY_WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["Memory", "MemoryConfig", "Receipt", "Hit", "Injection", "RecordLifecycle", "register_memory",
+           "memory_kinds", "get_memory_class", "open_memory", "MEMORY_CONFIG_NAME", "MEMORY_WEIGHTS_NAME", "FORMAT_VERSION"]
 
 MEMORY_CONFIG_NAME = "memory_config.json"
 MEMORY_WEIGHTS_NAME = "memory.safetensors"
@@ -355,6 +355,81 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class RecordLifecycle:
+    """``items``, ``get``, ``reset``, ``export`` and ``import_file`` for kinds that keep one record per stored item
+    (pkm: one per fact; side_ffn: one per add). A kind supplies :meth:`_records` (oldest first), :meth:`_item`
+    (a record as the export format's item) and :meth:`_import` (train the items in, all or nothing).
+
+    Users: the records say who added each item and these operations are per user, as for activation memory;
+    what the model *answers* is not: these memories are trained into shared weights (a user's own parametric
+    memory lives in a folder of its own, as the server's consolidated memories do).
+    """
+
+    def _records(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _item(self, rec: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _import(self, items: list[dict[str, Any]]) -> Receipt:
+        raise NotImplementedError
+
+    @staticmethod
+    def _owner(user_id: str | None) -> str:
+        if user_id is not None and (not isinstance(user_id, str) or not user_id.strip()):
+            raise InputError(f"user_id must be a non-empty string or None, got {user_id!r}")
+        return user_id or ""
+
+    def _mine(self, user_id: str | None) -> list[dict[str, Any]]:
+        owner = self._owner(user_id)
+        return [r for r in self._records() if (r.get("user_id") or "") == owner]
+
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        if limit < 1 or offset < 0:
+            raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
+        return [self._item(r) for r in self._mine(user_id)[offset: offset + limit]]
+
+    def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
+        rec = next((r for r in self._mine(user_id) if r["id"] == str(memory_id)), None)
+        return self._item(rec) if rec is not None else None
+
+    def reset(self, user_id: str | None) -> Receipt:
+        start = time.perf_counter()
+        ids = [r["id"] for r in self._mine(user_id)]
+        for memory_id in ids:
+            self.delete(memory_id)
+        return Receipt(self.kind, "reset", ids=ids, elapsed_s=time.perf_counter() - start,
+                       details={"user_id": self._owner(user_id)})
+
+    def export(self, path: str | os.PathLike, *, user_id: str | None = None, force: bool = False) -> Receipt:
+        from .export import write_export
+
+        start = time.perf_counter()
+        records = self._records() if user_id is None else self._mine(user_id)
+        items = [self._item(r) for r in records]
+        kept = [i for i in items if str(i.get("text") or "").strip()]
+        n = write_export(path, kept, kind=self.kind, model=self.fingerprint.name, user_id=user_id, force=force)
+        notes = [] if len(kept) == len(items) else [
+            f"{len(items) - len(kept)} item(s) have no stored text (trained by streaming, not by add) and were "
+            "left out"]
+        return Receipt(self.kind, "export", ids=[i["id"] for i in kept], elapsed_s=time.perf_counter() - start,
+                       notes=notes, details={"items": n, "path": str(path)})
+
+    def import_file(self, path: str | os.PathLike) -> Receipt:
+        from .export import read_export
+
+        header, items = read_export(path)
+        known = {r["id"] for r in self._records()}
+        fresh = [i for i in items if str(i["id"]) not in known]
+        start = time.perf_counter()
+        receipt = self._import(fresh) if fresh else Receipt(self.kind, "import")
+        receipt.op = "import"
+        receipt.elapsed_s = time.perf_counter() - start
+        receipt.details.update(imported=len(fresh), duplicates=len(items) - len(fresh), from_model=header.get("model"),
+                               users=len({i.get("user_id") or "" for i in fresh}))
+        return receipt
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -2,8 +2,10 @@
 
 A JSON Lines file. The first line is a header ``{"format": "nativemem-export/1", "kind", "model", "exported",
 "items", "user_id"}``; every further line is one item ``{"id", "user_id", "text", "source_id", "chunk_index",
-"created", "seq", "metadata"}`` (``seq``: the position in its add). Any memory for any model can import it (:meth:`Memory.import_file`): the items are
-encoded again by the importing model. ``nativemem export``, ``import`` and ``reencode`` use it.
+"created", "seq", "metadata"}`` (``seq``: the position in its add), and, for items that are facts (pkm),
+``"fact": {"prompt", "answer", "chat"}`` (``text`` then holds the fact as one sentence). Any memory for any model
+can import it (:meth:`Memory.import_file`): the items are encoded again (texts) or trained again (facts) by the
+importing model. ``nativemem export``, ``import`` and ``reencode`` use it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ __all__ = ["EXPORT_FORMAT", "dumps_export", "write_export", "read_export", "load
 
 EXPORT_FORMAT = "nativemem-export/1"
 _ITEM_FIELDS = {"id": str, "user_id": str, "text": str, "source_id": str, "chunk_index": int, "created": (int, float),
-                "seq": int, "metadata": dict}
+                "seq": int, "metadata": dict, "fact": dict}
+_OPTIONAL = ("source_id", "metadata", "created", "chunk_index", "seq", "fact")
 
 
 def dumps_export(items: Iterable[dict[str, Any]], *, kind: str, model: str, user_id: str | None) -> str:
     """The export file's text: the header line, then one line per item."""
-    items = [{k: item.get(k) for k in _ITEM_FIELDS} for item in items]
+    items = [{k: item.get(k) for k in _ITEM_FIELDS if k != "fact" or item.get(k) is not None} for item in items]
     header = {"format": EXPORT_FORMAT, "kind": kind, "model": model, "exported": time.time(), "items": len(items),
               "user_id": user_id}
     return "".join(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n" for line in (header, *items))
@@ -88,13 +91,17 @@ def loads_export(text: str, *, where: str = "export") -> tuple[dict[str, Any], l
             raise DataError(f"{where}: line {n} is not a JSON object")
         for key, typ in _ITEM_FIELDS.items():
             value = item.get(key)
-            if key in ("source_id", "metadata", "created", "chunk_index", "seq") and value is None:
+            if key in _OPTIONAL and value is None:
                 continue
             if not isinstance(value, typ) or isinstance(value, bool):
                 raise DataError(f"{where}: line {n}: field {key!r} should be {getattr(typ, '__name__', 'a number')}, "
                                 f"got {type(value).__name__}")
         if not item["text"].strip():
             raise DataError(f"{where}: line {n}: empty text")
+        fact = item.get("fact")
+        if fact is not None and not (isinstance(fact.get("prompt"), str) and isinstance(fact.get("answer"), str)
+                                     and fact["answer"].strip()):
+            raise DataError(f"{where}: line {n}: a fact needs a string prompt and a non-empty answer")
         items.append(item)
     if isinstance(header.get("items"), int) and header["items"] != len(items):
         raise DataError(f"{where}: the header says {header['items']} items but the file has {len(items)} "

@@ -1088,7 +1088,8 @@ class ActivationMemory(Memory):
             values = [torch.cat([h.to(v), v, t.to(v)], dim=1) for h, v, t in zip(head.values, values, tail.values)]
             ran = torch.cat([s.to(device) for s in states])
             tokens = ran[torch.tensor(positions, device=device) - kept.first].float()
-        frame, prefix, suffix = self.frame_ids()[0], self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
+        frame = self.frame_ids()[0]
+        prefix, suffix = self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
         layout = Layout(tuple(frame + prefix + content + suffix),
                         (len(frame) + len(prefix), len(frame) + len(prefix) + len(content)),
                         tuple(self._enc(self.config.compress_prompt)))
@@ -1101,8 +1102,9 @@ class ActivationMemory(Memory):
             prefix, suffix = self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
             kv = capture(self.lm.model, [frame + prefix + suffix], kv=True)[0].kv
             a, b = len(frame), len(frame) + len(prefix)
-            self._frame_cache["chunk_frame_kv"] = (ChunkKV([k[:, a:b] for k in kv.keys], [v[:, a:b] for v in kv.values]),
-                                                   ChunkKV([k[:, b:] for k in kv.keys], [v[:, b:] for v in kv.values]))
+            self._frame_cache["chunk_frame_kv"] = (
+                ChunkKV([k[:, a:b] for k in kv.keys], [v[:, a:b] for v in kv.values]),
+                ChunkKV([k[:, b:] for k in kv.keys], [v[:, b:] for v in kv.values]))
         return self._frame_cache["chunk_frame_kv"]
 
     def update(self, memory_id: str, *, text: str | None = None, metadata: dict[str, Any] | None = None,

@@ -37,7 +37,7 @@ from torch import nn
 from ...errors import InputError, MemoryFormatError
 from ...hooks import hooks, output_hidden, replace_output_hidden
 from ...prompting import build_messages
-from ..base import Injection, Memory, Receipt
+from ..base import Injection, Memory, Receipt, RecordLifecycle
 from .config import PKMConfig, resolve_layers
 from .facts import Fact, parse_facts
 from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
@@ -50,7 +50,7 @@ __all__ = ["PKMMemory"]
 _CALIBRATION_FACTS = 64  # facts whose hidden states (with the built-in texts) set the router statistics
 
 
-class PKMMemory(Memory):
+class PKMMemory(RecordLifecycle, Memory):
     """Product-key memory layers trained on facts (see the module docstring)."""
 
     kind = "pkm"
@@ -382,7 +382,7 @@ class PKMMemory(Memory):
         # record the facts and the rows they read most (for delete)
         sigs = self._signatures(items, prefixes)
         for f, it in zip(new, items):
-            self.records[f.id] = {**f.to_dict(), "user_id": user_id, "metadata": metadata or {}}
+            self.records[f.id] = {**f.to_dict(), "user_id": user_id, "metadata": metadata or {}, "created": time.time()}
             self.signatures[f.id] = sigs[it.index]
         details: dict[str, Any] = {
             "recall": result.recall, "facts": len(new), "epochs": result.epochs, "exposures_per_fact": result.exposures,
@@ -649,6 +649,40 @@ class PKMMemory(Memory):
                    "retained_recall_after": _rate(after_o), "rows_retrained": int(rows.numel())}
         return Receipt(self.kind, "delete", ids=[memory_id], steps=steps, elapsed_s=time.perf_counter() - start,
                        notes=notes, details=details)
+
+    # ------------------------------------------------------------------ the lifecycle (RecordLifecycle)
+    def _records(self) -> list[dict[str, Any]]:
+        return list(self.records.values())
+
+    def _item(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """A fact as an export item: ``text`` is the fact in one line, ``fact`` what :meth:`add` trains again."""
+        prompt, answer = str(rec["prompt"]), str(rec["answer"])
+        text = f"{prompt} {answer}" if rec.get("chat", True) else prompt + answer
+        return {"id": rec["id"], "user_id": rec.get("user_id") or "", "text": " ".join(text.split()),
+                "source_id": None, "chunk_index": 0, "created": rec.get("created"), "seq": None,
+                "metadata": rec.get("metadata") or {},
+                "fact": {"prompt": prompt, "answer": answer, "chat": bool(rec.get("chat", True))}}
+
+    def _import(self, items: list[dict[str, Any]]) -> Receipt:
+        """Train the items in at once (facts as they were; plain texts through :func:`parse_facts`), then give
+        each its owner, time and metadata back. Ids are kept for facts; a text may make several facts."""
+        facts, owner = [], {}
+        for item in items:
+            fact = item.get("fact")
+            if fact is not None:
+                made = [Fact(str(fact["prompt"]), str(fact["answer"]), str(item["id"]), bool(fact.get("chat", True)))]
+            else:
+                made = parse_facts(item["text"])
+            facts.extend(made)
+            for f in made:
+                owner[f.id] = item
+        receipt = self.add(facts)
+        for fid in receipt.ids:
+            item = owner.get(fid)
+            if item is not None and fid in self.records:
+                self.records[fid].update(user_id=item.get("user_id") or None, metadata=item.get("metadata") or {},
+                                         created=item.get("created") or time.time())
+        return receipt
 
     # ------------------------------------------------------------------ recall checks
     def recall(self, facts: Sequence[Fact] | None = None) -> torch.Tensor:

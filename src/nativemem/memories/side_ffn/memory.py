@@ -31,7 +31,7 @@ from torch import nn
 from ...errors import FingerprintMismatchError, InputError, MemoryFormatError
 from ...hooks import hooks, output_hidden, replace_output_hidden
 from ...text import check_text
-from ..base import Injection, Memory, Receipt
+from ..base import Injection, Memory, Receipt, RecordLifecycle
 from .config import INIT_STRATEGIES, SideFFNConfig
 from .fuse import fuse_model, unfuse_model
 from .layer import GLUSite, SideFFNLayer, down_column_norm, glu_sites
@@ -72,7 +72,7 @@ def stream_options(config: SideFFNConfig, *, n_targets: int | None = None, max_c
     return opts
 
 
-class SideFFNMemory(Memory):
+class SideFFNMemory(RecordLifecycle, Memory):
     """A side GLU FFN beside every chosen frozen MLP (see the module docstring)."""
 
     kind = "side_ffn"
@@ -270,19 +270,50 @@ class SideFFNMemory(Memory):
 
     # ------------------------------------------------------------------ the contract
     def record(self, result, *, first_neuron: int = 0, user_id: str | None = None,
-               metadata: dict[str, Any] | None = None) -> str:
+               metadata: dict[str, Any] | None = None, text: str | None = None) -> str:
         """Log a training run (a :func:`stream` result over this memory) as an item; returns its id.
 
         ``add`` calls it; so should code that streams a text into the memory itself (e.g. the pg19 bench),
         so that the saved memory's ``stats()`` count the tokens and steps it was trained on. The item owns
-        the neurons from ``first_neuron`` on (what ``delete`` removes).
+        the neurons from ``first_neuron`` on (what ``delete`` removes); ``text`` (what was trained) is kept for
+        export.
         """
+        used = {r["id"] for r in self.records}
         item_id = f"{self.kind}-{self._next_id}"
+        while item_id in used:  # an imported item may hold the next number
+            self._next_id += 1
+            item_id = f"{self.kind}-{self._next_id}"
         self._next_id += 1
         self.records.append({"id": item_id, "user_id": user_id, "metadata": metadata or {},
                              "tokens": result.tokens, "steps": result.steps,
-                             "neurons": [first_neuron, self.num_neurons], "ppl_before_training": result.ppl})
+                             "neurons": [first_neuron, self.num_neurons], "ppl_before_training": result.ppl,
+                             "created": time.time(), **({"text": text} if text is not None else {})})
         return item_id
+
+    # ------------------------------------------------------------------ the lifecycle (RecordLifecycle)
+    def _records(self) -> list[dict[str, Any]]:
+        return list(self.records)
+
+    def _item(self, rec: dict[str, Any]) -> dict[str, Any]:
+        return {"id": rec["id"], "user_id": rec.get("user_id") or "", "text": rec.get("text") or "",
+                "source_id": None, "chunk_index": 0, "created": rec.get("created"), "seq": None,
+                "metadata": rec.get("metadata") or {}, "tokens": rec.get("tokens")}
+
+    def _import(self, items: list[dict[str, Any]]) -> Receipt:
+        """Train each item's text in, in order, under its id, owner, time and metadata."""
+        for n, item in enumerate(items):  # all checked before anything is trained
+            if self._ids(check_text(item["text"], what=f"item {n}")).numel() < 2:
+                raise InputError(f"item {n} ({item['id']!r}) has a single token: nothing to train on")
+        receipt = Receipt(self.kind, "import")
+        for item in items:
+            one = self.add(item["text"], user_id=item.get("user_id") or None, metadata=item.get("metadata") or {})
+            rec = self.records[-1]
+            rec.update(id=str(item["id"]), created=item.get("created") or rec["created"])
+            receipt.ids.append(rec["id"])
+            receipt.tokens += one.tokens
+            receipt.steps += one.steps
+            receipt.notes += one.notes
+        return receipt
 
     def add(self, texts: str | Sequence[str], *, user_id: str | None = None,
             metadata: dict[str, Any] | None = None, progress=None, **options) -> Receipt:
@@ -304,7 +335,7 @@ class SideFFNMemory(Memory):
                 self.memorize(ids)
             opts = stream_options(self.config, n_targets=ids.numel() - 1, max_context=self.lm.max_context, **options)
             result = stream(self.lm.model, ids, self, opts, max_context=self.lm.max_context, progress=progress)
-            item_id = self.record(result, first_neuron=first, user_id=user_id, metadata=metadata)
+            item_id = self.record(result, first_neuron=first, user_id=user_id, metadata=metadata, text=text)
             receipt.ids.append(item_id)
             receipt.tokens += result.tokens
             receipt.steps += result.steps
