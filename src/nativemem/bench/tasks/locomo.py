@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
-from . import Chunk, QAItem, Task, TaskData, data_root, register_task
+from . import Chunk, QAItem, Task, TaskData, register_task
 from .locomo_metric import CATEGORIES, NOT_MENTIONED, locomo_score, resolve_option
 
 __all__ = ["LocomoTask", "load_locomo", "run_locomo", "DEFAULT_ARMS", "score_item"]
