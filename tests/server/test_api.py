@@ -489,3 +489,36 @@ def test_memory_write_remembers_the_exchange_once(served):
         again = c.post("/v1/chat/completions", json={**body, "memory": False}).json()["nativemem"]["remembered"]
         assert again["ids"] == [] and again["duplicate"] is True
         assert "remembered" not in c.post("/v1/chat/completions", json=_chat("Hi")).json()["nativemem"]
+
+
+def test_a_long_add_does_not_stall_another_users_chat_and_list(model_dir):
+    """An add takes the model one batch at a time and the store one commit at a time: another user's chat and
+    list are answered while it is still writing, and the add is still all or nothing."""
+    import time
+
+    with start_server(model_dir, ["alice", "bob"], settings=ServerSettings(max_body_bytes=256 * 1024)) as s:
+        texts = [" ".join(f"Note {n}.{m}: the parcel for flat {n} is at desk {m}." for m in range(10))
+                 for n in range(200)]
+        result: dict = {}
+
+        def add():
+            with _client(s, "alice") as c:
+                result["response"] = c.post("/v1/memories", json={"texts": texts})
+                result["done"] = time.monotonic()
+
+        writer = threading.Thread(target=add)
+        writer.start()
+        with _client(s, "bob") as c:
+            time.sleep(0.5)  # the add is under way
+            chat = c.post("/v1/chat/completions", json=_chat("Hello?"))
+            listed = c.get("/v1/memories")
+            answered = time.monotonic()
+        writer.join()
+        assert chat.status_code == 200 and listed.status_code == 200 and listed.json()["data"] == []
+        assert result["response"].status_code == 200, result["response"].text
+        assert answered < result["done"], "bob waited for alice's whole add"
+        ids = result["response"].json()["ids"]
+        assert len(ids) >= len(texts)
+        with _client(s, "alice") as c:
+            listed = c.get("/v1/memories", params={"limit": 1000}).json()["data"]
+        assert sorted(m["id"] for m in listed) == sorted(ids)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
 from fastapi import Request
 
+from ..memories.activation.memory import Turns
 from .engine import Engine, Stop
 from .http import ApiError
 
-__all__ = ["user_of", "engine", "new_stop", "acquire_model", "start_model_work", "with_model", "in_thread"]
+__all__ = ["user_of", "engine", "new_stop", "acquire_model", "start_model_work", "with_model", "with_turns",
+           "in_thread"]
 
 
 def user_of(request: Request) -> str:
@@ -77,6 +80,35 @@ async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
     eng, stop = engine(request), new_stop(request)
     await acquire_model(eng, stop)
     task = start_model_work(eng, lambda: fn(stop))
+    watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.event.set()
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
+    """Run a long write ``fn(stop, turns)`` in a thread that holds no lock: each of its batches takes the model
+    lock (waiting in the event loop, in turn with other requests) and each commit the store lock, so no other
+    request waits longer than one batch. The request's timeout and disconnect end it at the next batch (the
+    write is then rolled back)."""
+    eng, stop = engine(request), new_stop(request)
+
+    @contextmanager
+    def model_turn():
+        stop.check()
+        anyio.from_thread.run(acquire_model, eng, stop)
+        try:
+            yield
+        finally:
+            anyio.from_thread.run_sync(eng.model_lock.release)
+
+    turns = Turns(model=model_turn, store=lambda: eng.store_lock)
+    task = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: fn(stop, turns)))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
     try:
         return await asyncio.shield(task)

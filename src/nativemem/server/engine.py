@@ -20,6 +20,7 @@ it wrote, so a failed or cancelled request leaves no partial write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
-from ..memories.activation.memory import oldest_first
+from ..memories.activation.memory import Turns, oldest_first
 from ..memories.base import Injection
 from ..model import GREEDY, Generation, Sampling
 from ..text import check_text
@@ -230,20 +231,27 @@ class Engine:
         return {"object": "memory.consolidated.deleted", "deleted": deleted}
 
     # ------------------------------------------------------------------ memories
-    def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop) -> dict[str, Any]:
-        """Write ``texts`` for ``user_id`` (call under ``model_lock``); all or nothing."""
+    def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop,
+            turns: Turns | None = None) -> dict[str, Any]:
+        """Write ``texts`` for ``user_id``; all or nothing. Without ``turns``, call under ``model_lock`` (the whole
+        write holds the model and the store); with ``turns`` (:func:`~.calls.with_turns`), call holding nothing:
+        each batch takes the model and each commit the store for its own time only."""
         texts = [check_text(t, what=f"text {i}" if len(texts) > 1 else "text") for i, t in enumerate(texts)]
         if "source_id" in metadata:
             raise InputError("metadata.source_id is reserved: the server gives each text its own source id")
         sources = [str(uuid.uuid4()) for _ in texts]
         stop.check()
-        with self.store_lock:
+        whole = self.store_lock if turns is None else contextlib.nullcontext()
+        with whole:
             try:
-                receipt = self.memory.add(texts, user_id=user_id or None, metadata=metadata, source_ids=sources)
+                receipt = self.memory.add(texts, user_id=user_id or None, metadata=metadata, source_ids=sources,
+                                          turns=turns)
             except BaseException:  # batches written before the failure are removed: all or nothing
-                for source in sources:
-                    self._delete_source(source, user_id)
+                with self.store_lock if turns is not None else contextlib.nullcontext():
+                    for source in sources:
+                        self._delete_source(source, user_id)
                 raise
+        with self.store_lock if turns is not None else contextlib.nullcontext():
             rows = self.memory.store.index.get(receipt.ids)  # in write order: text by text, chunk by chunk
         return {"object": "memory.add", "ids": [pid for pid, _ in rows], "source_ids": sources,
                 "data": [public_record(pid, p) for pid, p in rows], "notes": list(receipt.notes)}

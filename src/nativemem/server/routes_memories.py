@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from .calls import engine, in_thread, user_of, with_model
+from .calls import engine, in_thread, user_of, with_model, with_turns
 from .http import MAX_ID_CHARS, ApiError, int_param, json_body, read_json
 from .schemas import (MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, ResetRequest,
                       SearchRequest, UpdateRequest)
@@ -28,7 +28,8 @@ async def add_memories(request: Request):
         raise ApiError(400, f"metadata is larger than {MAX_METADATA_CHARS:,} characters of JSON",
                        param="metadata")
     eng = engine(request)
-    return await with_model(request, lambda stop: eng.add(texts, user_id=user, metadata=req.metadata, stop=stop))
+    return await with_turns(request, lambda stop, turns: eng.add(texts, user_id=user, metadata=req.metadata,
+                                                                 stop=stop, turns=turns))
 
 
 @router.get("/v1/memories")

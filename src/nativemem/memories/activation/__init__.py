@@ -12,10 +12,10 @@ qdrant-client index, payload blobs, lock), :mod:`.catalog` (the log every chunk'
 from ..base import register_memory
 from .config import ActivationConfig
 from .kv import ChunkKV, build_cache, capture, kv_geometry
-from .memory import ActivationMemory, ChunkSkippedWarning, reencode_memory
+from .memory import ActivationMemory, ChunkSkippedWarning, Turns, reencode_memory
 from .store import BlobError
 
 __all__ = ["ActivationConfig", "ActivationMemory", "ChunkSkippedWarning", "BlobError", "ChunkKV", "build_cache",
-           "capture", "kv_geometry", "reencode_memory"]
+           "capture", "kv_geometry", "reencode_memory", "Turns"]
 
 register_memory(ActivationMemory)

@@ -34,9 +34,10 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from .store import (DEFAULT_USER, PENDING, REPAIR_HINT, BlobError, IndexPoint, S
                     new_id, open_store, serialize)
 from .tiers import KVTiers
 
-__all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT", "reencode_memory", "oldest_first"]
+__all__ = ["ActivationMemory", "ChunkSkippedWarning", "BLOB_FORMAT", "reencode_memory", "oldest_first", "Turns"]
 
 BLOB_FORMAT = "nativemem-activation-blob/1"
 TIE_MARGIN = 8  # extra rows fetched per search to order tied scores deterministically
@@ -64,6 +65,17 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class ChunkSkippedWarning(UserWarning):
     """A retrieved chunk could not be injected (missing or corrupted blob, other model); others still are."""
 
+
+
+@dataclass(frozen=True)
+class Turns:
+    """How a long write shares the model and the store with other threads (a server's locks): each batch's
+    encoding runs inside ``model()``, each batch's commit and the add's publication inside ``store()``, and
+    between them the write holds neither, so another request waits at most one batch. Chunking runs before
+    any turn. A context manager factory may raise to abandon the write (it is then rolled back)."""
+
+    model: Callable[[], AbstractContextManager] = nullcontext
+    store: Callable[[], AbstractContextManager] = nullcontext
 
 class ActivationMemory(Memory):
     """Stores chunks as KV payloads and retrieves them by the model's own states (see module docstring)."""
@@ -281,7 +293,7 @@ class ActivationMemory(Memory):
 
     # ------------------------------------------------------------------ write
     def add(self, texts, *, user_id: str | None = None, metadata: dict[str, Any] | None = None,
-            source_ids: Sequence[str] | None = None) -> Receipt:
+            source_ids: Sequence[str] | None = None, turns: Turns | None = None) -> Receipt:
         """Chunk, encode and store ``texts`` for ``user_id``.
 
         Args:
@@ -290,6 +302,8 @@ class ActivationMemory(Memory):
             metadata: JSON-serialisable fields stored with every chunk (``source_id`` names the source;
                 with several texts, ``:<i>`` is appended to it).
             source_ids: one source id per text (instead of ``metadata["source_id"]``).
+            turns: how the write shares the model and the store with other threads (:class:`Turns`); by
+                default it holds neither, as a single-threaded caller needs.
 
         Returns:
             Receipt with one id per chunk; ``details["chunks"]`` has tokens and bytes per chunk.
@@ -317,10 +331,10 @@ class ActivationMemory(Memory):
                 layout = self.chunk_layout(chunk)
                 self._check_fits(layout, what=f"chunk {j} of text {i} with its template and compression prompt")
                 pending.append((source, j, chunk, layout))
-        return self._write(pending, user, metadata, start=start)
+        return self._write(pending, user, metadata, start=start, turns=turns)
 
     def _write(self, pending: list[tuple], user: str, metadata: dict[str, Any], *, start: float,
-               encoded: dict[int, Encoded] | None = None) -> Receipt:
+               encoded: dict[int, Encoded] | None = None, turns: Turns | None = None) -> Receipt:
         """Store ``pending`` chunks (``encoded``: some already encoded, by position) and make the add's receipt."""
         receipt = Receipt(self.kind, "add", layers=self.layers_used,
                           details={"chunks": [], "payload": self.config.payload, "kv_dtype": self.config.kv_dtype,
@@ -330,7 +344,7 @@ class ActivationMemory(Memory):
             receipt.notes.append("retrieval transform not fitted (raw states, or a random projection of them for "
                                  "models wider than 1,024; cosine): call fit() on a separate fit set before adding "
                                  "for better retrieval")
-        done = self._store_chunks(pending, user, metadata, encoded)
+        done = self._store_chunks(pending, user, metadata, encoded, turns)
         for n in range(len(pending)):
             info = done[n]
             receipt.ids.append(info["id"])
@@ -346,7 +360,7 @@ class ActivationMemory(Memory):
         return receipt
 
     def _store_chunks(self, pending: list[tuple], user: str, metadata: dict[str, Any],
-                      encoded: dict[int, Encoded] | None = None) -> dict[int, dict[str, Any]]:
+                      encoded: dict[int, Encoded] | None = None, turns: Turns | None = None) -> dict[int, dict[str, Any]]:
         """Encode and commit chunks ``(source_id, chunk_index, text, layout[, kept])``, all or nothing; returns
         each chunk's receipt entry by its position in ``pending`` (``encoded``: chunks encoded already)."""
         _ = self.store  # opened (and, for the embedded backend, locked) before any work
@@ -358,51 +372,60 @@ class ActivationMemory(Memory):
         # the index upsert and flush); add() returns once every batch is committed
         futures: list = []
         pending_id = new_id()  # the add's points stay invisible until all are committed, then appear at once
+        turns = turns or Turns()
         try:
             self._add_batches(pending, order, done, futures, user, metadata, (pending_id, time.time()),
-                              encoded or {})
+                              encoded or {}, turns)
         except BaseException:
             written = [info["id"] for info in done.values()]
             updated = {str(p[4]["memory_id"]) for p in pending if len(p) > 4 and int(p[4].get("version") or 1) > 1}
             try:  # nothing of a failed add is ever seen; what a crash leaves pending is dropped at the next open
                 fresh = [i for i in written if i not in updated]
-                if not self._repairing:
-                    self.store.catalog.delete(fresh)
-                self.store.index.delete(fresh)
+                with turns.store():
+                    if not self._repairing:
+                        self.store.catalog.delete(fresh)
+                    self.store.index.delete(fresh)
                 if updated and not self._repairing:  # a failed update: the old version comes back
                     live = self.store.catalog.state().live
                     self._encode_again([live[i] for i in updated if i in live])
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
             raise
-        if not self._repairing:
-            self.store.catalog.publish(pending_id)
-        self.store.index.publish([done[n]["id"] for n in range(len(pending))])
+        with turns.store():
+            if not self._repairing:
+                self.store.catalog.publish(pending_id)
+            self.store.index.publish([done[n]["id"] for n in range(len(pending))])
         return done
 
     def _add_batches(self, pending, order, done, futures, user, metadata, add: tuple[str, float],
-                     ready: dict[int, Encoded]) -> None:
+                     ready: dict[int, Encoded], turns: Turns) -> None:
         """Encode the chunks batch by batch while a worker thread commits the previous batch (``done`` gets each
-        chunk's receipt entry by its position in the add; ``ready``: chunks encoded already, by position)."""
+        chunk's receipt entry by its position in the add; ``ready``: chunks encoded already, by position). Each
+        batch's model work takes one ``turns.model()`` turn and each commit one ``turns.store()`` turn."""
+
+        def commit(*args):
+            with turns.store():
+                return self._commit(*args)
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
             for b in range(0, len(order), self.config.batch_size):
                 picked = order[b: b + self.config.batch_size]
                 batch = [pending[n] for n in picked]
                 todo = [n for n in picked if n not in ready]
-                fresh = dict(zip(todo, self._encode([pending[n][3] for n in todo], pooled=self.indexes_pooled,
-                                                    payload=self.config.payload != "none", framed=True)
-                                 if todo else []))
-                encoded = [ready[n] if n in ready else fresh[n] for n in picked]
-                if self.config.payload == "kv":
-                    payloads = self._pack_records([p[3] for p in batch], encoded)
-                elif self.config.payload == "residual":
-                    payloads = [self._blob_bytes(layout, enc) for (_, _, _, layout, *_), enc in zip(batch, encoded)]
-                else:
-                    payloads = None
-                vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
-                            self.token_transform.apply(enc.tokens).half().cpu()) for enc in encoded]
-                futures.append(committer.submit(self._commit, picked, batch, payloads, vectors, user, metadata,
-                                                add))
+                with turns.model():
+                    fresh = dict(zip(todo, self._encode([pending[n][3] for n in todo], pooled=self.indexes_pooled,
+                                                        payload=self.config.payload != "none", framed=True)
+                                     if todo else []))
+                    encoded = [ready[n] if n in ready else fresh[n] for n in picked]
+                    if self.config.payload == "kv":
+                        payloads = self._pack_records([p[3] for p in batch], encoded)
+                    elif self.config.payload == "residual":
+                        payloads = [self._blob_bytes(layout, enc) for (_, _, _, layout, *_), enc in zip(batch, encoded)]
+                    else:
+                        payloads = None
+                    vectors = [(self.pooled_transform.apply(enc.pooled).cpu() if enc.pooled is not None else None,
+                                self.token_transform.apply(enc.tokens).half().cpu()) for enc in encoded]
+                futures.append(committer.submit(commit, picked, batch, payloads, vectors, user, metadata, add))
                 if len(futures) > 2:  # bound what waits in host memory
                     done.update(futures[-3].result())
             for f in futures:
