@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_BODY, start_server
 
-from nativemem.server.reliability import DAMAGE, run_damage, run_durability, run_fuzz, run_isolation, run_load
+from nativemem.server.reliability import (DAMAGE, run_damage, run_durability, run_fuzz, run_isolation, run_load,
+                                         run_stall)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,12 @@ def test_fuzz_every_endpoint_no_5xx_nothing_lost(shared):
     assert res["server_errors"] == 0 and res["stored_lost"] == 0 and res["server_alive"]
     assert res["http_inputs"] >= 150 and res["cli_inputs"] >= 20
     assert {"400", "401", "413"} <= set(res["by_status"]), res["by_status"]
+
+
+def test_stall_measures_another_users_latency_during_a_long_add(tmp_path, model_dir):
+    res = run_stall(tmp_path, model=str(model_dir), add_bytes=96 << 10, probes=3, seed=6, log=lambda m: None)
+    assert res["status"] == 200 and res["chunks"] >= res["texts"] and res["add_bytes"] >= 96 << 10
+    assert res["probes_idle"] == 3 and res["probes_during"] >= 1  # bob was answered while alice's add ran
+    for what in ("chat", "list"):
+        assert 0 < res[what]["idle_p50_ms"] <= res[what]["idle_p99_ms"]
+        assert res[what]["during_p99_ms"] is not None and res[what]["p99_ratio"] > 0

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ServerProcess", "run_durability", "run_isolation", "run_load", "run_fuzz", "run_ttft", "run_damage",
-           "run_suite", "SIZES", "DAMAGE", "write_keys"]
+           "run_suite", "run_stall", "SIZES", "DAMAGE", "write_keys"]
 
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"kills": 2, "kill_window_s": (0.5, 1.5), "isolation_requests": 400, "users": 4, "load_clients": 50,
-              "load_s": 3.0, "fuzz_examples": 150, "ttft_n": 5},
+              "load_s": 3.0, "fuzz_examples": 150, "ttft_n": 5, "stall_bytes": 64 << 10, "stall_probes": 5},
     "full": {"kills": 20, "kill_window_s": (1.0, 5.0), "isolation_requests": 10_000, "users": 10,
-             "load_clients": 50, "load_s": 60.0, "fuzz_examples": 3000, "ttft_n": 30},
+             "load_clients": 50, "load_s": 60.0, "fuzz_examples": 3000, "ttft_n": 30, "stall_bytes": 1 << 20,
+             "stall_probes": 30},
 }
 
 _MARKER = re.compile(r"zq[0-9a-f]{12}")
@@ -812,8 +813,74 @@ def run_damage(workdir: Path, *, model: str | None = None, users: int = 2, texts
     return out
 
 
+# ---------------------------------------------------------------------------- a long add beside other users
+def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 20, probes: int = 30, seed: int = 0,
+              log=print) -> dict[str, Any]:
+    """Another user's chat and list latency while one user adds ``add_bytes`` of text, against the same requests
+    on the idle server (p50 and p99 of each; the aim: p99 during the add at most twice the idle p99)."""
+    import httpx
+
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    keys = write_keys(workdir / "stall-keys.json", ["alice", "bob"], seed)
+    per_text = max(1, add_bytes // 256)
+    texts, size = [], 0
+    while size < add_bytes:
+        text = ""
+        while len(text) < per_text:
+            text += _sentence(rng, "alice", _marker(rng)) + " "
+        texts.append(text.strip())
+        size += len(texts[-1].encode())
+    chat = {"model": "nativemem", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "What does bob keep in the garden shed?"}]}
+
+    def probe(c: httpx.Client) -> dict[str, float]:
+        t = time.perf_counter()
+        c.post("/v1/chat/completions", json=chat).raise_for_status()
+        t1 = time.perf_counter()
+        c.get("/v1/memories", params={"limit": 20}).raise_for_status()
+        return {"chat": t1 - t, "list": time.perf_counter() - t1}
+
+    server = ServerProcess(workdir / "stall.mem", workdir / "stall-keys.json", model=model,
+                           extra=["--max-body-bytes", str(2 * size + (1 << 20)), "--no-access-log"])
+    with server, _client(server.url, keys["bob"], timeout=600) as bob:
+        bob.post("/v1/memories", json={"texts": [_sentence(rng, "bob", _marker(rng)) for _ in range(8)]}
+                 ).raise_for_status()
+        probe(bob)  # warm-up
+        idle = [probe(bob) for _ in range(probes)]
+        result: dict[str, Any] = {}
+
+        def add():
+            with _client(server.url, keys["alice"], timeout=3600) as alice:
+                t = time.perf_counter()
+                r = alice.post("/v1/memories", json={"texts": texts})
+                result.update(status=r.status_code, chunks=len(r.json().get("ids", [])) if r.is_success else 0,
+                              add_s=time.perf_counter() - t)
+
+        writer = threading.Thread(target=add)
+        writer.start()
+        time.sleep(0.3)  # the add is under way
+        during = []
+        while writer.is_alive() and len(during) < probes:
+            during.append(probe(bob))
+        writer.join()
+    out: dict[str, Any] = {"add_bytes": size, "texts": len(texts), "probes_idle": len(idle),
+                           "probes_during": len(during), **result}
+    for what in ("chat", "list"):
+        a, b = [x[what] for x in idle], [x[what] for x in during]
+        out[what] = {"idle_p50_ms": round(1000 * _pct(a, 0.5), 1), "idle_p99_ms": round(1000 * _pct(a, 0.99), 1),
+                     "during_p50_ms": round(1000 * _pct(b, 0.5), 1) if b else None,
+                     "during_p99_ms": round(1000 * _pct(b, 0.99), 1) if b else None,
+                     "p99_ratio": round(_pct(b, 0.99) / _pct(a, 0.99), 2) if b else None}
+    out["aim_met"] = bool(during) and all(out[w]["p99_ratio"] <= 2.0 for w in ("chat", "list"))
+    log(f"stall: add of {size / 2**20:.2f} MiB ({result.get('chunks')} chunks, {result.get('add_s', 0):.1f} s); "
+        f"bob's chat p99 {out['chat']['idle_p99_ms']} ms idle, {out['chat']['during_p99_ms']} ms during; "
+        f"list p99 {out['list']['idle_p99_ms']} -> {out['list']['during_p99_ms']} ms ({len(during)} probes)")
+    return out
+
+
 # ---------------------------------------------------------------------------- the suite
-PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage")
+PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage", "stall")
 
 
 def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts: Sequence[str] = PARTS,
@@ -863,6 +930,9 @@ def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts
         results["damage"] = run_damage(work / "damage", model=model, seed=seed, log=log)
     if "ttft" in parts:
         results["ttft"] = run_ttft(work / "ttft", model=model, n=cfg["ttft_n"], seed=seed, log=log)
+    if "stall" in parts:
+        results["stall"] = run_stall(work / "stall", model=model, add_bytes=cfg["stall_bytes"],
+                                     probes=cfg["stall_probes"], seed=seed, log=log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     results["passed"] = _passed(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -889,4 +959,6 @@ def _passed(r: dict[str, Any]) -> bool:
                   for c in r["damage"]["cases"].values())
     if "api_keys_in_log" in r:
         ok &= r["api_keys_in_log"] == 0
+    if "stall" in r:  # the write must succeed beside the probes (their latency is reported, not judged here)
+        ok &= r["stall"].get("status") == 200
     return bool(ok)
