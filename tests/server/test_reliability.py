@@ -10,7 +10,7 @@ import pytest
 from conftest import MAX_BODY, start_server
 
 from nativemem.server.reliability import (DAMAGE, run_damage, run_durability, run_fuzz, run_isolation, run_load,
-                                         run_stall)
+                                         run_poison, run_stall)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,12 @@ def test_stall_measures_another_users_latency_during_a_long_add(tmp_path, model_
     for what in ("chat", "list"):
         assert 0 < res[what]["idle_p50_ms"] <= res[what]["idle_p99_ms"]
         assert res[what]["during_p99_ms"] is not None and res[what]["p99_ratio"] > 0
+
+
+def test_poison_compares_unrelated_answers_with_and_without_a_poisoned_memory(tmp_path, model_dir):
+    res = run_poison(tmp_path, model=str(model_dir), questions=4, seed=7, log=lambda m: None)
+    assert res["questions"] == 4 and len(res["rows"]) == 4 and res["poison_memories"] >= 10
+    for row in res["rows"]:  # nothing injected: the answer is exactly the one without memory
+        if row["injected"] == 0:
+            assert row["with_memory"] == row["without"]
+    assert res["answers_changed"] <= sum(1 for r in res["rows"] if r["injected"])

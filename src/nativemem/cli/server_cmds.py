@@ -85,13 +85,13 @@ def register(app: typer.Typer) -> None:
                     out: Annotated[Path, typer.Option(help="folder for reliability.json (and its work/ folder)")] =
                     Path("results/reliability"),
                     parts: Annotated[str, typer.Option(help="comma-separated: durability, isolation, load, fuzz, "
-                                                       "ttft, damage, stall")] =
-                    "durability,isolation,load,fuzz,ttft,damage,stall",
+                                                       "ttft, damage, stall, poison")] =
+                    "durability,isolation,load,fuzz,ttft,damage,stall,poison",
                     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
                     model: ModelOpt = None) -> None:
         """Reliability and security suite against real `nativemem serve` subprocesses: SIGKILL durability,
         cross-user isolation, 50-client load, fuzzing of every endpoint, TTFT over HTTP, damaged files and repair,
-        another user's latency during a long add (stall)."""
+        another user's latency during a long add (stall), unrelated answers beside poisoned memories (poison)."""
         import json
 
         _quiet_libraries()
