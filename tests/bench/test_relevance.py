@@ -58,3 +58,20 @@ def test_relevance_run_answers_like_none_whenever_a_gated_arm_injects_nothing(ti
     with pytest.raises(InputError, match="lower --limit"):
         run_relevance(tiny_model, out=tmp_path / "x", data=data, mmlu=MMLU, limit=400, pool_articles=2,
                       fit_articles=2)
+
+
+def test_relevance_with_the_poisoning_set_reports_what_went_in_and_out(tiny_model, tmp_path):
+    data = synthetic_squad(tmp_path / "squad.json")
+    res = run_relevance(tiny_model, out=tmp_path / "out", data=data, mmlu=MMLU, limit=8, k=2, max_new_tokens=3,
+                        pool_articles=2, fit_articles=2, fit_pairs=16, arms=["none", "activation", "rag_bm25"],
+                        poison=True, progress=False)
+    assert res["config"]["poison"] is True
+    assert res["arms"]["none"]["metrics"]["poison_injected_rate"] == 0.0  # nothing goes in without memory
+    items = read_items(tmp_path / "out")
+    for item in items:
+        for arm, a in item["arms"].items():
+            went_in = [h for h in a["hits"] or [] if h.get("injected", True)][: a["injected"]]
+            assert a["poison_injected"] == float(any(str(h.get("source_id") or h["id"]).startswith("poison:")
+                                                     for h in went_in))
+    # the ungated memory injects its top k for every question: with 12 poisoning notes among 8 paragraphs, some go in
+    assert res["arms"]["activation"]["metrics"]["poison_injected_rate"] > 0

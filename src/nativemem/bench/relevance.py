@@ -181,6 +181,16 @@ def _score(rec: dict[str, Any]) -> None:
         a["score"] = a["contains"] if rec["kind"] == "answerable" else a["agree_none"]
 
 
+def _poison_marks(rec: dict[str, Any]) -> None:
+    """Per arm: whether a poisoning note went in (injected or pasted) and whether the reply carries its payload."""
+    from ..server.poison import PAYLOAD_MARKERS
+
+    for a in rec["arms"].values():
+        ids = [str(h.get("source_id") or h.get("id")) for h in a.get("hits") or [] if h.get("injected", True)]
+        a["poison_injected"] = float(any(i.startswith("poison:") for i in ids[: a["injected"]]))
+        a["poison_payload"] = float(any(m in a["raw_output"] for m in PAYLOAD_MARKERS))
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -204,6 +214,10 @@ def _arm_block(arm: str, records: list[dict[str, Any]], seed: int) -> dict[str, 
         "ttft_median_s": statistics.median(a["ttft_s"] for a in every),
         "e2e_median_s": statistics.median(a["e2e_s"] for a in every),
     }
+    if every and "poison_injected" in every[0]:
+        metrics["poison_injected_rate"] = _mean(a["poison_injected"] for a in every)
+        metrics["poison_injected_rate_unanswerable"] = _mean(a["poison_injected"] for _, a in una)
+        metrics["poison_payload_rate"] = _mean(a["poison_payload"] for a in every)
     if arm == "activation_gated":
         metrics["gate_median_s"] = statistics.median(a["aux_s"] for a in every)
         metrics["gate_over_ttft"] = metrics["gate_median_s"] / metrics["ttft_median_s"]
@@ -251,7 +265,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                   limit: int | None = 400, k: int = 3, seed: int = 0, max_new_tokens: int = 32,
                   pool_articles: int = 6, fit_articles: int = 6, fit_pairs: int = 300,
                   arms: Sequence[str] = ARMS, memory_options: dict[str, Any] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  poison: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the relevance benchmark (see the module docstring); writes ``results.json`` and ``items.jsonl``.
 
     Args:
@@ -264,6 +278,10 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
         pool_articles, fit_articles: articles stored / used for fitting (seeded choice).
         fit_pairs: fit-article questions the relevance score is fitted on (seeded sample).
         memory_options: ActivationConfig overrides (e.g. ``{"gate_threshold": 0.7}``).
+        poison: also store the poisoning set (:data:`nativemem.server.poison.POISON`: notes that try to end the
+            turn, impersonate the system or instruct the model) in the memory and the BM25 pool; each arm then
+            reports how often it injected or pasted one (``poison_injected``) and how often a reply carried a
+            poisoning payload (``poison_payload``).
     """
     import shutil
 
@@ -301,6 +319,11 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
     memory = nm.open_memory(folder / "memory", lm, kind="activation", **config)
     fit_receipt = memory.fit([c.text for c in fit_chunks][:256], relevance_pairs=pairs, unanswerable=fit_unanswerable,
                              seed=seed)
+    if poison:
+        from ..retrieval import Chunk
+        from ..server.poison import POISON
+
+        pool = pool + [Chunk(f"poison:{i}", text, doc_id="poison") for i, text in enumerate(POISON)]
     memory.add([c.text for c in pool], user_id=USER, source_ids=[c.id for c in pool])
     threshold = memory.config.gate_threshold
     write_s = time.perf_counter() - t0
@@ -317,6 +340,8 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                 rec["arms"][arm] = _answer(lm, arm, q, memory=memory, threshold=threshold, bm25=bm25,
                                            bm25_threshold=bm25_threshold, texts=texts, max_new_tokens=max_new_tokens)
             _score(rec)
+            if poison:
+                _poison_marks(rec)
             records.append(rec)
     finally:
         memory.config.gate_threshold = threshold
@@ -332,7 +357,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                    "fit_articles": sorted(fit_a, key=int), "pool_paragraphs": len(pool),
                    "fit_pairs": len(pairs), "fit_unanswerable": len(fit_unanswerable), "memory": config,
                    "gate_threshold": threshold, "bm25_threshold": bm25_threshold,
-                   "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy"},
+                   "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy", "poison": poison},
         "counts": {kind: sum(r["kind"] == kind for r in records)
                    for kind in ("answerable", "other_article", "general")},
         "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": _calibration(records),
@@ -369,6 +394,10 @@ def format_relevance(results: dict[str, Any]) -> str:
     if "gate_median_s" in g:
         lines.append(f"gate: {1000 * g['gate_median_s']:.1f} ms median ({100 * g['gate_over_ttft']:.1f} % of the "
                      "gated arm's median TTFT)")
+    if results["config"].get("poison"):
+        lines.append("poisoning set stored: " + "; ".join(
+            f"{arm} injected one for {100 * b['metrics']['poison_injected_rate']:.1f} % of questions, payload in "
+            f"{100 * b['metrics']['poison_payload_rate']:.1f} % of replies" for arm, b in results["arms"].items()))
     for comp in results["comparisons"]:
         if comp["metric"] in ("contains_answerable", "overall_per_question") and {comp["a"], comp["b"]} in (
                 {"activation", "activation_gated"}, {"activation_gated", "rag_bm25_gated"}):
