@@ -61,6 +61,8 @@ def register(app: typer.Typer) -> None:
               8 << 20,
               request_timeout_s: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait for "
                                                                "the model and generate (then 503/504)")] = 300.0,
+              write_turn_chunks: Annotated[int, typer.Option(min=1, help="chunks an add encodes per turn on the "
+                                                             "model; other requests are served between turns")] = 2,
               log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info "
                                                      "| debug")] = "info",
               access_log: Annotated[bool, typer.Option(help="log one line per request (never headers or "
@@ -72,7 +74,8 @@ def register(app: typer.Typer) -> None:
         from ..server.app import ServerSettings
         from ..server.run import serve as run_server
 
-        settings = ServerSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+        settings = ServerSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
+                                  write_turn_chunks=write_turn_chunks)
         run_server(memory, model=model, host=host, port=port, api_keys=api_keys, no_auth=no_auth,
                    settings=settings, dtype=dtype, device=device, log_level=log_level,
                    access_log=access_log)

@@ -60,8 +60,11 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     request_timeout_s: float = 300.0  # waiting for the model plus generating; past it: 503 / 504
     anonymous: bool = False  # no API keys: every request acts as the anonymous user (loopback only)
+    write_turn_chunks: int = 2  # chunks an add encodes per turn on the model (others' requests go in between)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.write_turn_chunks, int) or self.write_turn_chunks < 1:
+            raise InputError(f"write_turn_chunks must be an integer >= 1, got {self.write_turn_chunks!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise InputError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.request_timeout_s > 0:

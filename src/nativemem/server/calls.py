@@ -106,7 +106,8 @@ async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
         finally:
             anyio.from_thread.run_sync(eng.model_lock.release)
 
-    turns = Turns(model=model_turn, store=lambda: eng.store_lock)
+    turns = Turns(model=model_turn, store=lambda: eng.store_lock,
+                  batch_size=request.app.state.settings.write_turn_chunks)
     task = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: fn(stop, turns)))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))

@@ -812,7 +812,7 @@ def run_damage(workdir: Path, *, model: str | None = None, users: int = 2, texts
 
 # ---------------------------------------------------------------------------- a long add beside other users
 def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 20, probes: int = 30, seed: int = 0,
-              log=print) -> dict[str, Any]:
+              server_options: Sequence[str] = (), log=print) -> dict[str, Any]:
     """Another user's chat and list latency while one user adds ``add_bytes`` of text, against the same requests
     on the idle server (p50 and p99 of each; the aim: p99 during the add at most twice the idle p99)."""
     import httpx
@@ -839,7 +839,8 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
         return {"chat": t1 - t, "list": time.perf_counter() - t1}
 
     server = ServerProcess(workdir / "stall.mem", workdir / "stall-keys.json", model=model,
-                           extra=["--max-body-bytes", str(2 * size + (1 << 20)), "--no-access-log"])
+                           extra=["--max-body-bytes", str(2 * size + (1 << 20)), "--no-access-log",
+                                  "--request-timeout-s", "3600", *server_options])
     with server, _client(server.url, keys["bob"], timeout=600) as bob:
         bob.post("/v1/memories", json={"texts": [_sentence(rng, "bob", _marker(rng)) for _ in range(8)]}
                  ).raise_for_status()
@@ -861,7 +862,8 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
         while writer.is_alive() and len(during) < probes:
             during.append(probe(bob))
         writer.join()
-    out: dict[str, Any] = {"add_bytes": size, "texts": len(texts), "probes_idle": len(idle),
+    out: dict[str, Any] = {"add_bytes": size, "texts": len(texts), "server_options": list(server_options),
+                           "probes_idle": len(idle),
                            "probes_during": len(during), **result}
     for what in ("chat", "list"):
         a, b = [x[what] for x in idle], [x[what] for x in during]

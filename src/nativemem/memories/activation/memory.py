@@ -76,6 +76,7 @@ class Turns:
 
     model: Callable[[], AbstractContextManager] = nullcontext
     store: Callable[[], AbstractContextManager] = nullcontext
+    batch_size: int | None = None  # chunks per model turn (None: the memory's ``batch_size``)
 
 class ActivationMemory(Memory):
     """Stores chunks as KV payloads and retrieves them by the model's own states (see module docstring)."""
@@ -408,8 +409,9 @@ class ActivationMemory(Memory):
                 return self._commit(*args)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativemem-commit") as committer:
-            for b in range(0, len(order), self.config.batch_size):
-                picked = order[b: b + self.config.batch_size]
+            size = turns.batch_size or self.config.batch_size
+            for b in range(0, len(order), size):
+                picked = order[b: b + size]
                 batch = [pending[n] for n in picked]
                 todo = [n for n in picked if n not in ready]
                 with turns.model():
