@@ -43,6 +43,7 @@ class Kept:
     layer: int | None  # the layer whose output ``states`` holds
     states: torch.Tensor | None  # (run_end - first, D): output of ``layer`` at positions first..run_end-1
     first: int  # the first position this call ran (a cached memory prefix before it did not run)
+    prefix: int = 0  # tokens the memory's KV prefix stood for (its spliced head included)
 
 
 @dataclass
@@ -336,7 +337,7 @@ class LanguageModel:
             ran = torch.cat(states) if states else None
             kept = Kept(ids=ids, cache=out.past_key_values, run_end=run_end, user=(keep[0] + shift, keep[1] + shift),
                         answer=(full_ids.shape[1], full_ids.shape[1] + len(new)), layer=layer, states=ran,
-                        first=run_end - (ran.shape[0] if ran is not None else 0))
+                        first=run_end - (ran.shape[0] if ran is not None else 0), prefix=cached)
         return Generation(
             text=text.strip(), ttft_s=(timer.first or end) - start, total_s=end - start,
             prompt_tokens=int(full_ids.shape[1]) - cached, new_tokens=len(new),

@@ -359,11 +359,20 @@ def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
     got = rotate_layers(lm.model, [k[:, prefix:prefix + n] for k in kv.keys], torch.tensor(positions))
     for g, w in zip(got, want_k):
         torch.testing.assert_close(g, w.float(), atol=2e-2, rtol=2e-2)  # int8 storage
-    # the retrieval states indexed are the chat's own at those positions (a second, identical greedy chat)
+    # the retrieval states indexed are the chat's own at those positions (a second, identical greedy chat) when
+    # nothing was injected ahead of the exchange ...
     assert again.token_ids == gen.token_ids
     layout, encoded = mem._from_chat(again)
     assert layout.ids[layout.content[0]:layout.content[1]] == tuple(kept.ids[u0:u1] + kept.ids[a0:a1])
-    torch.testing.assert_close(encoded.tokens[:n], want_h.float())
+    if kept.prefix <= len(mem.frame_ids()[0]):
+        torch.testing.assert_close(encoded.tokens[:n], want_h.float())
+    # ... and those of the chunk alone (the model run up to the retrieval layer) when memory was injected
+    mem.config.gate_threshold = 0.0
+    injected = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
+    assert injected.kept.prefix > len(mem.frame_ids()[0])
+    layout, encoded = mem._from_chat(injected)
+    alone = mem._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
+    torch.testing.assert_close(encoded.tokens, alone)
     # the same exchange again is not stored twice, and a plain generation falls back to a separate write
     assert mem.remember("My sister Mara lives in Oslo.", gen.text, user_id="u").details["duplicate"] is True
     plain = lm.generate(lm.chat_ids(build_messages("Bob has a red kite.", system=mem.chat_system)), max_new_tokens=4)

@@ -1063,10 +1063,13 @@ class ActivationMemory(Memory):
         """The exchange of a kept generation as an encoded chunk (``frame + chunk_prefix + the user's text + the
         answer + chunk_suffix``), or why it cannot be had that way.
 
-        The user's text and the answer are the chat's own KV and retrieval states at their positions (keys
-        rotated back by their positions); the chunk prefix and suffix are constants (their KV around an empty
-        chunk, computed once). Only an answer cut by the token cap runs its last token (generation never runs
-        the token it ends with).
+        The payload is the chat's own KV of the user's text and the answer (keys rotated back by their positions);
+        the chunk prefix and suffix are constants (their KV around an empty chunk, computed once). The retrieval
+        states are the chat's too when nothing was injected ahead of the exchange; when memory was, they are
+        computed again over the chunk alone, running the model only up to the retrieval layer (states that had
+        injected chunks in view drift from a query's, and the relevance gate then passes the exchange less
+        often: measured in ``nativemem bench conversation``). Only an answer cut by the token cap runs its last
+        token (generation never runs the token it ends with).
         """
         from ...hooks import hooks
         from .kv import _rotary, _text_model, rotate_layers
@@ -1118,6 +1121,8 @@ class ActivationMemory(Memory):
         layout = Layout(tuple(frame + prefix + content + suffix),
                         (len(frame) + len(prefix), len(frame) + len(prefix) + len(content)),
                         tuple(self._enc(self.config.compress_prompt)))
+        if kept.prefix > len(frame):  # memory was injected ahead of the exchange: states of the chunk alone
+            tokens = self._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
         return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame))
 
     def _chunk_frame_kv(self) -> tuple[ChunkKV, ChunkKV]:
