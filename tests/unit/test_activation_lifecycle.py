@@ -349,7 +349,7 @@ def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
     receipt = mem.remember("My sister Mara lives in Oslo.", gen.text or "?", user_id="u", generation=gen)
     if not gen.text:
         pytest.skip("the tiny model's answer was empty")
-    assert receipt.details["reused_kv"] is True, receipt.details
+    assert receipt.details["reused_kv"] is True and receipt.details["retrieval_states"] in ("chat", "chunk")
     assert gen.kept is None  # one write per generation
     payload = next(p for i, p in mem.store.index.scroll(user_id="u") if i == receipt.ids[0])
     stored_ids, kv = mem.load_chunk(payload)
@@ -362,15 +362,17 @@ def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
     # the retrieval states indexed are the chat's own at those positions (a second, identical greedy chat) when
     # nothing was injected ahead of the exchange ...
     assert again.token_ids == gen.token_ids
-    layout, encoded = mem._from_chat(again)
+    layout, encoded, states = mem._from_chat(again)
     assert layout.ids[layout.content[0]:layout.content[1]] == tuple(kept.ids[u0:u1] + kept.ids[a0:a1])
     if kept.prefix <= len(mem.frame_ids()[0]):
+        assert states == "chat"
         torch.testing.assert_close(encoded.tokens[:n], want_h.float())
     # ... and those of the chunk alone (the model run up to the retrieval layer) when memory was injected
     mem.config.gate_threshold = 0.0
     injected = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
     assert injected.kept.prefix > len(mem.frame_ids()[0])
-    layout, encoded = mem._from_chat(injected)
+    layout, encoded, states = mem._from_chat(injected)
+    assert states == "chunk"
     alone = mem._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
     torch.testing.assert_close(encoded.tokens, alone)
     # the same exchange again is not stored twice, and a plain generation falls back to a separate write

@@ -83,6 +83,7 @@ def run_conversation(lm, *, out: str | Path, limit: int | None = None, seed: int
             turns.append(gen.total_s)
             records.append({"kind": "turn", "item_id": n, "statement": statement, "reply": gen.text,
                             "turn_s": gen.total_s, "write_s": receipt.elapsed_s, "reused_kv": bool(reused[-1]),
+                            "retrieval_states": receipt.details.get("retrieval_states"),
                             "write_separate_s": other.elapsed_s, "ids": receipt.ids})
             if progress and (n + 1) % 10 == 0:
                 log(f"[conversation] {n + 1}/{len(facts)} turns remembered")

@@ -1050,18 +1050,19 @@ class ActivationMemory(Memory):
             receipt = self.add(text, user_id=user_id, metadata={"source_id": source, **meta})
             receipt.details.update(reused_kv=False, separate_write_why=reused)
         else:
-            layout, enc = reused
+            layout, enc, states = reused
             self._check_fits(layout, what="the remembered exchange")
             receipt = self._write([(source, 0, text, layout)], user, meta, start=start, encoded={0: enc})
-            receipt.details.update(reused_kv=True)
+            receipt.details.update(reused_kv=True, retrieval_states=states)
         receipt.op = "remember"
         receipt.details.update(duplicate=False, source_id=source)
         receipt.elapsed_s = time.perf_counter() - start
         return receipt
 
-    def _from_chat(self, generation) -> tuple[Layout, Encoded] | str:
+    def _from_chat(self, generation) -> tuple[Layout, Encoded, str] | str:
         """The exchange of a kept generation as an encoded chunk (``frame + chunk_prefix + the user's text + the
-        answer + chunk_suffix``), or why it cannot be had that way.
+        answer + chunk_suffix``) and where its retrieval states came from (``"chat"`` or ``"chunk"``), or why it
+        cannot be had that way.
 
         The payload is the chat's own KV of the user's text and the answer (keys rotated back by their positions);
         the chunk prefix and suffix are constants (their KV around an empty chunk, computed once). The retrieval
@@ -1121,9 +1122,11 @@ class ActivationMemory(Memory):
         layout = Layout(tuple(frame + prefix + content + suffix),
                         (len(frame) + len(prefix), len(frame) + len(prefix) + len(content)),
                         tuple(self._enc(self.config.compress_prompt)))
+        states = "chat"
         if kept.prefix > len(frame):  # memory was injected ahead of the exchange: states of the chunk alone
             tokens = self._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
-        return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame))
+            states = "chunk"
+        return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame)), states
 
     def _chunk_frame_kv(self) -> tuple[ChunkKV, ChunkKV]:
         """Pre-RoPE KV of the chunk prefix and suffix around an empty chunk after the frame (computed once)."""
