@@ -351,8 +351,9 @@ class Engine:
         return dumps_export([{**i, "user_id": ""} for i in items], kind=self.memory.kind,
                             model=self.lm.name, user_id=None)
 
-    def import_(self, text: str, *, user_id: str, stop: Stop) -> dict[str, Any]:
-        """Encode an export file's items into the caller's memory (call under ``model_lock``), all or nothing.
+    def import_(self, text: str, *, user_id: str, stop: Stop, turns: Turns | None = None) -> dict[str, Any]:
+        """Encode an export file's items into the caller's memory, all or nothing: under ``model_lock`` without
+        ``turns``, holding nothing with them (as :meth:`add`).
 
         Every item becomes the caller's, with a new id: an import never reuses, or tells anything about, the ids
         of other users."""
@@ -364,8 +365,8 @@ class Engine:
             if item.get("metadata") is not None and len(json.dumps(item["metadata"])) > MAX_METADATA_CHARS:
                 raise InputError(f"body: item {n}: metadata larger than {MAX_METADATA_CHARS:,} characters of JSON")
         stop.check()
-        with self.store_lock:
-            receipt = self.memory.import_items(items)
+        with self.store_lock if turns is None else contextlib.nullcontext():
+            receipt = self.memory.import_items(items, turns=turns)
         return {"object": "memory.import", "imported": receipt.details["imported"], "ids": list(receipt.ids)}
 
     def consolidate(self, into: str, *, user_id: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ async def import_memories(request: Request):
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not UTF-8 text") from None
     eng = engine(request)
-    return await with_model(request, lambda stop: eng.import_(text, user_id=user, stop=stop))
+    return await with_turns(request, lambda stop, turns: eng.import_(text, user_id=user, stop=stop, turns=turns))
 
 
 @router.post("/v1/memories/search", openapi_extra=json_body(SearchRequest))

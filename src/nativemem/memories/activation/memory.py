@@ -1226,12 +1226,14 @@ class ActivationMemory(Memory):
         receipt.details["from_model"] = header.get("model")
         return receipt
 
-    def import_items(self, items: Sequence[dict[str, Any]]) -> Receipt:
+    def import_items(self, items: Sequence[dict[str, Any]], *, turns: Turns | None = None) -> Receipt:
         """Encode exported items (``id``, ``user_id``, ``text``, ``source_id``, ``chunk_index``, ``created``,
         ``metadata``) with this memory's model, all or nothing; each keeps its id, owner, source, time and
-        metadata. Ids already stored are skipped (counted as duplicates); each item stays one chunk."""
+        metadata. Ids already stored are skipped (counted as duplicates); each item stays one chunk. ``turns``: as
+        for :meth:`add`."""
         start = time.perf_counter()
-        known = {pid for pid, _ in self.store.index.get([str(i["id"]) for i in items])}
+        with (turns or Turns()).store():
+            known = {pid for pid, _ in self.store.index.get([str(i["id"]) for i in items])}
         seen: set[str] = set()
         pending = []
         for n, item in enumerate(items):
@@ -1246,7 +1248,7 @@ class ActivationMemory(Memory):
             pending.append((str(item.get("source_id") or mid), int(item.get("chunk_index") or 0), text, layout,
                             {"memory_id": mid, "user_id": user, "created": item.get("created") or time.time(),
                              "seq": item.get("seq", n), "metadata": item.get("metadata") or {}}))
-        done = self._store_chunks(pending, DEFAULT_USER, {}) if pending else {}
+        done = self._store_chunks(pending, DEFAULT_USER, {}, turns=turns) if pending else {}
         users = {p[4]["user_id"] for p in pending}
         return Receipt(self.kind, "import", ids=[p[4]["memory_id"] for p in pending],
                        tokens=sum(info["tokens"] for info in done.values()), elapsed_s=time.perf_counter() - start,
