@@ -183,6 +183,14 @@ class LanguageModel:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def token_ends(self, text: str) -> list[int] | None:
+        """The character offset where each token of ``text`` ends (None for a tokenizer without offsets)."""
+        try:
+            return [int(e) for _, e in self.tokenizer(text, add_special_tokens=False,
+                                                       return_offsets_mapping=True)["offset_mapping"]]
+        except (NotImplementedError, KeyError, TypeError, ValueError):
+            return None
+
     def encode(self, text: str) -> torch.LongTensor:
         """Token ids of ``text`` without special tokens: (1, T)."""
         return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)

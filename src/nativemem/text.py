@@ -52,11 +52,14 @@ def split_sentences(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def chunk_text(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+def chunk_text(text: str, max_tokens: int, count_tokens: Callable[[str], int], *,
+               token_ends: Callable[[str], list[int] | None] | None = None) -> list[str]:
     """Greedy sentence-aware chunks of at most ``max_tokens`` tokens each.
 
     Sentences are packed until the next would overflow; a single sentence longer than the budget is
-    cut on word boundaries (and, for a word longer than the budget, on characters).
+    cut on word boundaries (and, for a word longer than the budget, on characters). ``token_ends``
+    (the character offset where each token of a text ends, e.g. :meth:`LanguageModel.token_ends`) lets
+    a long run without spaces be cut from one tokenisation, with one count per piece to check it.
     """
     if max_tokens < 1:
         raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -73,13 +76,13 @@ def chunk_text(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -
         if count_tokens(sentence) <= max_tokens:
             current = [sentence]
         else:
-            chunks.extend(_split_long(sentence, max_tokens, count_tokens))
+            chunks.extend(_split_long(sentence, max_tokens, count_tokens, token_ends))
     if current:
         chunks.append(" ".join(current))
     return chunks
 
 
-def _split_long(sentence: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+def _split_long(sentence: str, max_tokens: int, count_tokens: Callable[[str], int], token_ends=None) -> list[str]:
     out: list[str] = []
     current = ""
     for word in sentence.split():
@@ -89,12 +92,33 @@ def _split_long(sentence: str, max_tokens: int, count_tokens: Callable[[str], in
             continue
         if current:
             out.append(current)
-        pieces = _cut_run(word, max_tokens, count_tokens)  # a "word" longer than the budget: cut on characters
+        ends = token_ends(word) if token_ends is not None else None
+        # a "word" longer than the budget: cut on characters
+        pieces = _cut_at(word, max_tokens, count_tokens, ends) if ends else _cut_run(word, max_tokens, count_tokens)
         out.extend(pieces[:-1])
         current = pieces[-1]
     if current:
         out.append(current)
     return out
+
+
+def _cut_at(word: str, max_tokens: int, count_tokens: Callable[[str], int], ends: list[int]) -> list[str]:
+    """Cut a run at the end of every ``max_tokens``-th token of its own tokenisation (``ends``: where each token
+    ends), checking each piece with one count; a piece that counts over the budget on its own (tokens merge
+    differently at a cut) gives back its last tokens one by one."""
+    from bisect import bisect_right
+
+    pieces, start, t, n = [], 0, 0, len(ends)
+    while start < len(word):
+        k = min(t + max_tokens, n) - 1
+        end = len(word) if t + max_tokens >= n else ends[k]
+        while k > t and count_tokens(word[start:end]) > max_tokens:
+            k -= 1
+            end = ends[k]
+        end = max(end, start + 1)
+        pieces.append(word[start:end])
+        start, t = end, bisect_right(ends, end)
+    return pieces
 
 
 def _cut_run(word: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:

@@ -57,3 +57,30 @@ def test_unspaced_cjk_text_chunks_in_linear_work_and_splits_on_cjk_full_stops():
     assert len(chunks) == pytest.approx(100_000 / 255, rel=0.02)  # each cut takes (nearly) a full budget
     assert sum(counted) < 40 * len(run)  # linear: a bounded window, log-many counts per cut
     assert split_sentences("第一句。第二句！第三句？最后") == ["第一句。", "第二句！", "第三句？", "最后"]
+
+
+def test_a_run_is_cut_from_one_tokenisation_with_one_count_per_piece():
+    """With the tokenizer's offsets, each piece of an unspaced run ends at its max_tokens-th token and is checked
+    by one count; a piece that counts over on its own gives tokens back until it fits."""
+    calls = []
+
+    def count(s):  # two characters per token, but "XY" merges into one token only inside a longer text
+        calls.append(len(s))
+        return (len(s) + 1) // 2
+
+    def ends(s):
+        return list(range(2, len(s), 2)) + [len(s)]
+
+    run = "汉字" * 5_000
+    chunks = chunk_text(run, 100, count, token_ends=ends)
+    assert "".join(chunks) == run and all(count(c) <= 100 for c in chunks)
+    assert [len(c) for c in chunks[:-1]] == [200] * (len(chunks) - 1)
+    calls.clear()
+    chunk_text(run, 100, count, token_ends=ends)
+    assert len(calls) <= len(chunks) + 3  # one count per piece (plus three of the whole run, as a sentence)
+
+    def strict(s):  # a piece counts one token more on its own than inside the run: one token is given back
+        return (len(s) + 1) // 2 + 1
+
+    chunks = chunk_text(run, 100, strict, token_ends=ends)
+    assert "".join(chunks) == run and all(strict(c) <= 100 for c in chunks)

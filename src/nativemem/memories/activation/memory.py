@@ -328,7 +328,8 @@ class ActivationMemory(Memory):
                 source = new_id()
             else:
                 source = str(base_source) if len(texts) == 1 else f"{base_source}:{i}"
-            for j, chunk in enumerate(chunk_text(text, self.config.chunk_tokens, self.lm.count_tokens)):
+            for j, chunk in enumerate(chunk_text(text, self.config.chunk_tokens, self.lm.count_tokens,
+                                                 token_ends=self.lm.token_ends)):
                 layout = self.chunk_layout(chunk)
                 self._check_fits(layout, what=f"chunk {j} of text {i} with its template and compression prompt")
                 pending.append((source, j, chunk, layout))
