@@ -79,7 +79,11 @@ async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> 
 async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
     eng, stop = engine(request), new_stop(request)
     await acquire_model(eng, stop)
-    task = start_model_work(eng, lambda: fn(stop))
+    return await _until_done(request, stop, start_model_work(eng, lambda: fn(stop)))
+
+
+async def _until_done(request: Request, stop: Stop, task: asyncio.Task) -> Any:
+    """The worker's result; a client that goes away or a cancelled request stops it at its next check."""
     watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
     try:
         return await asyncio.shield(task)
@@ -110,14 +114,7 @@ async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
                   batch_size=request.app.state.settings.write_turn_chunks)
     task = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: fn(stop, turns)))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.event.set()
-        raise
-    finally:
-        watcher.cancel()
+    return await _until_done(request, stop, task)
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
