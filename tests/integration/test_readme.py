@@ -4,8 +4,9 @@ a real server of that model, its URL swapped for the test server's)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 SERVER_URL = "http://127.0.0.1:8000"
 
