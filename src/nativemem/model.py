@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .errors import ContextOverflowError, InputError
 from .fingerprint import Fingerprint, config_hash, tokenizer_hash
-from .hooks import hooks
+from .hooks import hooks, output_hidden
 from .prompting import DEFAULT_SYSTEM, build_messages
 from .text import check_text
 
@@ -83,12 +83,11 @@ class Sampling:
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise InputError("stop strings must be non-empty strings")
 
-    def generate_kwargs(self, tokenizer) -> dict:
+    def generate_kwargs(self) -> dict:
+        """``generate`` keyword arguments of the decoding (stop strings are :class:`LanguageModel`'s to apply)."""
         out: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if self.temperature > 0:
             out.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p), top_k=None)
-        if self.stop:
-            out.update(stop_strings=list(self.stop), tokenizer=tokenizer)
         return out
 
     def cut(self, text: str) -> tuple[str, bool]:
@@ -142,6 +141,7 @@ class LanguageModel:
         # True for the ``random:NAME`` models of nativemem.load_model: real shape, random weights, so only
         # timings and sizes mean anything (benchmark results record it)
         self.random_weights = False
+        self._stop_criteria: dict[tuple[str, ...], Any] = {}  # stop strings -> their transformers criterion
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -211,16 +211,9 @@ class LanguageModel:
         return torch.tensor([list(ids)], device=self.device)
 
     def chat_head_ids(self, system: str | None) -> list[int]:
-        """Ids every chat prompt with this system prompt starts with, up to where the user's text begins.
-
-        Found as the common start of two prompts whose user texts differ from their first character on.
-        """
-        a = self.chat_ids("Alpha question?", system=system)[0].tolist()
-        b = self.chat_ids("Zulu query.", system=system)[0].tolist()
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return a[:n]
+        """Ids every chat prompt with this system prompt starts with, up to where the user's text begins."""
+        messages = [{"role": "user", "content": "Alpha question?"}]
+        return self.chat_ids(messages, system=system)[0].tolist()[: self.user_span(messages, system=system)[0]]
 
     def user_span(self, messages: list[dict[str, str]], *, system: str | None = None) -> tuple[int, int]:
         """Where the last (user) message's text sits in ``chat_ids(messages, system=system)``: (start, end).
@@ -322,7 +315,7 @@ class LanguageModel:
                 kwargs["return_dict_in_generate"] = True
                 if layer is not None:
                     def grab(module, args, kw, output):
-                        states.append((output if isinstance(output, torch.Tensor) else output[0])[0].detach())
+                        states.append(output_hidden(output)[0].detach())
 
                     stack.enter_context(hooks(self.model, [("residual_post", layer, grab)]))
             out = self.model.generate(
@@ -352,21 +345,19 @@ class LanguageModel:
             prefix_tokens=cached, token_ids=new, stopped=ended or hit, kept=kept)
 
     def _decoding(self, sampling: Sampling) -> dict:
-        """``generate`` keyword arguments of ``sampling``, with its stop strings as a criterion built once per set
-        of strings: transformers builds one by scanning the whole vocabulary (about 4 s for Gemma 3's 262k
-        tokens on a CPU), which would otherwise be paid by every call before its first token."""
-        out = sampling.generate_kwargs(self.tokenizer)
-        stops = tuple(out.pop("stop_strings", ()) or ())
-        out.pop("tokenizer", None)
-        if stops:
+        """``generate`` keyword arguments of ``sampling``, its stop strings as a criterion built once per set of
+        strings: transformers builds one by scanning the whole vocabulary (about 4 s for Gemma 3's 262k tokens
+        on a CPU), which would otherwise be paid by every call before its first token."""
+        out = sampling.generate_kwargs()
+        if sampling.stop:
             from transformers import StopStringCriteria, StoppingCriteriaList
 
-            cache = self.__dict__.setdefault("_stop_criteria", {})
-            if stops not in cache:
+            cache = self._stop_criteria
+            if sampling.stop not in cache:
                 if len(cache) >= 32:  # the oldest set goes (a server sees whatever stop strings clients send)
                     cache.pop(next(iter(cache)))
-                cache[stops] = StopStringCriteria(self.tokenizer, list(stops))
-            out["stopping_criteria"] = StoppingCriteriaList([cache[stops]])
+                cache[sampling.stop] = StopStringCriteria(self.tokenizer, list(sampling.stop))
+            out["stopping_criteria"] = StoppingCriteriaList([cache[sampling.stop]])
         return out
 
     def chat(self, question: str, *, memory=None, user_id: str | None = None, context: list[str] | None = None,

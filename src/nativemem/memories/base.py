@@ -44,7 +44,8 @@ from ..registry import Registry
 from ..text import check_text
 
 __all__ = ["Memory", "MemoryConfig", "Receipt", "Hit", "Injection", "RecordLifecycle", "register_memory",
-           "memory_kinds", "get_memory_class", "open_memory", "MEMORY_CONFIG_NAME", "MEMORY_WEIGHTS_NAME", "FORMAT_VERSION"]
+           "memory_kinds", "get_memory_class", "open_memory", "MEMORY_CONFIG_NAME", "MEMORY_WEIGHTS_NAME",
+           "FORMAT_VERSION"]
 
 MEMORY_CONFIG_NAME = "memory_config.json"
 MEMORY_WEIGHTS_NAME = "memory.safetensors"

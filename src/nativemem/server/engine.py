@@ -20,7 +20,6 @@ it wrote, so a failed or cancelled request leaves no partial write.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -233,28 +232,31 @@ class Engine:
     # ------------------------------------------------------------------ memories
     def add(self, texts: Sequence[str], *, user_id: str, metadata: dict[str, Any], stop: Stop,
             turns: Turns | None = None) -> dict[str, Any]:
-        """Write ``texts`` for ``user_id``; all or nothing. Without ``turns``, call under ``model_lock`` (the whole
-        write holds the model and the store); with ``turns`` (:func:`~.calls.with_turns`), call holding nothing:
-        each batch takes the model and each commit the store for its own time only."""
+        """Write ``texts`` for ``user_id``; all or nothing. With ``turns`` (:func:`~.calls.with_turns`), call holding
+        nothing: each batch takes the model and each commit the store for its own time only; without, call under
+        ``model_lock`` (the store is still taken step by step)."""
         texts = [check_text(t, what=f"text {i}" if len(texts) > 1 else "text") for i, t in enumerate(texts)]
         if "source_id" in metadata:
             raise InputError("metadata.source_id is reserved: the server gives each text its own source id")
         sources = [str(uuid.uuid4()) for _ in texts]
         stop.check()
-        whole = self.store_lock if turns is None else contextlib.nullcontext()
-        with whole:
-            try:
-                receipt = self.memory.add(texts, user_id=user_id or None, metadata=metadata, source_ids=sources,
-                                          turns=turns)
-            except BaseException:  # batches written before the failure are removed: all or nothing
-                with self.store_lock if turns is not None else contextlib.nullcontext():
-                    for source in sources:
-                        self._delete_source(source, user_id)
-                raise
-        with self.store_lock if turns is not None else contextlib.nullcontext():
+        turns = turns or self._store_turns()
+        try:
+            receipt = self.memory.add(texts, user_id=user_id or None, metadata=metadata, source_ids=sources,
+                                      turns=turns)
+        except BaseException:  # batches written before the failure are removed: all or nothing
+            with turns.store():
+                for source in sources:
+                    self._delete_source(source, user_id)
+            raise
+        with turns.store():
             rows = self.memory.store.index.get(receipt.ids)  # in write order: text by text, chunk by chunk
         return {"object": "memory.add", "ids": [pid for pid, _ in rows], "source_ids": sources,
                 "data": [public_record(pid, p) for pid, p in rows], "notes": list(receipt.notes)}
+
+    def _store_turns(self) -> Turns:
+        """Turns for a write whose caller holds ``model_lock``: the store lock is taken for each store step."""
+        return Turns(store=lambda: self.store_lock)
 
     def _delete_source(self, source: str, user_id: str) -> None:
         rows = self.memory.store.index.scroll(user_id=user_id, field_name="source_id", values=[source],
@@ -352,8 +354,7 @@ class Engine:
                             model=self.lm.name, user_id=None)
 
     def import_(self, text: str, *, user_id: str, stop: Stop, turns: Turns | None = None) -> dict[str, Any]:
-        """Encode an export file's items into the caller's memory, all or nothing: under ``model_lock`` without
-        ``turns``, holding nothing with them (as :meth:`add`).
+        """Encode an export file's items into the caller's memory, all or nothing (``turns`` as for :meth:`add`).
 
         Every item becomes the caller's, with a new id: an import never reuses, or tells anything about, the ids
         of other users."""
@@ -365,8 +366,7 @@ class Engine:
             if item.get("metadata") is not None and len(json.dumps(item["metadata"])) > MAX_METADATA_CHARS:
                 raise InputError(f"body: item {n}: metadata larger than {MAX_METADATA_CHARS:,} characters of JSON")
         stop.check()
-        with self.store_lock if turns is None else contextlib.nullcontext():
-            receipt = self.memory.import_items(items, turns=turns)
+        receipt = self.memory.import_items(items, turns=turns or self._store_turns())
         return {"object": "memory.import", "imported": receipt.details["imported"], "ids": list(receipt.ids)}
 
     def consolidate(self, into: str, *, user_id: str) -> dict[str, Any]:

@@ -66,7 +66,6 @@ class ChunkSkippedWarning(UserWarning):
     """A retrieved chunk could not be injected (missing or corrupted blob, other model); others still are."""
 
 
-
 @dataclass(frozen=True)
 class Turns:
     """How a long write shares the model and the store with other threads (a server's locks): each batch's
@@ -77,6 +76,7 @@ class Turns:
     model: Callable[[], AbstractContextManager] = nullcontext
     store: Callable[[], AbstractContextManager] = nullcontext
     batch_size: int | None = None  # chunks per model turn (None: the memory's ``batch_size``)
+
 
 class ActivationMemory(Memory):
     """Stores chunks as KV payloads and retrieves them by the model's own states (see module docstring)."""
@@ -1024,11 +1024,11 @@ class ActivationMemory(Memory):
         ``{"kind": "conversation"}`` marks it.
 
         With ``generation`` (a :class:`~nativemem.model.Generation` made with ``generate(keep=...)`` whose
-        answer is ``answer``), the write reuses what the chat computed: the KV and retrieval-layer states of
-        the user's text and the answer, taken from the chat's cache (keys rotated back to position-free form),
-        so only the chunk suffix runs (a few tokens) instead of a forward pass over the exchange. Those KV were
-        computed in the chat's context (its system turn, history and injected memory), as the model read them
-        then, not as a separate pass would compute them. ``details["reused_kv"]`` says which way was taken and,
+        answer is ``answer``), the write reuses what the chat computed instead of a forward pass over the
+        exchange: the KV of the user's text and the answer, taken from the chat's cache (keys rotated back to
+        position-free form), and their retrieval-layer states (see :meth:`_from_chat`). Those KV were computed
+        in the chat's context (its system turn, history and injected memory), as the model read them then, not
+        as a separate pass would compute them. ``details["reused_kv"]`` says which way was taken and,
         when not, why (``details["separate_write_why"]``); ``elapsed_s`` is the write's cost.
         """
         start = time.perf_counter()
@@ -1073,7 +1073,7 @@ class ActivationMemory(Memory):
         often: measured in ``nativemem bench conversation``). Only an answer cut by the token cap runs its last
         token (generation never runs the token it ends with).
         """
-        from ...hooks import hooks
+        from ...hooks import hooks, output_hidden
         from .kv import _rotary, _text_model, rotate_layers
 
         kept = generation.kept
@@ -1094,7 +1094,7 @@ class ActivationMemory(Memory):
             grabbed: dict[str, torch.Tensor] = {}
 
             def grab(module, args, kwargs, output):
-                grabbed["h"] = (output if isinstance(output, torch.Tensor) else output[0])[0].detach()
+                grabbed["h"] = output_hidden(output)[0].detach()
 
             with torch.inference_mode(), hooks(model, [("residual_post", layer, grab)]):
                 _text_model(model)(input_ids=torch.tensor([kept.ids[kept.run_end:a1]], device=device),
@@ -1116,18 +1116,17 @@ class ActivationMemory(Memory):
             head, tail = self._chunk_frame_kv()
             keys = [torch.cat([h.to(k), k, t.to(k)], dim=1) for h, k, t in zip(head.keys, keys, tail.keys)]
             values = [torch.cat([h.to(v), v, t.to(v)], dim=1) for h, v, t in zip(head.values, values, tail.values)]
-            ran = torch.cat([s.to(device) for s in states])
-            tokens = ran[torch.tensor(positions, device=device) - kept.first].float()
         frame = self.frame_ids()[0]
         prefix, suffix = self._enc(self.config.chunk_prefix), self._enc(self.config.chunk_suffix)
         layout = Layout(tuple(frame + prefix + content + suffix),
                         (len(frame) + len(prefix), len(frame) + len(prefix) + len(content)),
                         tuple(self._enc(self.config.compress_prompt)))
-        states = "chat"
         if kept.prefix > len(frame):  # memory was injected ahead of the exchange: states of the chunk alone
-            tokens = self._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
-            states = "chunk"
-        return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame)), states
+            tokens, source = self._encode([layout], pooled=False, payload=False, framed=True)[0].tokens, "chunk"
+        else:
+            ran = torch.cat([s.to(device) for s in states])
+            tokens, source = ran[torch.tensor(positions, device=device) - kept.first].float(), "chat"
+        return layout, Encoded(tokens, None, Captured(ChunkKV(keys, values), {}), len(frame)), source
 
     def _chunk_frame_kv(self) -> tuple[ChunkKV, ChunkKV]:
         """Pre-RoPE KV of the chunk prefix and suffix around an empty chunk after the frame (computed once)."""
