@@ -322,22 +322,32 @@ def test_readers_beside_a_writer_read_the_catalog(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
+@pytest.mark.parametrize("injected", [False, True])
+def test_remember_reuses_the_chats_kv_exactly(arch, injected, fast_dir):
     """The remembered exchange's stored KV is the chat's own: rotated to the positions it had in the chat, it
-    equals the chat's cache there (sliding-window layers included); its retrieval states are the chat's too."""
-    from nativemem.memories.activation.kv import rotate_layers
+    equals the chat's cache there (sliding-window layers included). Its retrieval states are the chat's when
+    nothing was injected ahead of the exchange, and those of the chunk run alone when memory was."""
+    from nativemem.memories.activation.kv import capture, rotate_layers
     from nativemem.prompting import build_messages
 
     lm = tiny_lm(arch)
     mem = nm.open_memory(fast_dir / "m", lm, kind="activation")
-    mem.add(ALICE, user_id="u")  # so the chat has a memory prefix before the user's text
-    messages = build_messages("My sister Mara lives in Oslo.", system=mem.chat_system)
+    mem.add(ALICE, user_id="u")
+    mem.config.gate_threshold = 0.0 if injected else 1.0  # every hit goes in, or none does
+    statement = "My sister Mara lives in Oslo."
+    messages = build_messages(statement, system=mem.chat_system)
     ids = lm.chat_ids(messages)
     span = lm.user_span(messages)
-    assert lm.tokenizer.decode(ids[0, span[0]:span[1]]).strip().endswith("My sister Mara lives in Oslo.")
-    gen = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
-    kept = gen.kept
-    assert kept is not None and kept.states is not None and kept.first <= kept.user[0]
+    assert lm.tokenizer.decode(ids[0, span[0]:span[1]]).strip().endswith(statement)
+
+    def chat():
+        return lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
+
+    gen, again = chat(), chat()  # greedy: the second is the first again, for a look at what the write encodes
+    if not gen.text:
+        pytest.skip("the tiny model's answer was empty")
+    kept, frame = gen.kept, len(mem.frame_ids()[0])
+    assert (kept.prefix > frame) is injected and kept.first <= kept.user[0]
     (u0, u1), (a0, a1) = kept.user, kept.answer
     assert kept.ids[u0:u1] == ids[0, span[0]:span[1]].tolist() and a1 - a0 == gen.new_tokens
     positions = list(range(u0, u1)) + list(range(a0, min(a1, kept.run_end)))
@@ -345,38 +355,32 @@ def test_remember_reuses_the_chats_kv_exactly(arch, fast_dir):
                                                            - layer.keys.shape[-2])].clone()
               for layer in kept.cache.layers]
     want_h = kept.states[torch.tensor(positions) - kept.first].clone()
-    again = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
-    receipt = mem.remember("My sister Mara lives in Oslo.", gen.text or "?", user_id="u", generation=gen)
-    if not gen.text:
-        pytest.skip("the tiny model's answer was empty")
-    assert receipt.details["reused_kv"] is True and receipt.details["retrieval_states"] in ("chat", "chunk")
+
+    layout, encoded, source = mem._from_chat(again)
+    start, end = layout.content
+    assert layout.ids[start:end] == tuple(kept.ids[u0:u1] + kept.ids[a0:a1])
+    n = len(positions)
+    if injected:  # the chunk's own states, as a pass over the chunk alone gives them
+        alone = capture(lm.model, [list(layout.ids)], kv=False, hidden_layers=[mem.retrieval_layer])[0]
+        assert source == "chunk"
+        torch.testing.assert_close(encoded.tokens, alone.hidden[mem.retrieval_layer][start:end].float(),
+                                   atol=1e-4, rtol=1e-4)
+    else:
+        assert source == "chat"
+        torch.testing.assert_close(encoded.tokens[:n], want_h.float())
+
+    receipt = mem.remember(statement, gen.text, user_id="u", generation=gen)
+    assert receipt.details["reused_kv"] is True and receipt.details["retrieval_states"] == source
     assert gen.kept is None  # one write per generation
     payload = next(p for i, p in mem.store.index.scroll(user_id="u") if i == receipt.ids[0])
     stored_ids, kv = mem.load_chunk(payload)
     prefix = len(mem._enc(mem.config.chunk_prefix))
-    n = len(positions)
     assert stored_ids[prefix:prefix + u1 - u0] == kept.ids[u0:u1]
     got = rotate_layers(lm.model, [k[:, prefix:prefix + n] for k in kv.keys], torch.tensor(positions))
     for g, w in zip(got, want_k):
         torch.testing.assert_close(g, w.float(), atol=2e-2, rtol=2e-2)  # int8 storage
-    # the retrieval states indexed are the chat's own at those positions (a second, identical greedy chat) when
-    # nothing was injected ahead of the exchange ...
-    assert again.token_ids == gen.token_ids
-    layout, encoded, states = mem._from_chat(again)
-    assert layout.ids[layout.content[0]:layout.content[1]] == tuple(kept.ids[u0:u1] + kept.ids[a0:a1])
-    if kept.prefix <= len(mem.frame_ids()[0]):
-        assert states == "chat"
-        torch.testing.assert_close(encoded.tokens[:n], want_h.float())
-    # ... and those of the chunk alone (the model run up to the retrieval layer) when memory was injected
-    mem.config.gate_threshold = 0.0
-    injected = lm.generate(ids, max_new_tokens=6, memory=mem, user_id="u", query="Where does Mara live?", keep=span)
-    assert injected.kept.prefix > len(mem.frame_ids()[0])
-    layout, encoded, states = mem._from_chat(injected)
-    assert states == "chunk"
-    alone = mem._encode([layout], pooled=False, payload=False, framed=True)[0].tokens
-    torch.testing.assert_close(encoded.tokens, alone)
     # the same exchange again is not stored twice, and a plain generation falls back to a separate write
-    assert mem.remember("My sister Mara lives in Oslo.", gen.text, user_id="u").details["duplicate"] is True
+    assert mem.remember(statement, gen.text, user_id="u").details["duplicate"] is True
     plain = lm.generate(lm.chat_ids(build_messages("Bob has a red kite.", system=mem.chat_system)), max_new_tokens=4)
     other = mem.remember("Bob has a red kite.", plain.text or "ok", user_id="u", generation=plain)
     assert other.details["reused_kv"] is False and "keep" in other.details["separate_write_why"]

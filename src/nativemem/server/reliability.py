@@ -858,12 +858,13 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
         writer = threading.Thread(target=add)
         writer.start()
         time.sleep(0.3)  # the add is under way
-        during = []
+        during, answered_while_adding = [], 0
         while writer.is_alive() and len(during) < probes:
             during.append(probe(bob))
+            answered_while_adding += writer.is_alive()  # a probe that waited for the whole add does not count
         writer.join()
     out: dict[str, Any] = {"add_bytes": size, "texts": len(texts), "server_options": list(server_options),
-                           "probes_idle": len(idle),
+                           "probes_idle": len(idle), "answered_while_adding": answered_while_adding,
                            "probes_during": len(during), **result}
     for what in ("chat", "list"):
         a, b = [x[what] for x in idle], [x[what] for x in during]
