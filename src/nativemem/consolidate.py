@@ -6,6 +6,10 @@ fact: every word but the last is the prompt, the last word is the answer). Then 
 the same way *without retrieval*: the greedy continuation of its prompt must start with its last word.
 The receipt reports recall and mean per-token NLL of the sentences before (the bare model) and after
 (the model with the target memory), so a consolidation that taught nothing says so.
+
+The source is read through the memory contract (:meth:`~nativemem.memories.base.Memory.items`), and every
+model step (each probe, each training step) is a :func:`~nativemem.turns.model_step`, so a server can run a
+consolidation between other requests (see :func:`~nativemem.turns.taking_turns`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 from .errors import InputError
 from .memories.base import Memory, Receipt
 from .text import split_sentences
+from .turns import model_step
 
-__all__ = ["consolidate", "completion_probes"]
+__all__ = ["consolidate", "completion_probes", "stored_chunks"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -49,16 +54,28 @@ def _score(lm, probes, memory) -> dict[str, Any]:
     for sentence, prompt, answer in probes:
         ids = torch.tensor([bos + lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=lm.device)
         n = lm.count_tokens(" " + answer) + 1
-        gen = lm.generate(ids, max_new_tokens=n, memory=memory, query=prompt)
+        with model_step():
+            gen = lm.generate(ids, max_new_tokens=n, memory=memory, query=prompt)
         got = gen.text.split()
         hits += bool(got) and _norm(got[0]) == _norm(answer) and bool(_norm(answer))
-        nlls.append(float(lm.nll(sentence, memory=memory).mean()))
+        with model_step():
+            nlls.append(float(lm.nll(sentence, memory=memory).mean()))
     n = max(1, len(probes))
     return {"recall": hits / n, "recalled": hits, "mean_nll": sum(nlls) / n if nlls else None}
 
 
+def stored_chunks(source: Memory, user_id: str | None, *, page: int = 1000) -> list[dict[str, Any]]:
+    """Every item of ``user_id`` in ``source``, oldest first (the memory contract's :meth:`items`, paged)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        got = source.items(user_id=user_id, limit=page, offset=len(out))
+        out += got
+        if len(got) < page:
+            return out
+
+
 def consolidate(source, target: Memory, *, user_id: str | None = None, max_items: int = 200,
-                **options) -> Receipt:
+                chunks: list[dict[str, Any]] | None = None, **options) -> Receipt:
     """Write ``user_id``'s activation-memory chunks into ``target`` and measure recall without retrieval.
 
     Args:
@@ -66,6 +83,8 @@ def consolidate(source, target: Memory, *, user_id: str | None = None, max_items
         target: a side_ffn or pkm memory for the same model.
         user_id: whose chunks (None: the anonymous user's).
         max_items: cap on the sentences asked before/after.
+        chunks: the user's items as :func:`stored_chunks` reads them, when the caller read them already (e.g.
+            under its store lock); None reads them here.
         options: passed to ``target.add`` (e.g. training steps for side_ffn).
 
     Returns:
@@ -78,9 +97,8 @@ def consolidate(source, target: Memory, *, user_id: str | None = None, max_items
     target.fingerprint.check(source.lm.fingerprint)
     start = time.perf_counter()
     user = "" if user_id is None else user_id
-    rows = source.store.index.scroll(user_id=user)
-    rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("source_id", ""), r[1].get("chunk_index", 0)))
-    texts = [str(p.get("text", "")) for _, p in rows if str(p.get("text", "")).strip()]
+    rows = stored_chunks(source, user_id) if chunks is None else chunks
+    texts = [str(r.get("text", "")) for r in rows if str(r.get("text", "")).strip()]
     if not texts:
         return Receipt(target.kind, "consolidate", notes=[f"user {user_id!r} has no activation memories: "
                                                           "nothing was consolidated"])
@@ -95,7 +113,7 @@ def consolidate(source, target: Memory, *, user_id: str | None = None, max_items
     after = _score(lm, probes, target)
     receipt.op = "consolidate"
     receipt.details.update(before=before, after=after, chunks=len(texts), probes=len(probes),
-                           source_ids=[pid for pid, _ in rows], user_id=user)
+                           source_ids=[r["id"] for r in rows], user_id=user)
     receipt.notes.append(f"recall without retrieval on {len(probes)} stored sentences: {before['recall']:.3f} "
                          f"before, {after['recall']:.3f} after")
     receipt.elapsed_s = time.perf_counter() - start

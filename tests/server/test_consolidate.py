@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import gc
+import json
+import threading
+import time
 
 import httpx
+from conftest import start_server
 from typer.testing import CliRunner
 
 import nativemem as nm
 from nativemem.consolidate import completion_probes, consolidate
+from nativemem.server import ServerSettings
 
 TEXTS = ["The Velmora Institute was founded by Ada Quell in Tollen. The Amber Finch nests on Tollen Island.",
          "Bob keeps his red bicycle in the garden shed."]
@@ -115,3 +120,79 @@ def test_a_disk_too_full_for_writes_is_said_at_start(tmp_path, model_dir):
         Engine(lm, mem)
     mem.config.min_free_bytes = 0
     assert Engine(lm, mem).memory is mem
+
+
+def _many_notes(n_texts: int = 8) -> list[str]:
+    return [" ".join(f"Parcel {t}.{m} for flat {t} waits at desk number {m + 3}." for m in range(8))
+            for t in range(n_texts)]
+
+
+def _chat_body(question: str) -> dict:
+    return {"model": "nativemem", "max_tokens": 4, "messages": [{"role": "user", "content": question}]}
+
+
+def test_a_consolidation_takes_the_model_step_by_step_and_runs_as_a_cancellable_job(model_dir):
+    """Another user's chat and list are answered while a consolidation trains; with ``background`` it is a job
+    (202, its receipt at GET /v1/jobs/{id}, another user's job id answers 404, DELETE cancels it and nothing is
+    saved); a request past its timeout stops at the next step and saves nothing."""
+    with start_server(model_dir, ["alice", "bob"], settings=ServerSettings(max_body_bytes=1 << 20)) as s:
+        def client(user):
+            return httpx.Client(base_url=s.url, headers=s.headers(user), timeout=300)
+
+        with client("alice") as c:
+            assert c.post("/v1/memories", json={"texts": _many_notes()}).status_code == 200
+        result: dict = {}
+
+        def run():
+            with client("alice") as c:
+                result["response"] = c.post("/v1/memories/consolidate", json={"into": "pkm"})
+                result["done"] = time.monotonic()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        with client("bob") as c:
+            time.sleep(0.5)  # the consolidation is under way
+            chat = c.post("/v1/chat/completions", json=_chat_body("Hello?"))
+            listed = c.get("/v1/memories")
+            answered = time.monotonic()
+        worker.join()
+        assert chat.status_code == 200 and chat.json()["nativemem"]["parametric"] == [] and listed.status_code == 200
+        assert result["response"].status_code == 200, result["response"].text
+        assert answered < result["done"], "bob waited for alice's whole consolidation"
+        folder = s.app.state.engine._consolidated_folder("alice", "pkm")
+        saved = (folder / "memory_config.json").stat().st_mtime_ns
+
+        with client("alice") as c:
+            r = c.post("/v1/memories/consolidate", json={"into": "side_ffn", "background": True})
+            assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}", r.text
+            job = r.json()
+            assert job["status"] == "running" and job["kind"] == "consolidate"
+            with client("bob") as b:  # another user's job is missing for bob
+                assert b.get(f"/v1/jobs/{job['id']}").status_code == 404
+                assert b.delete(f"/v1/jobs/{job['id']}").status_code == 404
+                assert b.get("/v1/jobs").json()["data"] == []
+            while (state := c.get(f"/v1/jobs/{job['id']}").json())["status"] == "running":
+                time.sleep(0.1)
+            assert state["status"] == "succeeded", state
+            assert state["result"]["op"] == "consolidate" and "after" in state["result"]["details"]
+            assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [job["id"]]
+            assert c.get("/v1/jobs/job-unknown").status_code == 404
+
+            r = c.post("/v1/memories/consolidate", json={"into": "pkm", "background": True})
+            cancelled = c.delete(f"/v1/jobs/{r.json()['id']}")
+            assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
+            while (state := c.get(f"/v1/jobs/{r.json()['id']}").json())["status"] == "running":
+                time.sleep(0.1)
+            assert state["status"] == "cancelled" and state["result"] is None, state
+            assert str(folder) not in json.dumps(state)
+            assert (folder / "memory_config.json").stat().st_mtime_ns == saved, "a cancelled job saved its memory"
+            assert c.post("/v1/memories/consolidate", json={"into": "pkm", "background": "yes"}).status_code == 400
+
+    with start_server(model_dir, ["alice"], settings=ServerSettings(request_timeout_s=1.0)) as s:
+        with httpx.Client(base_url=s.url, headers=s.headers("alice"), timeout=300) as c:
+            assert c.post("/v1/memories", json={"texts": _many_notes()}).status_code == 200
+            r = c.post("/v1/memories/consolidate", json={"into": "pkm"})
+            assert r.status_code == 504 and "timed out" in r.json()["error"]["message"], r.text
+        folder = s.app.state.engine._consolidated_folder("alice", "pkm")
+        assert nm.open_memory(folder, s.lm).items(user_id="alice") == [], "a timed-out consolidation saved facts"
+        assert s.app.state.engine.training_lock.acquire(blocking=False)

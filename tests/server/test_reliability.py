@@ -59,13 +59,18 @@ def test_fuzz_every_endpoint_no_5xx_nothing_lost(shared):
     assert {"400", "401", "413"} <= set(res["by_status"]), res["by_status"]
 
 
-def test_stall_measures_another_users_latency_during_a_long_add(tmp_path, model_dir):
-    res = run_stall(tmp_path, model=str(model_dir), add_bytes=96 << 10, probes=3, seed=6, log=lambda m: None)
+def test_stall_measures_another_users_latency_during_a_long_add_and_a_consolidation(tmp_path, model_dir):
+    res = run_stall(tmp_path, model=str(model_dir), add_bytes=96 << 10, probes=3, consolidate_sentences=60, seed=6,
+                    log=lambda m: None)
     assert res["status"] == 200 and res["chunks"] >= res["texts"] and res["add_bytes"] >= 96 << 10
     assert res["probes_idle"] == 3 and res["answered_while_adding"] >= 1  # bob was answered while alice's add ran
-    for what in ("chat", "list"):
-        assert 0 < res[what]["idle_p50_ms"] <= res[what]["idle_p99_ms"]
-        assert res[what]["during_p99_ms"] is not None and res[what]["p99_ratio"] > 0
+    cons = res["consolidate"]
+    assert cons["status"] == 200 and cons["stored_sentences"] == 60 and cons["steps"] > 0
+    assert cons["answered_while_running"] >= 1  # ... and while carol's consolidation trained
+    for part in (res, cons):
+        for what in ("chat", "list"):
+            assert 0 < part[what]["idle_p50_ms"] <= part[what]["idle_p99_ms"]
+            assert part[what]["during_p99_ms"] is not None and part[what]["p99_ratio"] > 0
 
 
 def test_poison_compares_unrelated_answers_with_and_without_a_poisoned_memory(tmp_path, model_dir):

@@ -16,9 +16,13 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer KEY``; the key names
   ``DELETE /v1/memories/{id}`` (a chunk id, or a source id to delete all its chunks).
   ``POST /v1/memories/consolidate`` (``{"into": "side_ffn" | "pkm"}``): train the caller's chunks into a
   parametric memory of their own (see :mod:`nativemem.consolidate`); the receipt has recall before/after.
+  It takes the model one training step at a time, so other users' requests go in between; with
+  ``"background": true`` it answers 202 with a job instead of waiting.
   ``DELETE /v1/memories/consolidated`` (``?into=side_ffn|pkm``, default both) removes it; a consolidated
   memory that cannot be read is left out of chats, with a line in ``nativemem.warnings``.
   Only the caller's memories exist for the caller: another user's id answers 404 like an unknown one.
+- ``GET /v1/jobs``, ``GET /v1/jobs/{id}``, ``DELETE /v1/jobs/{id}``: the caller's background jobs, their
+  result, and cancelling one (see :mod:`nativemem.server.jobs`).
 - ``GET /health``: liveness, no authentication, no counts. ``GET /openapi.json`` and ``GET /docs``: the API's
   schema and its browsable page (no data in them, so no key needed).
 
@@ -41,10 +45,11 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, NativememError
-from . import routes_admin, routes_chat, routes_memories
+from . import routes_admin, routes_chat, routes_jobs, routes_memories
 from .auth import KeyRing
 from .engine import Cancelled, Engine
 from .http import ApiError, BodyLimit, map_error
+from .jobs import Jobs
 
 __all__ = ["create_app", "ServerSettings", "ApiError", "DEFAULT_MAX_BODY_BYTES"]
 
@@ -100,6 +105,7 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         try:
             yield
         finally:
+            app.state.jobs.stop_all()
             if load is not None:
                 close = getattr(loaded_memory, "close", None)
                 if close is not None:
@@ -110,7 +116,7 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
                   lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
                   redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.state.settings, app.state.keys = settings, keys
+    app.state.settings, app.state.keys, app.state.jobs = settings, keys, Jobs()
 
     # -------------------------------------------------------------- errors
     @app.exception_handler(ApiError)
@@ -133,6 +139,6 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
         return ApiError(500, "internal server error", type="server_error").response()
 
     # -------------------------------------------------------------- routes, by concern
-    for module in (routes_admin, routes_chat, routes_memories):
+    for module in (routes_admin, routes_chat, routes_memories, routes_jobs):
         app.include_router(module.router)
     return app

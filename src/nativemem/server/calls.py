@@ -4,9 +4,10 @@ stopped when the request times out or its client goes away (see :mod:`nativemem.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ from .engine import Engine, Stop
 from .http import ApiError
 
 __all__ = ["user_of", "engine", "new_stop", "acquire_model", "start_model_work", "with_model", "with_turns",
-           "in_thread"]
+           "with_steps", "model_turn", "in_thread"]
 
 
 def user_of(request: Request) -> str:
@@ -44,6 +45,9 @@ def new_stop(request: Request) -> Stop:
 
 
 async def acquire_model(eng: Engine, stop: Stop) -> None:
+    if math.isinf(stop.deadline):  # a background job: it waits its turn however long
+        await eng.model_lock.acquire()
+        return
     wait = stop.deadline - time.monotonic()
     try:
         async with asyncio.timeout(max(wait, 0.0)):
@@ -94,15 +98,13 @@ async def _until_done(request: Request, stop: Stop, task: asyncio.Task) -> Any:
         watcher.cancel()
 
 
-async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
-    """Run a long write ``fn(stop, turns)`` in a thread that holds no lock: each of its batches takes the model
-    lock (waiting in the event loop, in turn with other requests) and each commit the store lock, so no other
-    request waits longer than one batch. The request's timeout and disconnect end it at the next batch (the
-    write is then rolled back)."""
-    eng, stop = engine(request), new_stop(request)
+def model_turn(eng: Engine, stop: Stop) -> Callable[[], AbstractContextManager]:
+    """For work running in a thread that holds no lock: a context manager factory that takes the model lock for
+    one turn (waiting in the event loop, in turn with other requests; 503 past the deadline) after checking
+    ``stop``."""
 
     @contextmanager
-    def model_turn():
+    def turn():
         stop.check()
         anyio.from_thread.run(acquire_model, eng, stop)
         try:
@@ -110,11 +112,32 @@ async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
         finally:
             anyio.from_thread.run_sync(eng.model_lock.release)
 
-    turns = Turns(model=model_turn, store=lambda: eng.store_lock,
+    return turn
+
+
+async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
+    """Run a long write ``fn(stop, turns)`` in a thread that holds no lock: each of its batches takes the model
+    lock (waiting in the event loop, in turn with other requests) and each commit the store lock, so no other
+    request waits longer than one batch. The request's timeout and disconnect end it at the next batch (the
+    write is then rolled back)."""
+    eng, stop = engine(request), new_stop(request)
+    turns = Turns(model=model_turn(eng, stop), store=lambda: eng.store_lock,
                   batch_size=request.app.state.settings.write_turn_chunks)
-    task = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: fn(stop, turns)))
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return await _until_done(request, stop, task)
+    return await _until_done(request, stop, _in_worker(lambda: fn(stop, turns)))
+
+
+async def with_steps(request: Request, fn: Callable[[Stop, Callable[[], AbstractContextManager]], Any]) -> Any:
+    """Run long model work ``fn(stop, turn)`` (training) in a thread that holds no lock; it takes ``turn()`` for
+    each model step, so no other request waits longer than one step. Timeout and disconnect end it at the next
+    step."""
+    eng, stop = engine(request), new_stop(request)
+    return await _until_done(request, stop, _in_worker(lambda: fn(stop, model_turn(eng, stop))))
+
+
+def _in_worker(fn: Callable[[], Any]) -> asyncio.Task:
+    task = asyncio.ensure_future(anyio.to_thread.run_sync(fn))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception was never retrieved"
+    return task
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:

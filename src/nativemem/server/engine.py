@@ -6,7 +6,9 @@ the event loop before the work is handed to a thread, so a request waiting for t
 and a cancelled wait holds nothing. Every call that touches the store (index and blobs) holds
 ``store_lock``, a threading lock taken inside that thread; the order is always model, then store, so they
 cannot deadlock. Listing, getting and deleting memories take only the store lock and are served while
-the model generates.
+the model generates. Long work holds neither lock throughout: an add or import takes the model for one batch
+of chunks at a time and the store for each commit (:class:`Turns`); a consolidation takes the model for one
+training step or probe at a time (:func:`nativemem.turns.taking_turns`); other requests go in between.
 
 Every memory operation is scoped to the caller's user id here, not in the routes: a memory id of another
 user behaves exactly like an id that does not exist. User id ``""`` is the anonymous user (memories written
@@ -26,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +139,7 @@ class Engine:
             _ = memory.calibrator
         self.model_lock = asyncio.Lock()
         self.store_lock = threading.Lock()
+        self.training_lock = threading.Lock()  # one consolidation at a time
         self._parametric_cache: dict[str, tuple[int, Any]] = {}
 
     # ------------------------------------------------------------------ generation
@@ -369,27 +372,48 @@ class Engine:
         receipt = self.memory.import_items(items, turns=turns or self._store_turns())
         return {"object": "memory.import", "imported": receipt.details["imported"], "ids": list(receipt.ids)}
 
-    def consolidate(self, into: str, *, user_id: str) -> dict[str, Any]:
-        """Train the caller's chunks into a parametric memory of ``into`` kind (call under ``model_lock``).
+    def consolidate(self, into: str, *, user_id: str, stop: Stop,
+                    turn: Callable[[], AbstractContextManager]) -> dict[str, Any]:
+        """Train the caller's chunks into a parametric memory of ``into`` kind; call holding no lock.
 
-        The target lives in ``<memory>/consolidated/<user digest>-<kind>`` and grows with every call.
+        Every model step (each probe, each training step) takes ``turn()`` (the model lock, in turn with other
+        requests), the store lock is held only to read the chunks, and one consolidation runs at a time
+        (``training_lock``: training marks the backbone frozen for its whole length). ``stop`` ends it at the next
+        step; nothing is saved then. The target lives in ``<memory>/consolidated/<user digest>-<kind>`` and grows
+        with every call; it is saved within a model turn, so no chat reads it half written.
         """
-        from ..consolidate import consolidate
+        from ..consolidate import consolidate, stored_chunks
         from ..memories.base import open_memory
+        from ..turns import taking_turns
 
-        folder = self._consolidated_folder(user_id, into)
-        self._parametric_cache.pop(str(folder), None)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        while not self.training_lock.acquire(timeout=0.2):
+            stop.check()
         try:
-            target = open_memory(folder, self.lm, kind=into)
-        except Exception as e:
-            log.warning("consolidated %s memory of a user cannot be read: %s", into, e)
-            raise InputError(f"your consolidated {into} memory cannot be read (damaged); remove it with DELETE "
-                             f"/v1/memories/consolidated?into={into}, then consolidate again") from None
-        with self.store_lock:
-            receipt = consolidate(self.memory, target, user_id=user_id or None)
-        if not receipt.did_nothing:
-            target.save(folder)
+            folder = self._consolidated_folder(user_id, into)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+
+            def step():
+                stop.check()
+                return turn()
+
+            with turn():
+                try:
+                    target = open_memory(folder, self.lm, kind=into)
+                except Exception as e:
+                    log.warning("consolidated %s memory of a user cannot be read: %s", into, e)
+                    raise InputError(f"your consolidated {into} memory cannot be read (damaged); remove it with "
+                                     f"DELETE /v1/memories/consolidated?into={into}, then consolidate again") from None
+            with self.store_lock:
+                chunks = stored_chunks(self.memory, user_id or None)
+            with taking_turns(step):
+                receipt = consolidate(self.memory, target, user_id=user_id or None, chunks=chunks)
+            stop.check()
+            if not receipt.did_nothing:
+                with turn():
+                    target.save(folder)
+                    self._parametric_cache.pop(str(folder), None)
+        finally:
+            self.training_lock.release()
         out = receipt.to_dict()
         out["details"].pop("user_id", None)
         return {"object": "memory.consolidation", "into": into, **out}

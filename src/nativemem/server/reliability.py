@@ -45,10 +45,11 @@ __all__ = ["ServerProcess", "run_durability", "run_isolation", "run_load", "run_
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"kills": 2, "kill_window_s": (0.5, 1.5), "isolation_requests": 400, "users": 4, "load_clients": 50,
               "load_s": 3.0, "fuzz_examples": 150, "ttft_n": 5, "stall_bytes": 64 << 10, "stall_probes": 5,
+              "stall_consolidate_sentences": 20,
               "poison_questions": 5},
     "full": {"kills": 20, "kill_window_s": (1.0, 5.0), "isolation_requests": 10_000, "users": 10,
              "load_clients": 50, "load_s": 60.0, "fuzz_examples": 3000, "ttft_n": 30, "stall_bytes": 1 << 20,
-             "stall_probes": 30, "poison_questions": 20},
+             "stall_probes": 30, "stall_consolidate_sentences": 100, "poison_questions": 20},
 }
 
 _MARKER = re.compile(r"zq[0-9a-f]{12}")
@@ -811,15 +812,17 @@ def run_damage(workdir: Path, *, model: str | None = None, users: int = 2, texts
 
 
 # ---------------------------------------------------------------------------- a long add beside other users
-def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 20, probes: int = 30, seed: int = 0,
-              server_options: Sequence[str] = (), log=print) -> dict[str, Any]:
-    """Another user's chat and list latency while one user adds ``add_bytes`` of text, against the same requests
-    on the idle server (p50 and p99 of each; the aim: p99 during the add at most twice the idle p99)."""
+def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 20, probes: int = 30,
+              consolidate_sentences: int = 100, seed: int = 0, server_options: Sequence[str] = (),
+              log=print) -> dict[str, Any]:
+    """Another user's chat and list latency while one user adds ``add_bytes`` of text, and while another
+    consolidates ``consolidate_sentences`` stored sentences into pkm, against the same requests on the idle
+    server (p50 and p99 of each; the aim: p99 during the work at most twice the idle p99)."""
     import httpx
 
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    keys = write_keys(workdir / "stall-keys.json", ["alice", "bob"], seed)
+    keys = write_keys(workdir / "stall-keys.json", ["alice", "bob", "carol"], seed)
     per_text = max(1, add_bytes // 256)
     texts, size = [], 0
     while size < add_bytes:
@@ -828,6 +831,8 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
             text += _sentence(rng, "alice", _marker(rng)) + " "
         texts.append(text.strip())
         size += len(texts[-1].encode())
+    notes = [" ".join(_sentence(rng, "carol", _marker(rng)) for _ in range(5))
+             for _ in range(max(1, consolidate_sentences // 5))]
     chat = {"model": "nativemem", "max_tokens": 8,
             "messages": [{"role": "user", "content": "What does bob keep in the garden shed?"}]}
 
@@ -838,44 +843,72 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
         c.get("/v1/memories", params={"limit": 20}).raise_for_status()
         return {"chat": t1 - t, "list": time.perf_counter() - t1}
 
+    def during(bob, user: str, path: str, body: dict[str, Any]) -> tuple[list[dict[str, float]], dict[str, Any]]:
+        """Probes answered while ``user``'s request runs (a probe that waited for all of it does not count)."""
+        result: dict[str, Any] = {}
+
+        def work():
+            with _client(server.url, keys[user], timeout=3600) as c:
+                t = time.perf_counter()
+                r = c.post(path, json=body)
+                result.update(status=r.status_code, seconds=round(time.perf_counter() - t, 1),
+                              body=r.json() if r.headers.get("content-type", "").startswith("application/json")
+                              else None)
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        time.sleep(0.3)  # the work is under way
+        out, answered = [], 0
+        while worker.is_alive() and len(out) < probes:
+            out.append(probe(bob))
+            answered += worker.is_alive()
+        worker.join()
+        result["answered_while_running"] = answered
+        return out, result
+
     server = ServerProcess(workdir / "stall.mem", workdir / "stall-keys.json", model=model,
                            extra=["--max-body-bytes", str(2 * size + (1 << 20)), "--no-access-log",
                                   "--request-timeout-s", "3600", *server_options])
     with server, _client(server.url, keys["bob"], timeout=600) as bob:
         bob.post("/v1/memories", json={"texts": [_sentence(rng, "bob", _marker(rng)) for _ in range(8)]}
                  ).raise_for_status()
+        with _client(server.url, keys["carol"], timeout=600) as carol:
+            carol.post("/v1/memories", json={"texts": notes}).raise_for_status()
         probe(bob)  # warm-up
         idle = [probe(bob) for _ in range(probes)]
-        result: dict[str, Any] = {}
-
-        def add():
-            with _client(server.url, keys["alice"], timeout=3600) as alice:
-                t = time.perf_counter()
-                r = alice.post("/v1/memories", json={"texts": texts})
-                result.update(status=r.status_code, chunks=len(r.json().get("ids", [])) if r.is_success else 0,
-                              add_s=time.perf_counter() - t)
-
-        writer = threading.Thread(target=add)
-        writer.start()
-        time.sleep(0.3)  # the add is under way
-        during, answered_while_adding = [], 0
-        while writer.is_alive() and len(during) < probes:
-            during.append(probe(bob))
-            answered_while_adding += writer.is_alive()  # a probe that waited for the whole add does not count
-        writer.join()
+        during_add, add = during(bob, "alice", "/v1/memories", {"texts": texts})
+        during_cons, cons = during(bob, "carol", "/v1/memories/consolidate", {"into": "pkm"})
+    receipt = cons.pop("body", None) or {}
+    add_body = add.pop("body", None) or {}
     out: dict[str, Any] = {"add_bytes": size, "texts": len(texts), "server_options": list(server_options),
-                           "probes_idle": len(idle), "answered_while_adding": answered_while_adding,
-                           "probes_during": len(during), **result}
+                           "probes_idle": len(idle), "status": add["status"], "add_s": add["seconds"],
+                           "chunks": len(add_body.get("ids", [])), "answered_while_adding": add["answered_while_running"],
+                           "probes_during": len(during_add),
+                           "consolidate": {"status": cons["status"], "seconds": cons["seconds"],
+                                           "stored_sentences": len(notes) * 5, "probes_during": len(during_cons),
+                                           "answered_while_running": cons["answered_while_running"],
+                                           "steps": receipt.get("steps"),
+                                           "recall_after": (receipt.get("details") or {}).get("after", {}).get("recall")}}
+
+    def latency(a: list[dict[str, float]], b: list[dict[str, float]], what: str) -> dict[str, Any]:
+        x, y = [p[what] for p in a], [p[what] for p in b]
+        return {"idle_p50_ms": round(1000 * _pct(x, 0.5), 1), "idle_p99_ms": round(1000 * _pct(x, 0.99), 1),
+                "during_p50_ms": round(1000 * _pct(y, 0.5), 1) if y else None,
+                "during_p99_ms": round(1000 * _pct(y, 0.99), 1) if y else None,
+                "p99_ratio": round(_pct(y, 0.99) / _pct(x, 0.99), 2) if y else None}
+
     for what in ("chat", "list"):
-        a, b = [x[what] for x in idle], [x[what] for x in during]
-        out[what] = {"idle_p50_ms": round(1000 * _pct(a, 0.5), 1), "idle_p99_ms": round(1000 * _pct(a, 0.99), 1),
-                     "during_p50_ms": round(1000 * _pct(b, 0.5), 1) if b else None,
-                     "during_p99_ms": round(1000 * _pct(b, 0.99), 1) if b else None,
-                     "p99_ratio": round(_pct(b, 0.99) / _pct(a, 0.99), 2) if b else None}
-    out["aim_met"] = bool(during) and all(out[w]["p99_ratio"] <= 2.0 for w in ("chat", "list"))
-    log(f"stall: add of {size / 2**20:.2f} MiB ({result.get('chunks')} chunks, {result.get('add_s', 0):.1f} s); "
+        out[what] = latency(idle, during_add, what)
+        out["consolidate"][what] = latency(idle, during_cons, what)
+    out["aim_met"] = bool(during_add) and bool(during_cons) and all(
+        part[w]["p99_ratio"] <= 2.0 for part in (out, out["consolidate"]) for w in ("chat", "list"))
+    log(f"stall: add of {size / 2**20:.2f} MiB ({out['chunks']} chunks, {add['seconds']} s); "
         f"bob's chat p99 {out['chat']['idle_p99_ms']} ms idle, {out['chat']['during_p99_ms']} ms during; "
-        f"list p99 {out['list']['idle_p99_ms']} -> {out['list']['during_p99_ms']} ms ({len(during)} probes)")
+        f"list p99 {out['list']['idle_p99_ms']} -> {out['list']['during_p99_ms']} ms ({len(during_add)} probes)")
+    c = out["consolidate"]
+    log(f"stall: consolidation of {c['stored_sentences']} sentences into pkm ({cons['seconds']} s, status "
+        f"{cons['status']}); bob's chat p99 {c['chat']['during_p99_ms']} ms, list p99 {c['list']['during_p99_ms']} ms "
+        f"({len(during_cons)} probes)")
     return out
 
 
@@ -975,7 +1008,8 @@ def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts
                                        log=log)
     if "stall" in parts:
         results["stall"] = run_stall(work / "stall", model=model, add_bytes=cfg["stall_bytes"],
-                                     probes=cfg["stall_probes"], seed=seed, log=log)
+                                     probes=cfg["stall_probes"],
+                                     consolidate_sentences=cfg["stall_consolidate_sentences"], seed=seed, log=log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     results["passed"] = _passed(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -1004,6 +1038,6 @@ def _passed(r: dict[str, Any]) -> bool:
         ok &= r["api_keys_in_log"] == 0
     if "poison" in r:
         ok &= r["poison"]["answers_changed"] == 0 and r["poison"]["replies_with_payload"] == 0
-    if "stall" in r:  # the write must succeed beside the probes (their latency is reported, not judged here)
-        ok &= r["stall"].get("status") == 200
+    if "stall" in r:  # the work must succeed beside the probes (their latency is reported, not judged here)
+        ok &= r["stall"].get("status") == 200 and r["stall"]["consolidate"]["status"] == 200
     return bool(ok)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .calls import engine, in_thread, user_of, with_model, with_turns
+from .calls import engine, in_thread, model_turn, user_of, with_model, with_steps, with_turns
 from .http import MAX_ID_CHARS, ApiError, int_param, json_body, read_json
 from .schemas import (MAX_LIST_LIMIT, MAX_METADATA_CHARS, AddRequest, ConsolidateRequest, ResetRequest,
                       SearchRequest, UpdateRequest)
@@ -88,7 +88,12 @@ async def consolidate_memories(request: Request):
     user = user_of(request)
     req = await read_json(request, ConsolidateRequest)
     eng = engine(request)
-    return await with_model(request, lambda stop: eng.consolidate(req.into, user_id=user))
+    if req.background:  # 202 with the job; GET /v1/jobs/{id} for its receipt
+        job = request.app.state.jobs.start(
+            user, "consolidate", lambda stop: eng.consolidate(req.into, user_id=user, stop=stop,
+                                                              turn=model_turn(eng, stop)))
+        return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return await with_steps(request, lambda stop, turn: eng.consolidate(req.into, user_id=user, stop=stop, turn=turn))
 
 
 @router.delete("/v1/memories/consolidated")

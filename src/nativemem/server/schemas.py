@@ -143,6 +143,7 @@ class AddRequest(_Strict):
 
 class ConsolidateRequest(_Strict):
     into: Literal["side_ffn", "pkm"]
+    background: bool = False  # true: 202 with a job (GET /v1/jobs/{id}) instead of waiting for the receipt
 
 
 class UpdateRequest(_Strict):

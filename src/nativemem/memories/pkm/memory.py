@@ -37,6 +37,7 @@ from torch import nn
 from ...errors import InputError, MemoryFormatError
 from ...hooks import hooks, output_hidden, replace_output_hidden
 from ...prompting import build_messages
+from ...turns import model_step
 from ..base import Injection, Memory, Receipt, RecordLifecycle
 from .config import PKMConfig, resolve_layers
 from .facts import Fact, parse_facts
@@ -290,7 +291,7 @@ class PKMMemory(RecordLifecycle, Memory):
                 return grab
 
             specs = [("mlp", i, make(i)) for i in self.layer_ids]
-            with hooks(model, specs):
+            with model_step(), hooks(model, specs):
                 try:
                     if memory:
                         with self._scope(skip_prefix=True):

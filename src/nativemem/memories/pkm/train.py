@@ -35,6 +35,7 @@ from torch import nn
 
 from ...hooks import decoder_layers, hooks
 from ...prompting import build_messages
+from ...turns import model_step
 from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
@@ -116,7 +117,7 @@ def capture_residual(model: nn.Module, ids: torch.Tensor, layer: int, past=None)
         grabbed["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
         raise _Stop
 
-    with hooks(model, [("residual_pre", layer, grab)]):
+    with model_step(), hooks(model, [("residual_pre", layer, grab)]):
         try:
             model.base_model(input_ids=ids, past_key_values=past, use_cache=past is not None)
         except _Stop:
@@ -200,7 +201,7 @@ class PrefixCache:
             return None
         if prefix not in self._kv:
             device = next(self.model.parameters()).device
-            with torch.no_grad():
+            with torch.no_grad(), model_step():
                 out = self.model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
             self._kv[prefix] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._kv[prefix]]
@@ -238,7 +239,7 @@ def forward_answers(model: nn.Module, items: Sequence[Item], lowest: int, prefix
         targets += it.targets
         owner += [b] * n
     past = prefixes.get(items[0].prefix, len(items))
-    with skip_layers(model, lowest), memory_scope():
+    with model_step(), skip_layers(model, lowest), memory_scope():
         out = model.base_model(inputs_embeds=hidden, past_key_values=past, use_cache=past is not None)
     sel = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (n, D)
     return (_lm_head(model, sel), torch.tensor(targets, device=device), torch.tensor(owner, device=device))
@@ -349,27 +350,28 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         result.epoch_active.append(len(active))
         losses = []
         for batch in _batches(active, batch_size, rng):
-            with torch.enable_grad(), cast():
-                logits, targets, owner = forward_answers(model, batch, lowest, prefixes, memory_scope)
-                loss = F.cross_entropy(logits, targets)
-            if loss_hook is not None:
-                replaced = loss_hook(loss)
-                loss = loss if replaced is None else replaced
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                result.stopped = f"non-finite loss at step {result.steps + 1}; kept the last good state"
-                break
-            loss.backward()
-            if not all(_finite_grad(p) for p in params):
-                result.stopped = f"non-finite gradient at step {result.steps + 1}; kept the last good state"
-                break
-            if max_grad_norm is not None:
-                dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
-                if dense:
-                    torch.nn.utils.clip_grad_norm_(dense, max_grad_norm)
-            for opt in optimizers:
-                opt.step()
+            with model_step():  # forward, backward and update: one turn on a shared model
+                with torch.enable_grad(), cast():
+                    logits, targets, owner = forward_answers(model, batch, lowest, prefixes, memory_scope)
+                    loss = F.cross_entropy(logits, targets)
+                if loss_hook is not None:
+                    replaced = loss_hook(loss)
+                    loss = loss if replaced is None else replaced
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    result.stopped = f"non-finite loss at step {result.steps + 1}; kept the last good state"
+                    break
+                loss.backward()
+                if not all(_finite_grad(p) for p in params):
+                    result.stopped = f"non-finite gradient at step {result.steps + 1}; kept the last good state"
+                    break
+                if max_grad_norm is not None:
+                    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+                    if dense:
+                        torch.nn.utils.clip_grad_norm_(dense, max_grad_norm)
+                for opt in optimizers:
+                    opt.step()
             m = fact_margins(logits, targets, owner, len(batch)).cpu()
             for b, it in enumerate(batch):
                 margins[pos[id(it)]] = m[b]

@@ -31,6 +31,7 @@ from torch import nn
 from ...errors import FingerprintMismatchError, InputError, MemoryFormatError
 from ...hooks import hooks, output_hidden, replace_output_hidden
 from ...text import check_text
+from ...turns import model_step
 from ..base import Injection, Memory, Receipt, RecordLifecycle
 from .config import INIT_STRATEGIES, SideFFNConfig
 from .fuse import fuse_model, unfuse_model
@@ -332,7 +333,8 @@ class SideFFNMemory(RecordLifecycle, Memory):
                 raise InputError("the text has a single token: nothing to train on")
             first = self.num_neurons
             if first == 0 or self.config.grow:
-                self.memorize(ids)
+                with model_step():
+                    self.memorize(ids)
             opts = stream_options(self.config, n_targets=ids.numel() - 1, max_context=self.lm.max_context, **options)
             result = stream(self.lm.model, ids, self, opts, max_context=self.lm.max_context, progress=progress)
             item_id = self.record(result, first_neuron=first, user_id=user_id, metadata=metadata, text=text)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
+from ...turns import model_step
 from .config import check_positive, check_train_options
 
 __all__ = ["Learner", "WindowRecord", "StreamResult", "StreamOptions", "stream", "windows", "frozen_except"]
@@ -261,45 +262,46 @@ def stream(model: nn.Module, ids: torch.Tensor | Sequence[int], learner: Learner
             teacher_logits = None
             if train and options.loss in ("sd", "mix"):
                 at = max(0, s - max(t_context, 1))
-                with torch.no_grad():
+                with torch.no_grad(), model_step():
                     teacher_logits = _logits(model, ids[at:e - 1].unsqueeze(0), n_new, teacher, grad=False)
             for step in range(options.steps if train else 1):
-                logits = _logits(model, inp, n_new, student, split=split, grad=train)
-                token_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (n_new,)
-                if step == 0:  # the score: the state before any step on this window
-                    record.nll_sum = float(token_nll.detach().double().sum())
-                    window_nll = token_nll.detach().cpu()
-                if not train:
-                    break
-                ntp = token_nll.mean()
-                if options.loss == "ntp":
-                    loss = ntp
-                else:
-                    sd = _kl(teacher_logits, logits, options.temperature)
-                    loss = sd if options.loss == "sd" else options.mix_weight * ntp + (1 - options.mix_weight) * sd
-                if loss_hook is not None:
-                    loss = loss_hook(index, step, loss)
-                if not torch.isfinite(loss):
-                    return _stop(result, learner, last_good, nlls, start_time, record, window_nll,
-                                 f"non-finite loss ({float(loss.detach())}) in window {index} step {step}; the memory was "
-                                 "restored to its last state with a finite loss")
-                if step == 0:
-                    record.loss = float(loss.detach())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if not _finite(params, grads=True):
-                    return _stop(result, learner, None, nlls, start_time, record, window_nll,
-                                 f"non-finite gradient in window {index} step {step}; the memory was kept as it "
-                                 "was before this step")
-                if options.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-                last_good = learner.snapshot()
-                opt.step()
-                record.steps += 1
-                if not _finite(params):
-                    return _stop(result, learner, last_good, nlls, start_time, record, window_nll,
-                                 f"a step made the memory non-finite in window {index} step {step}; the memory was "
-                                 "restored to its state before that step")
+                with model_step():  # forward, backward and update: one turn on a shared model
+                    logits = _logits(model, inp, n_new, student, split=split, grad=train)
+                    token_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (n_new,)
+                    if step == 0:  # the score: the state before any step on this window
+                        record.nll_sum = float(token_nll.detach().double().sum())
+                        window_nll = token_nll.detach().cpu()
+                    if not train:
+                        break
+                    ntp = token_nll.mean()
+                    if options.loss == "ntp":
+                        loss = ntp
+                    else:
+                        sd = _kl(teacher_logits, logits, options.temperature)
+                        loss = sd if options.loss == "sd" else options.mix_weight * ntp + (1 - options.mix_weight) * sd
+                    if loss_hook is not None:
+                        loss = loss_hook(index, step, loss)
+                    if not torch.isfinite(loss):
+                        return _stop(result, learner, last_good, nlls, start_time, record, window_nll,
+                                     f"non-finite loss ({float(loss.detach())}) in window {index} step {step}; the memory was "
+                                     "restored to its last state with a finite loss")
+                    if step == 0:
+                        record.loss = float(loss.detach())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if not _finite(params, grads=True):
+                        return _stop(result, learner, None, nlls, start_time, record, window_nll,
+                                     f"non-finite gradient in window {index} step {step}; the memory was kept as it "
+                                     "was before this step")
+                    if options.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+                    last_good = learner.snapshot()
+                    opt.step()
+                    record.steps += 1
+                    if not _finite(params):
+                        return _stop(result, learner, last_good, nlls, start_time, record, window_nll,
+                                     f"a step made the memory non-finite in window {index} step {step}; the memory was "
+                                     "restored to its state before that step")
             if not math.isfinite(record.nll_sum):
                 return _stop(result, learner, None, nlls, start_time, record, None,
                              f"non-finite NLL in window {index}; the memory was kept as it was")
