@@ -44,14 +44,14 @@ def _fast_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="nativemem-server-test-", dir=shm if shm.is_dir() else None))
 
 
-def start_server(model_dir: Path, users, *, settings: ServerSettings | None = None):
+def start_server(model_dir: Path, users, *, settings: ServerSettings | None = None, dtype=None):
     """A context manager yielding a Served (its own memory folder, removed afterwards)."""
     from contextlib import contextmanager
 
     @contextmanager
     def run():
         folder = _fast_dir()
-        lm = nm.load_model(model_dir)
+        lm = nm.load_model(model_dir, dtype=dtype)
         mem = nm.open_memory(folder / "m", lm, kind="activation", gate_threshold=0.0)  # every top_k hit
         keys = {u: f"test-key-{u}-0123456789" for u in users}
         app = create_app(keys=KeyRing({k: u for u, k in keys.items()}),

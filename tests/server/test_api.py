@@ -522,3 +522,65 @@ def test_a_long_add_does_not_stall_another_users_chat_and_list(model_dir):
         with _client(s, "alice") as c:
             listed = c.get("/v1/memories", params={"limit": 1000}).json()["data"]
         assert sorted(m["id"] for m in listed) == sorted(ids)
+
+
+def test_chats_of_many_users_decode_together_each_with_its_own_memory(model_dir):
+    """Concurrent chats share decode steps (the batcher ran rows side by side), each row with its own user's
+    memory; every answer is the one the same request gets alone without batching (float64 model: no rounding
+    ties), streamed or not; a client that leaves mid-stream does not stop the other rows."""
+    import torch
+
+    users = [f"user{i}" for i in range(6)]
+    with start_server(model_dir, users, dtype=torch.float64) as s:
+        own = {}
+        for n, u in enumerate(users):
+            with _client(s, u) as c:
+                r = c.post("/v1/memories", json={"text": f"{u} keeps note {n} about parcel {n * 7} in locker {n}."})
+                own[u] = set(r.json()["ids"])
+        bodies = {u: _chat(f"Where is parcel {n * 7}?", max_tokens=5 + 3 * n) for n, u in enumerate(users)}
+        got: dict = {}
+
+        def ask(u, stream):
+            with _client(s, u) as c:
+                if not stream:
+                    got[u, stream] = c.post("/v1/chat/completions", json=bodies[u]).json()
+                    return
+                text, extra = "", None
+                with c.stream("POST", "/v1/chat/completions", json={**bodies[u], "stream": True}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            chunk = json.loads(line[6:])
+                            text += chunk["choices"][0]["delta"].get("content", "")
+                            extra = chunk.get("nativemem", extra)
+                got[u, stream] = {"text": text, "nativemem": extra}
+
+        def leave_early():
+            with _client(s, users[0]) as c:
+                with c.stream("POST", "/v1/chat/completions",
+                              json={**_chat("Tell me everything.", max_tokens=400), "stream": True}) as r:
+                    for line in r.iter_lines():
+                        if '"content"' in line:
+                            return  # the client goes away after its first token
+
+        threads = [threading.Thread(target=ask, args=(u, st)) for u in users for st in (False, True)]
+        threads.append(threading.Thread(target=leave_early))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batcher = s.app.state.engine.batcher
+        assert batcher is not None and batcher.widest > 1, "no two chats ever decoded in one step"
+        s.app.state.engine.batcher = None  # the same requests, one at a time, without batching
+        try:
+            for u in users:
+                with _client(s, u) as c:
+                    alone = c.post("/v1/chat/completions", json=bodies[u]).json()
+                plain, streamed = got[u, False], got[u, True]
+                answer = alone["choices"][0]["message"]["content"]
+                assert plain["choices"][0]["message"]["content"] == answer and streamed["text"] == answer, u
+                assert plain["usage"] == alone["usage"]
+                assert plain["nativemem"]["memory_ids"] == alone["nativemem"]["memory_ids"]
+                assert set(plain["nativemem"]["memory_ids"]) <= own[u] and plain["nativemem"]["memory_ids"]
+                assert streamed["nativemem"]["memory_ids"] == plain["nativemem"]["memory_ids"]
+        finally:
+            s.app.state.engine.batcher = batcher

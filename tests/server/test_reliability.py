@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_BODY, start_server
 
-from nativemem.server.reliability import (DAMAGE, run_damage, run_durability, run_fuzz, run_isolation, run_load,
-                                         run_poison, run_stall)
+from nativemem.server.reliability import (DAMAGE, run_concurrency, run_damage, run_durability, run_fuzz,
+                                         run_isolation, run_load, run_poison, run_stall)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,14 @@ def test_poison_compares_unrelated_answers_with_and_without_a_poisoned_memory(tm
         if row["injected"] == 0:
             assert row["with_memory"] == row["without"]
     assert res["answers_changed"] <= sum(1 for r in res["rows"] if r["injected"])
+
+
+def test_concurrency_compares_one_chat_at_a_time_with_batched_decoding(tmp_path, model_dir):
+    res = run_concurrency(tmp_path, model=str(model_dir), levels=(1, 4), duration_s=1.5, max_tokens=6, users=3,
+                          batch_size=8, seed=8, log=lambda m: None)
+    assert set(res["runs"]) == {"1", "4"}
+    for run in res["runs"].values():
+        for arm in ("one_at_a_time", "batched"):
+            assert run[arm]["errors"] == 0 and run[arm]["requests"] >= 1, run[arm]["error_examples"]
+            assert run[arm]["tokens_per_s"] > 0 and run[arm]["p50_ms"] <= run[arm]["p99_ms"]
+        assert run["throughput_ratio"] > 0 and run["p99_ratio"] > 0

@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
                                                                "the model and generate (then 503/504)")] = 300.0,
               write_turn_chunks: Annotated[int, typer.Option(min=1, help="chunks an add encodes per turn on the "
                                                              "model; other requests are served between turns")] = 2,
+              batch_size: Annotated[int, typer.Option(min=1, help="chats decoded together in one forward per "
+                                                      "step (1: one chat at a time)")] = 32,
               log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info "
                                                      "| debug")] = "info",
               access_log: Annotated[bool, typer.Option(help="log one line per request (never headers or "
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from ..server.run import serve as run_server
 
         settings = ServerSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
-                                  write_turn_chunks=write_turn_chunks)
+                                  write_turn_chunks=write_turn_chunks, batch_size=batch_size)
         run_server(memory, model=model, host=host, port=port, api_keys=api_keys, no_auth=no_auth,
                    settings=settings, dtype=dtype, device=device, log_level=log_level,
                    access_log=access_log)
@@ -88,13 +90,15 @@ def register(app: typer.Typer) -> None:
                     out: Annotated[Path, typer.Option(help="folder for reliability.json (and its work/ folder)")] =
                     Path("results/reliability"),
                     parts: Annotated[str, typer.Option(help="comma-separated: durability, isolation, load, fuzz, "
-                                                       "ttft, damage, stall, poison")] =
-                    "durability,isolation,load,fuzz,ttft,damage,stall,poison",
+                                                       "ttft, damage, stall, poison, concurrency")] =
+                    "durability,isolation,load,fuzz,ttft,damage,stall,poison,concurrency",
                     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
                     model: ModelOpt = None) -> None:
         """Reliability and security suite against real `nativemem serve` subprocesses: SIGKILL durability,
         cross-user isolation, 50-client load, fuzzing of every endpoint, TTFT over HTTP, damaged files and repair,
-        another user's latency during a long add (stall), unrelated answers beside poisoned memories (poison)."""
+        another user's latency during a long add and a consolidation (stall), unrelated answers beside poisoned
+        memories (poison), chat throughput and latency at 1, 8 and 32 clients, one chat at a time against
+        batched decoding (concurrency)."""
         import json
 
         _quiet_libraries()

@@ -34,6 +34,7 @@ can reach the model or the store unchecked. Errors use OpenAI's shape ``{"error"
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,9 +45,11 @@ import anyio
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..batching import batchable
 from ..errors import InputError, NativememError
 from . import routes_admin, routes_chat, routes_jobs, routes_memories
 from .auth import KeyRing
+from .batcher import Batcher
 from .engine import Cancelled, Engine
 from .http import ApiError, BodyLimit, map_error
 from .jobs import Jobs
@@ -66,10 +69,13 @@ class ServerSettings:
     request_timeout_s: float = 300.0  # waiting for the model plus generating; past it: 503 / 504
     anonymous: bool = False  # no API keys: every request acts as the anonymous user (loopback only)
     write_turn_chunks: int = 2  # chunks an add encodes per turn on the model (others' requests go in between)
+    batch_size: int = 32  # chats decoded together, one forward per step (1: one chat at a time on the model)
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_turn_chunks, int) or self.write_turn_chunks < 1:
             raise InputError(f"write_turn_chunks must be an integer >= 1, got {self.write_turn_chunks!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise InputError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         if not self.request_timeout_s > 0:
@@ -99,13 +105,17 @@ def create_app(*, keys: KeyRing | None, settings: ServerSettings | None = None, 
             loaded_lm, loaded_memory = await anyio.to_thread.run_sync(load)
         else:
             loaded_lm, loaded_memory = lm, memory
-        app.state.engine = Engine(loaded_lm, loaded_memory)
+        app.state.engine = engine = Engine(loaded_lm, loaded_memory)
+        if settings.batch_size > 1 and batchable(loaded_lm):
+            engine.batcher = Batcher(engine, asyncio.get_running_loop(), settings.batch_size)
         log.info("serving %s with memory %s (%d users with keys)", loaded_lm.name, loaded_memory.path,
                  len(keys.users()) if keys else 0)
         try:
             yield
         finally:
             app.state.jobs.stop_all()
+            if engine.batcher is not None:
+                engine.batcher.close()
             if load is not None:
                 close = getattr(loaded_memory, "close", None)
                 if close is not None:

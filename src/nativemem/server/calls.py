@@ -18,7 +18,7 @@ from .engine import Engine, Stop
 from .http import ApiError
 
 __all__ = ["user_of", "engine", "new_stop", "acquire_model", "start_model_work", "with_model", "with_turns",
-           "with_steps", "model_turn", "in_thread"]
+           "with_steps", "model_turn", "until_done", "in_thread"]
 
 
 def user_of(request: Request) -> str:
@@ -83,10 +83,10 @@ async def watch_disconnect(request: Request, stop: Stop, task: asyncio.Task) -> 
 async def with_model(request: Request, fn: Callable[[Stop], Any]) -> Any:
     eng, stop = engine(request), new_stop(request)
     await acquire_model(eng, stop)
-    return await _until_done(request, stop, start_model_work(eng, lambda: fn(stop)))
+    return await until_done(request, stop, start_model_work(eng, lambda: fn(stop)))
 
 
-async def _until_done(request: Request, stop: Stop, task: asyncio.Task) -> Any:
+async def until_done(request: Request, stop: Stop, task: asyncio.Future) -> Any:
     """The worker's result; a client that goes away or a cancelled request stops it at its next check."""
     watcher = asyncio.ensure_future(watch_disconnect(request, stop, task))
     try:
@@ -123,7 +123,7 @@ async def with_turns(request: Request, fn: Callable[[Stop, Turns], Any]) -> Any:
     eng, stop = engine(request), new_stop(request)
     turns = Turns(model=model_turn(eng, stop), store=lambda: eng.store_lock,
                   batch_size=request.app.state.settings.write_turn_chunks)
-    return await _until_done(request, stop, _in_worker(lambda: fn(stop, turns)))
+    return await until_done(request, stop, _in_worker(lambda: fn(stop, turns)))
 
 
 async def with_steps(request: Request, fn: Callable[[Stop, Callable[[], AbstractContextManager]], Any]) -> Any:
@@ -131,7 +131,7 @@ async def with_steps(request: Request, fn: Callable[[Stop, Callable[[], Abstract
     each model step, so no other request waits longer than one step. Timeout and disconnect end it at the next
     step."""
     eng, stop = engine(request), new_stop(request)
-    return await _until_done(request, stop, _in_worker(lambda: fn(stop, model_turn(eng, stop))))
+    return await until_done(request, stop, _in_worker(lambda: fn(stop, model_turn(eng, stop))))
 
 
 def _in_worker(fn: Callable[[], Any]) -> asyncio.Task:

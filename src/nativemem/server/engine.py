@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from .schemas import MAX_METADATA_CHARS
 
 log = logging.getLogger("nativemem.server")
 
-__all__ = ["Engine", "Stop", "Cancelled", "Answer", "public_record"]
+__all__ = ["Engine", "Stop", "Cancelled", "Answer", "Chat", "public_record"]
 
 
 class Cancelled(Exception):
@@ -74,6 +74,25 @@ class Answer:
     hits: list[dict[str, Any]] = field(default_factory=list)  # every hit considered: scores, injected or why not
     warnings: list[str] = field(default_factory=list)  # e.g. a consolidated memory that could not be used
     remembered: dict[str, Any] | None = None  # memory_write: what the exchange's write stored and cost
+
+
+@dataclass
+class Chat:
+    """One chat request, prepared: its prompt ids, the caller's memory selector, and what the selection chose."""
+
+    ids: Any
+    query: str
+    user_id: str
+    max_new_tokens: int
+    sampling: Sampling
+    span: tuple[int, int] | None = None
+    memory: Any = None  # _Selected, or None without memory
+    chosen: list[str] = field(default_factory=list)
+    considered: list[dict[str, Any]] = field(default_factory=list)
+
+    def answer(self, gen: Generation, parametric: list[str] | None = None,
+               warnings: list[str] | None = None) -> Answer:
+        return Answer(gen, list(self.chosen), list(parametric or []), list(self.considered), list(warnings or []))
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +160,7 @@ class Engine:
         self.store_lock = threading.Lock()
         self.training_lock = threading.Lock()  # one consolidation at a time
         self._parametric_cache: dict[str, tuple[int, Any]] = {}
+        self.batcher = None  # a Batcher (nativemem.server.batcher) when the server decodes chats in batches
 
     # ------------------------------------------------------------------ generation
     def generate(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
@@ -148,6 +168,22 @@ class Engine:
                  sampling: Sampling = GREEDY, keep: bool = False) -> Answer:
         """Answer to chat ``messages`` with the caller's memory injected (call under ``model_lock``); ``keep``: the
         generation keeps its KV for :meth:`remember` to reuse."""
+        chat = self.prepare(messages, user_id=user_id, max_new_tokens=max_new_tokens, use_memory=use_memory,
+                            top_k=top_k, sampling=sampling, keep=keep)
+        stop.check()
+        notices: list[str] = []
+        parametric = self._parametric(user_id, notices) if use_memory else []
+        with ExitStack() as scope:  # the caller's consolidated memories (hooks) around the KV-prefix injection
+            for target in parametric:
+                scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=chat.query))
+            gen = self.lm.generate(chat.ids, max_new_tokens=max_new_tokens, memory=chat.memory, user_id=user_id,
+                                   query=chat.query, sampling=sampling, on_token=self._tick(stop, on_token),
+                                   keep=chat.span, keep_layer=getattr(self.memory, "retrieval_layer", None))
+        return chat.answer(gen, [t.kind for t in parametric], notices)
+
+    def prepare(self, messages: list[dict[str, str]], *, user_id: str, max_new_tokens: int, use_memory: bool,
+                top_k: int | None, sampling: Sampling = GREEDY, keep: bool = False) -> Chat:
+        """Check the messages and set up the prompt and the caller's memory selection (nothing runs yet)."""
         for i, m in enumerate(messages):
             check_text(m["content"], what=f"message {i} content")
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
@@ -157,30 +193,47 @@ class Engine:
         span = None
         if keep and messages[-1]["role"] == "user":
             span = self.lm.user_span(messages, system=None if has_system else self.memory.chat_system)
-        chosen: list[str] = []
-        considered: list[dict[str, Any]] = []
+        chat = Chat(ids=ids, query=query, user_id=user_id, max_new_tokens=max_new_tokens, sampling=sampling,
+                    span=span)
         # chunks that would push the prompt past the window are left out (the answer lists what was injected)
         frame, splice = self.memory.frame_ids()
         spliced = splice if ids[0, :splice].tolist() == frame[:splice] else 0
         budget = self.lm.max_context - int(ids.shape[1]) - max_new_tokens - len(frame) + spliced
-        memory = (_Selected(self, user_id, top_k or self.memory.config.top_k, budget, chosen, considered)
-                  if use_memory else None)
+        if use_memory:
+            chat.memory = _Selected(self, user_id, top_k or self.memory.config.top_k, budget, chat.chosen,
+                                    chat.considered)
+        return chat
 
+    def batchable(self, user_id: str, *, use_memory: bool, keep: bool) -> bool:
+        """Whether a chat can decode in a batch with others: the server batches, the exchange is not kept for a
+        memory write, and no consolidated memory of the caller (hooks on the whole model) takes part."""
+        from ..memories.base import MEMORY_CONFIG_NAME
+
+        if self.batcher is None or keep:
+            return False
+        return not use_memory or not any((self._consolidated_folder(user_id, into) / MEMORY_CONFIG_NAME).is_file()
+                                         for into in ("side_ffn", "pkm"))
+
+    def prefill(self, chat: Chat, *, stop: Stop, on_token: Callable[[list[int]], None] | None = None):
+        """Run ``chat``'s prompt after its memory prefix and choose its first token, for a
+        :class:`~nativemem.batching.DecodeBatch` (call under ``model_lock``)."""
+        from ..batching import prefill
+
+        stop.check()
+        start = time.perf_counter()
+        with chat.memory.active(lm=self.lm, user_id=chat.user_id, query=chat.query) if chat.memory is not None \
+                else nullcontext() as injection:
+            return prefill(self.lm, chat.ids, injection=injection, max_new_tokens=chat.max_new_tokens,
+                           sampling=chat.sampling, on_token=self._tick(stop, on_token), start=start)
+
+    @staticmethod
+    def _tick(stop: Stop, on_token: Callable[[list[int]], None] | None) -> Callable[[list[int]], None]:
         def tick(token_ids: list[int]) -> None:
             stop.check()
             if on_token is not None:
                 on_token(token_ids)
 
-        stop.check()
-        notices: list[str] = []
-        parametric = self._parametric(user_id, notices) if use_memory else []
-        with ExitStack() as scope:  # the caller's consolidated memories (hooks) around the KV-prefix injection
-            for target in parametric:
-                scope.enter_context(target.active(lm=self.lm, user_id=user_id, query=query))
-            gen = self.lm.generate(ids, max_new_tokens=max_new_tokens, memory=memory, user_id=user_id, query=query,
-                                   sampling=sampling, on_token=tick, keep=span,
-                                   keep_layer=getattr(self.memory, "retrieval_layer", None))
-        return Answer(gen, list(chosen), [t.kind for t in parametric], list(considered), notices)
+        return tick
 
     def _consolidated_folder(self, user_id: str, into: str):
         import hashlib

@@ -40,16 +40,17 @@ from typing import Any
 from .poison import INJECTIONS, PAYLOAD_MARKERS, POISON, UNRELATED
 
 __all__ = ["ServerProcess", "run_durability", "run_isolation", "run_load", "run_fuzz", "run_ttft", "run_damage",
-           "run_suite", "run_stall", "run_poison", "SIZES", "DAMAGE", "POISON", "UNRELATED", "write_keys"]
+           "run_suite", "run_stall", "run_poison", "run_concurrency", "SIZES", "DAMAGE", "POISON", "UNRELATED", "write_keys"]
 
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"kills": 2, "kill_window_s": (0.5, 1.5), "isolation_requests": 400, "users": 4, "load_clients": 50,
               "load_s": 3.0, "fuzz_examples": 150, "ttft_n": 5, "stall_bytes": 64 << 10, "stall_probes": 5,
               "stall_consolidate_sentences": 20,
-              "poison_questions": 5},
+              "poison_questions": 5, "concurrency_levels": (1, 4), "concurrency_s": 2.0},
     "full": {"kills": 20, "kill_window_s": (1.0, 5.0), "isolation_requests": 10_000, "users": 10,
              "load_clients": 50, "load_s": 60.0, "fuzz_examples": 3000, "ttft_n": 30, "stall_bytes": 1 << 20,
-             "stall_probes": 30, "stall_consolidate_sentences": 100, "poison_questions": 20},
+             "stall_probes": 30, "stall_consolidate_sentences": 100, "poison_questions": 20,
+             "concurrency_levels": (1, 8, 32), "concurrency_s": 60.0},
 }
 
 _MARKER = re.compile(r"zq[0-9a-f]{12}")
@@ -912,6 +913,95 @@ def run_stall(workdir: Path, *, model: str | None = None, add_bytes: int = 1 << 
     return out
 
 
+# ---------------------------------------------------------------------------- many users at once
+def _chat_load(url: str, keys: dict[str, str], *, clients: int, duration_s: float, max_tokens: int,
+               seed: int) -> dict[str, Any]:
+    """``clients`` closed-loop clients, each asking its own user's questions (the same sequence for a seed)."""
+    import asyncio
+
+    import httpx
+
+    users = sorted(keys)
+
+    async def main() -> dict[str, Any]:
+        latencies, tokens, errors = [], 0, []
+        limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+            end = time.monotonic() + duration_s
+
+            async def one_client(i: int) -> None:
+                nonlocal tokens
+                r = random.Random(seed * 7919 + i)
+                headers = {"Authorization": f"Bearer {keys[users[i % len(users)]]}"}
+                while time.monotonic() < end:
+                    body = {"model": "nativemem", "max_tokens": max_tokens,
+                            "messages": [{"role": "user", "content": f"What do I know about the {r.choice(_WORDS)}?"}]}
+                    t = time.perf_counter()
+                    try:
+                        resp = await client.post("/v1/chat/completions", headers=headers, json=body)
+                        if resp.status_code == 200:
+                            tokens += resp.json()["usage"]["completion_tokens"]
+                        else:
+                            errors.append(f"HTTP {resp.status_code} {resp.text[:120]}")
+                    except httpx.HTTPError as e:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    latencies.append(time.perf_counter() - t)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one_client(i) for i in range(clients)))
+            elapsed = time.perf_counter() - t0
+        return {"clients": clients, "elapsed_s": round(elapsed, 1), "requests": len(latencies), "errors": len(errors),
+                "requests_per_s": round(len(latencies) / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2),
+                "p50_ms": round(1000 * _pct(latencies, 0.5), 1) if latencies else None,
+                "p99_ms": round(1000 * _pct(latencies, 0.99), 1) if latencies else None, "error_examples": errors[:5]}
+
+    return asyncio.run(main())
+
+
+def run_concurrency(workdir: Path, *, model: str | None = None, levels: Sequence[int] = (1, 8, 32),
+                    duration_s: float = 60.0, max_tokens: int = 32, users: int = 8, batch_size: int = 32,
+                    threads: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
+    """Chat throughput and latency with 1, 8 and 32 concurrent clients, against two servers of the same model and
+    the same stored memories: one chat at a time on the model (``--batch-size 1``) and decoding in batches
+    (``--batch-size batch_size``). At each level the same client script runs against one, then the other."""
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    keys = write_keys(workdir / "concurrency-keys.json", [f"user{i}" for i in range(users)], seed)
+    notes = {u: [_sentence(rng, u, _marker(rng)) for _ in range(6)] for u in keys}
+    threads = threads or os.cpu_count() or 1
+    arms = {"one_at_a_time": 1, "batched": batch_size}
+    servers = {arm: ServerProcess(workdir / f"{arm}.mem", workdir / "concurrency-keys.json", model=model,
+                                  extra=["--no-access-log", "--batch-size", str(size), "--request-timeout-s", "3600"],
+                                  env={"OMP_NUM_THREADS": str(threads)}) for arm, size in arms.items()}
+    out: dict[str, Any] = {"levels": list(levels), "duration_s": duration_s, "max_tokens": max_tokens,
+                           "users": users, "threads": threads, "batch_size": batch_size, "runs": {}}
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:  # both servers stay up; only the one under load works
+        for arm, server in servers.items():
+            stack.enter_context(server)
+            for user, key in keys.items():
+                with _client(server.url, key) as c:
+                    c.post("/v1/memories", json={"texts": notes[user]}).raise_for_status()
+                    c.post("/v1/chat/completions", json={"model": "nativemem", "max_tokens": 2, "messages": [
+                        {"role": "user", "content": "Hello?"}]}).raise_for_status()  # warm-up
+        for clients in levels:
+            for arm, server in servers.items():
+                res = _chat_load(server.url, keys, clients=clients, duration_s=duration_s, max_tokens=max_tokens,
+                                 seed=seed)
+                out["runs"].setdefault(str(clients), {})[arm] = res
+                log(f"concurrency: {clients} clients, {arm}: {res['requests']} chats, {res['requests_per_s']} "
+                    f"chats/s, {res['tokens_per_s']} tokens/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
+                    f"{res['errors']} errors")
+            run = out["runs"][str(clients)]
+            one, many = run["one_at_a_time"], run["batched"]
+            run["throughput_ratio"] = round(many["tokens_per_s"] / max(one["tokens_per_s"], 1e-9), 2)
+            run["p99_ratio"] = round(many["p99_ms"] / one["p99_ms"], 2) if many["p99_ms"] and one["p99_ms"] else None
+    top = out["runs"][str(max(levels))]
+    out["aim_met"] = top["throughput_ratio"] >= 4.0 and top["p99_ratio"] is not None and top["p99_ratio"] <= 0.5
+    return out
+
+
 # ---------------------------------------------------------------------------- poisoned memories
 def run_poison(workdir: Path, *, model: str | None = None, questions: int = 20, seed: int = 0,
                log=print) -> dict[str, Any]:
@@ -953,7 +1043,7 @@ def run_poison(workdir: Path, *, model: str | None = None, questions: int = 20, 
 
 
 # ---------------------------------------------------------------------------- the suite
-PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage", "stall", "poison")
+PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage", "stall", "poison", "concurrency")
 
 
 def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts: Sequence[str] = PARTS,
@@ -1010,6 +1100,9 @@ def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts
         results["stall"] = run_stall(work / "stall", model=model, add_bytes=cfg["stall_bytes"],
                                      probes=cfg["stall_probes"],
                                      consolidate_sentences=cfg["stall_consolidate_sentences"], seed=seed, log=log)
+    if "concurrency" in parts:
+        results["concurrency"] = run_concurrency(work / "concurrency", model=model, levels=cfg["concurrency_levels"],
+                                                 duration_s=cfg["concurrency_s"], seed=seed, log=log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     results["passed"] = _passed(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -1038,6 +1131,9 @@ def _passed(r: dict[str, Any]) -> bool:
         ok &= r["api_keys_in_log"] == 0
     if "poison" in r:
         ok &= r["poison"]["answers_changed"] == 0 and r["poison"]["replies_with_payload"] == 0
+    if "concurrency" in r:  # throughput and latency are reported, not judged here
+        ok &= all(run[arm]["errors"] == 0 for run in r["concurrency"]["runs"].values()
+                  for arm in ("one_at_a_time", "batched"))
     if "stall" in r:  # the work must succeed beside the probes (their latency is reported, not judged here)
         ok &= r["stall"].get("status") == 200 and r["stall"]["consolidate"]["status"] == 200
     return bool(ok)

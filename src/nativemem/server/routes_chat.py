@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from ..errors import ContextOverflowError, InputError
 from ..model import Sampling
-from .calls import acquire_model, engine, in_thread, new_stop, start_model_work, user_of, with_model
+from .calls import acquire_model, engine, in_thread, new_stop, start_model_work, until_done, user_of, with_model
 from .engine import Engine
 from .http import ApiError, json_body, map_error, read_json
 from .routes_admin import check_model
@@ -48,15 +48,21 @@ async def chat_completions(request: Request):
         raise ApiError(400, str(e)) from None
     run = dict(messages=messages, user_id=user, max_new_tokens=max_new, use_memory=req.memory, top_k=req.top_k,
                sampling=sampling, keep=bool(req.memory_write))
+    batched = eng.batchable(user, use_memory=req.memory, keep=bool(req.memory_write))
     if req.stream:
-        return await _stream(request, eng, req, run, cid, created)
-    def answer_and_remember(stop):
-        answer = eng.generate(**run, stop=stop)
-        if req.memory_write:
-            eng.remember(answer, messages, user_id=user)
-        return answer
+        return await _stream(request, eng, req, run, cid, created, batched)
+    if batched:  # decoded together with other users' chats, one forward per step
+        stop = new_stop(request)
+        future = eng.batcher.submit(await in_thread(lambda: eng.prepare(**run)), stop=stop)
+        answer = await until_done(request, stop, asyncio.wrap_future(future))
+    else:
+        def answer_and_remember(stop):
+            answer = eng.generate(**run, stop=stop)
+            if req.memory_write:
+                eng.remember(answer, messages, user_id=user)
+            return answer
 
-    answer = await with_model(request, answer_and_remember)
+        answer = await with_model(request, answer_and_remember)
     gen = answer.generation
     return {"id": cid, "object": "chat.completion", "created": created, "model": eng.lm.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
@@ -64,7 +70,8 @@ async def chat_completions(request: Request):
             "usage": _usage(gen), "nativemem": _extra(answer)}
 
 
-async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, cid: str, created: int):
+async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, cid: str, created: int,
+                  batched: bool):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = new_stop(request)
@@ -81,8 +88,16 @@ async def _stream(request: Request, eng: Engine, req: ChatRequest, run: dict, ci
         except BaseException as e:  # noqa: BLE001 - handed to the event loop
             push(("error", e))
 
-    await acquire_model(eng, stop)
-    start_model_work(eng, work)
+    def settled(future):
+        error = None if future.cancelled() else future.exception()
+        push(("error", error) if error is not None else ("done", future.result()))
+
+    if batched:
+        chat = await in_thread(lambda: eng.prepare(**run))
+        eng.batcher.submit(chat, stop=stop, on_token=lambda ids: push(("token", ids))).add_done_callback(settled)
+    else:
+        await acquire_model(eng, stop)
+        start_model_work(eng, work)
     first = await queue.get()
     if first[0] == "error":  # nothing sent yet: a plain HTTP error
         raise map_error(first[1])

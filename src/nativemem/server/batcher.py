@@ -1,0 +1,132 @@
+"""Chats of many users decoding together: one forward per step for every chat in the batch.
+
+A chat that can be batched (:meth:`~nativemem.server.engine.Engine.batchable`) is handed to the
+:class:`Batcher` instead of taking the model for its whole generation. The batcher's thread works in turns
+on the model lock (so adds, searches and consolidation steps of other requests still go in between): in
+each turn it prefills the chats that arrived (each with its own memory prefix, selected for its own user)
+up to ``max_rows``, then runs one decode step for every row (:class:`~nativemem.batching.DecodeBatch`).
+A row that ends (its answer is complete, its client went away, its deadline passed) leaves the batch and its
+request gets the answer or the error; the other rows go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from ..batching import DecodeBatch
+from .engine import Answer, Chat, Engine, Stop
+
+__all__ = ["Batcher"]
+
+log = logging.getLogger("nativemem.server")
+
+
+@dataclass(eq=False)
+class _Pending:
+    chat: Chat
+    stop: Stop
+    on_token: Callable[[list[int]], None] | None
+    future: Future = field(default_factory=Future)
+    row: object = None
+
+
+class Batcher:
+    """Decodes submitted chats in batches of at most ``max_rows`` (see the module docstring)."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_rows: int):
+        self.engine, self.loop, self.max_rows = engine, loop, max_rows
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nativemem-batcher", daemon=True)
+        self._thread.start()
+        self.steps = 0  # decode steps run (for tests and logs)
+        self.widest = 0  # most rows decoded in one step
+
+    def submit(self, chat: Chat, *, stop: Stop, on_token: Callable[[list[int]], None] | None = None) -> Future:
+        """Queue a prepared chat; the future gets its :class:`~nativemem.server.engine.Answer` or its error."""
+        pending = _Pending(chat, stop, on_token)
+        self._queue.put(pending)
+        return pending.future
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the batcher's thread
+    def _run(self) -> None:
+        batch = DecodeBatch(self.engine.lm)
+        rows: dict[int, _Pending] = {}
+        while not self._closed.is_set():
+            if not len(batch):
+                try:
+                    first = self._queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self._queue.put(first)  # admitted below, under the model lock, with the others waiting
+            if not self._take_model():
+                break
+            try:
+                self._admit(batch, rows)
+                if len(batch):
+                    self.widest = max(self.widest, len(batch))
+                    ended = batch.step()
+                    self.steps += 1
+                    for row in ended:
+                        self._finish(rows.pop(id(row)), row)
+            except BaseException as e:  # noqa: BLE001 - a failed step fails its rows, never the thread
+                log.error("batched decoding failed", exc_info=e)
+                for pending in rows.values():
+                    _fail(pending, e)
+                rows.clear()
+                batch = DecodeBatch(self.engine.lm)
+            finally:
+                self.loop.call_soon_threadsafe(self.engine.model_lock.release)
+        for pending in rows.values():
+            _fail(pending, RuntimeError("the server is shutting down"))
+
+    def _take_model(self) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(self.engine.model_lock.acquire(), self.loop).result()
+            return True
+        except (RuntimeError, asyncio.CancelledError):  # the event loop is gone: the server stopped
+            return False
+
+    def _admit(self, batch: DecodeBatch, rows: dict[int, _Pending]) -> None:
+        """Prefill waiting chats (each alone, with its own memory) until the batch is full."""
+        while len(batch) < self.max_rows:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if pending.future.cancelled():
+                continue
+            try:
+                row = self.engine.prefill(pending.chat, stop=pending.stop, on_token=pending.on_token)
+            except BaseException as e:  # noqa: BLE001 - the request gets it
+                _fail(pending, e)
+                continue
+            if row.done:
+                self._finish(pending, row)
+            else:
+                rows[id(row)] = pending
+                batch.join([row])
+
+    def _finish(self, pending: _Pending, row) -> None:
+        if row.error is not None:
+            _fail(pending, row.error)
+            return
+        answer: Answer = pending.chat.answer(row.result(self.engine.lm))
+        if not pending.future.cancelled():
+            pending.future.set_result(answer)
+
+
+def _fail(pending: _Pending, error: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)
+
