@@ -3,8 +3,8 @@
 A chat that can be batched (:meth:`~nativemem.server.engine.Engine.batchable`) is handed to the
 :class:`Batcher` instead of taking the model for its whole generation. The batcher's thread works in turns
 on the model lock (so adds, searches and consolidation steps of other requests still go in between): in
-each turn it prefills the chats that arrived (each with its own memory prefix, selected for its own user)
-up to ``max_rows``, then runs one decode step for every row (:class:`~nativemem.batching.DecodeBatch`).
+each turn it prefills the next chat that arrived (with its own memory prefix, selected for its own user) if
+the batch has fewer than ``max_rows`` rows, then runs one decode step for every row (:class:`~nativemem.batching.DecodeBatch`).
 A row that ends (its answer is complete, its client went away, its deadline passed) leaves the batch and its
 request gets the answer or the error; the other rows go on.
 """
@@ -98,7 +98,9 @@ class Batcher:
             return False
 
     def _admit(self, batch: DecodeBatch, rows: dict[int, _Pending]) -> None:
-        """Prefill waiting chats (each alone, with its own memory) until the batch is full."""
+        """Prefill the next waiting chat (alone, with its own memory) if the batch has room: one prefill per turn,
+        so the rows decoding go on while others arrive and other model work waits for one prefill and one step
+        at most."""
         while len(batch) < self.max_rows:
             try:
                 pending = self._queue.get_nowait()
@@ -113,9 +115,10 @@ class Batcher:
                 continue
             if row.done:
                 self._finish(pending, row)
-            else:
-                rows[id(row)] = pending
-                batch.join([row])
+                continue  # answered by its prefill alone: take the next one
+            rows[id(row)] = pending
+            batch.join([row])
+            return
 
     def _finish(self, pending: _Pending, row) -> None:
         if row.error is not None:
