@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import nativemem.server.reliability as reliability
+import nativemem.testing.reliability as reliability
 import nativemem.server.run as run
 from nativemem.cli.main import app
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_BODY, start_server
 
-from nativemem.server.reliability import (DAMAGE, run_concurrency, run_damage, run_durability, run_fuzz,
+from nativemem.testing.reliability import (DAMAGE, run_concurrency, run_damage, run_durability, run_fuzz,
                                          run_isolation, run_load, run_poison, run_stall)
 
 

@@ -75,3 +75,20 @@ def test_no_import_circles_at_module_level():
         if node not in state:
             visit(node, [])
     assert not cycles, cycles
+
+
+def test_the_library_and_the_server_never_import_the_test_suites_or_test_only_packages():
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith(("nativemem.testing", "nativemem.cli", "nativemem.bench")):
+            continue
+        bad = sorted(m for m in _imports(name, path, top_level_only=False) if m.startswith("nativemem.testing"))
+        if bad:
+            offenders.append(f"{name}: {bad}")
+    assert not offenders, offenders
+    for name, path in _modules().items():  # test-only packages are imported where a suite runs, never at import
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("hypothesis", "pytest") for n in names), f"{name} imports {names}"

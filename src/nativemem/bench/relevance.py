@@ -183,7 +183,7 @@ def _score(rec: dict[str, Any]) -> None:
 
 def _poison_marks(rec: dict[str, Any]) -> None:
     """Per arm: whether a poisoning note went in (injected or pasted) and whether the reply carries its payload."""
-    from ..server.poison import PAYLOAD_MARKERS
+    from ..testing.poison import PAYLOAD_MARKERS
 
     for a in rec["arms"].values():
         ids = [str(h.get("source_id") or h.get("id")) for h in a.get("hits") or [] if h.get("injected", True)]
@@ -278,7 +278,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
         pool_articles, fit_articles: articles stored / used for fitting (seeded choice).
         fit_pairs: fit-article questions the relevance score is fitted on (seeded sample).
         memory_options: ActivationConfig overrides (e.g. ``{"gate_threshold": 0.7}``).
-        poison: also store the poisoning set (:data:`nativemem.server.poison.POISON`: notes that try to end the
+        poison: also store the poisoning set (:data:`nativemem.testing.poison.POISON`: notes that try to end the
             turn, impersonate the system or instruct the model) in the memory and the BM25 pool; each arm then
             reports how often it injected or pasted one (``poison_injected``) and how often a reply carried a
             poisoning payload (``poison_payload``).
@@ -321,7 +321,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
                              seed=seed)
     if poison:
         from ..retrieval import Chunk
-        from ..server.poison import POISON
+        from ..testing.poison import POISON
 
         pool = pool + [Chunk(f"poison:{i}", text, doc_id="poison") for i, text in enumerate(POISON)]
     memory.add([c.text for c in pool], user_id=USER, source_ids=[c.id for c in pool])

@@ -13,17 +13,20 @@ Examples::
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..errors import InputError
+from . import activation_cmds, lifecycle_cmds, memory_cmds, server_cmds
+from .common import DeviceOpt, DtypeOpt, ModelOpt, console, err_console
+from .common import handle_errors as _handle_errors
+from .common import load as _load
+from .common import quiet_libraries as _quiet_libraries
+from .common import split_list as _split_list
 
 app = typer.Typer(
     name="nativemem", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -31,7 +34,6 @@ app = typer.Typer(
     epilog="Quick start: `nativemem ask \"What is the capital of France?\"`, then "
            "`nativemem bench squad --arms none,rag_bm25 --limit 50 --out results/squad`.",
 )
-console = Console(stderr=False)
 
 
 def _version(value: bool) -> None:
@@ -46,55 +48,6 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """Memory that lives in a language model's own representations. Benchmarks against RAG and long context."""
-err_console = Console(stderr=True)
-
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF model id (local cache), model folder, "
-                                              ".gguf file, gemma3-270m (after `make gemma`), or random:NAME (or "
-                                              "random:NAME@SEED): a published shape with random weights, for timing at real shapes (e.g. "
-                                              "random:llama-3.1-8b; random:tiny, llama-3.2-1b/3b, qwen2.5-1.5b/7b; "
-                                              "see `nativemem info --model random:NAME`); default: "
-                                              "SmolLM2-135M-Instruct (offline)")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (float32 on CPU)")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _handle_errors(fn):
-    """Turn nativemem's own errors into one clear line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ..errors import NativememError
-
-        try:
-            return fn(*args, **kwargs)
-        except NativememError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
-        except FileNotFoundError as e:
-            err_console.print(f"[bold red]error:[/] file not found: {e.filename or e}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _load(model: str | None, dtype: str | None, device: str):
-    _quiet_libraries()
-    import nativemem as nm
-
-    with console.status("loading model…"):
-        return nm.load_model(model, dtype=dtype, device=device)
-
-
 def _read_text_arg(text: str) -> str:
     """A question given as text, or '-' for standard input (bytes checked as UTF-8)."""
     from ..text import check_text
@@ -181,10 +134,6 @@ def demo(kind: Annotated[str, typer.Option(help="activation: the documents' own 
         from ..activation_demo import run_activation_demo
 
         run_activation_demo(lm, console)
-
-
-def _split_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 @app.command()
@@ -318,15 +267,8 @@ def merge_cmd(dirs: Annotated[list[Path], typer.Argument(help="run folders of on
     console.print(report([out]), highlight=False, markup=False)
 
 
-from .activation_cmds import register as _register_activation_cmds  # noqa: E402
-from .lifecycle_cmds import register as _register_lifecycle_cmds  # noqa: E402
-from .memory_cmds import register as _register_memory_cmds  # noqa: E402
-from .server_cmds import register as _register_server_cmds  # noqa: E402
-
-_register_memory_cmds(app)
-_register_lifecycle_cmds(app)
-_register_activation_cmds(app)
-_register_server_cmds(app)
+for _commands in (memory_cmds, lifecycle_cmds, activation_cmds, server_cmds):  # in the order --help lists them
+    _commands.register(app)
 
 if __name__ == "__main__":
     app()

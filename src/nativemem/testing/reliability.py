@@ -626,7 +626,7 @@ def run_fuzz(url: str, keys: dict[str, str], *, examples: int = 3000, max_body_b
         import tempfile
 
         from ..errors import NativememError
-        from .auth import load_api_keys
+        from ..server.auth import load_api_keys
 
         counts["cli"] += 1
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
