@@ -201,6 +201,36 @@ def _resolve_arms(arms: Sequence[str]) -> list[tuple[str, type[Arm]]]:
     return [(name, get_arm(name)) for name in names]
 
 
+def _run_arm(arm, label: str, lm, pool, items, task_obj, cuda, progress: bool) -> tuple[list, dict[str, Any]]:
+    """Prepare ``arm`` on the pool and answer every item; returns the outputs and the arm's cost."""
+    from tqdm.auto import tqdm
+
+    if cuda is not None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(cuda)
+    start = time.perf_counter()
+    arm.prepare(pool, lm, items=items, task=task_obj)
+    prepare_s = time.perf_counter() - start
+    outputs = [arm.answer(item) for item in tqdm(items, desc=label, disable=not progress)]
+    cost: dict[str, Any] = {"prepare_s": prepare_s, "wall_s": time.perf_counter() - start,
+                            "peak_rss_bytes": peak_rss_bytes(), "bytes_stored": int(arm.bytes_stored())}
+    if cuda is not None:
+        cost["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(cuda))
+    return outputs, cost
+
+
+def _item_record(arm: str, rank: int, item, output, scores: dict[str, float] | None) -> dict[str, Any]:
+    """One line of ``items.jsonl``: the question, what the arm answered and retrieved, its scores and costs."""
+    return {"arm": arm, "rank": rank, "item_id": item.id, "question": item.question, "answers": item.answers,
+            "gold_chunk_ids": item.gold_chunk_ids, "output": output.text, "raw_output": output.raw_text,
+            "skipped": output.skipped, "skip_reason": output.skip_reason, "skip_detail": output.skip_detail,
+            "metrics": scores, "ttft_s": output.ttft_s, "search_s": output.search_s, "total_s": output.total_s,
+            "prompt_tokens": output.prompt_tokens, "new_tokens": output.new_tokens,
+            "prefix_tokens": output.prefix_tokens, "retrieved": [cid for cid, _ in output.retrieved],
+            "retrieved_scores": [score for _, score in output.retrieved], "meta": item.meta}
+
+
 def run_benchmark(
     task: str,
     lm: Any,
@@ -241,8 +271,6 @@ def run_benchmark(
         InputError: For non-positive ``limit``, ``k`` or ``max_new_tokens``, no arms, or an option the
             task does not have.
     """
-    from tqdm.auto import tqdm
-
     task_cls = get_task(task)
     arm_classes = _resolve_arms(arms)
     for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("limit", limit)):
@@ -259,50 +287,13 @@ def run_benchmark(
     arm_results: dict[str, Any] = {}
     all_scores: dict[str, list[dict[str, float] | None]] = {}
     for name, cls in arm_classes:
-        if cuda is not None:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats(cuda)
         arm = cls(k=k, max_new_tokens=max_new_tokens, progress=progress, memory_options=memory_options)
-        start = time.perf_counter()
-        arm.prepare(pool, lm, items=items, task=task_obj)
-        prepare_s = time.perf_counter() - start
-        outputs = [arm.answer(item) for item in tqdm(items, desc=f"{task}/{name}", disable=not progress)]
-        cost: dict[str, Any] = {
-            "prepare_s": prepare_s,
-            "wall_s": time.perf_counter() - start,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "bytes_stored": int(arm.bytes_stored()),
-        }
-        if cuda is not None:
-            cost["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(cuda))
+        outputs, cost = _run_arm(arm, f"{task}/{name}", lm, pool, items, task_obj, cuda, progress)
         scores = _score(arm, items, outputs, k)
         all_scores[name] = scores
         arm_results[name] = _summarise(outputs, scores, cost, seed)
-        for rank, (item, output, s) in enumerate(zip(items, outputs, scores)):
-            records.append({
-                "arm": name,
-                "rank": rank,
-                "item_id": item.id,
-                "question": item.question,
-                "answers": item.answers,
-                "gold_chunk_ids": item.gold_chunk_ids,
-                "output": output.text,
-                "raw_output": output.raw_text,
-                "skipped": output.skipped,
-                "skip_reason": output.skip_reason,
-                "skip_detail": output.skip_detail,
-                "metrics": s,
-                "ttft_s": output.ttft_s,
-                "search_s": output.search_s,
-                "total_s": output.total_s,
-                "prompt_tokens": output.prompt_tokens,
-                "new_tokens": output.new_tokens,
-                "prefix_tokens": output.prefix_tokens,
-                "retrieved": [cid for cid, _ in output.retrieved],
-                "retrieved_scores": [score for _, score in output.retrieved],
-                "meta": item.meta,
-            })
+        records += [_item_record(name, rank, item, output, s)
+                    for rank, (item, output, s) in enumerate(zip(items, outputs, scores))]
 
     arm_names = [name for name, _ in arm_classes]
     metric_names = sorted({m for block in arm_results.values() for m in block["metrics"]})

@@ -64,6 +64,72 @@ def _pick(data: Path, paragraphs: int, questions: int, seed: int):
     return pool, items[:questions]
 
 
+class _Reader:
+    """Times one question through every read path (see :func:`run_scale`)."""
+
+    def __init__(self, lm, memory, bm25, texts: dict[str, str], source_of: dict[str, str], k: int,
+                 max_new_tokens: int):
+        self.lm, self.memory, self.bm25, self.texts, self.source_of = lm, memory, bm25, texts, source_of
+        self.k, self.max_new_tokens = k, max_new_tokens
+
+    def time(self, item) -> dict[str, Any]:
+        from ..prompting import build_messages
+
+        lm, memory, bm25, texts, source_of = self.lm, self.memory, self.bm25, self.texts, self.source_of
+        k, max_new_tokens = self.k, self.max_new_tokens
+        hits, search_s = _timed(lm, lambda: memory.search(item.question, k=k, user_id=USER))
+        bm, bm25_s = _timed(lm, lambda: bm25.search(item.question, k))
+        ids = [h.id for h in hits]
+        prompt = lm.chat_ids(build_messages(item.question))
+        row: dict[str, Any] = {"item_id": item.id, "search_s": search_s, "bm25_s": bm25_s,
+                               "retrieved": [source_of.get(i) for i in ids]}
+        pinned = memory.injecting(ids)
+        memory.drop_caches(("device", "host", "page"))
+        g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
+        row.update(activation_disk=g.ttft_s, prefix_tokens=g.prefix_tokens, prompt_tokens=g.prompt_tokens,
+                   activation_text=g.text, disk_timing=dict(memory.last_timing))
+        memory.drop_caches(("device",))
+        g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
+        row.update(activation_ram=g.ttft_s, ram_timing=dict(memory.last_timing))
+        if lm.device.type == "cuda" and memory.tiers.device_lru.budget > 0:
+            g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
+            row.update(activation_device=g.ttft_s, device_timing=dict(memory.last_timing))
+        full = memory.as_text(prompt, ids)
+        g = lm.generate(full, max_new_tokens=max_new_tokens)
+        row.update(text_same_order=g.ttft_s, text_same_order_tokens=g.prompt_tokens, text_same_order_text=g.text)
+        rag_prompt = lm.chat_ids(build_messages(item.question, [texts[cid] for cid, _ in bm]))
+        g = lm.generate(rag_prompt, max_new_tokens=max_new_tokens)
+        row.update(rag_bm25=g.ttft_s, rag_bm25_tokens=g.prompt_tokens)
+        row["activation_ram_e2e"] = search_s + row["activation_ram"]
+        row["activation_disk_e2e"] = search_s + row["activation_disk"]
+        row["rag_bm25_e2e"] = bm25_s + row["rag_bm25"]
+        return row
+
+
+def _medians(per_item: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
+    """Median TTFTs and search times, median steps of each tier, and the ratios to ``rag_bm25``."""
+
+    def med(name: str) -> float | None:
+        vals = [r[name] for r in per_item if name in r]
+        return statistics.median(vals) if vals else None
+
+    timings = {name: med(name) for name in (
+        "search_s", "bm25_s", "activation_disk", "activation_ram", "activation_device", "text_same_order", "rag_bm25",
+        "activation_ram_e2e", "activation_disk_e2e", "rag_bm25_e2e")}
+    steps = {}
+    for tier in ("disk", "ram", "device"):
+        rows = [r[f"{tier}_timing"] for r in per_item if f"{tier}_timing" in r]
+        if rows:
+            steps[tier] = {s: statistics.median(r.get(s, 0.0) for r in rows)
+                           for s in ("fetch_s", "transfer_s", "assemble_s", "injection_s")}
+    rag = timings["rag_bm25"]
+    ratios = {f"{name}_over_rag_bm25": (timings[name] / rag if timings[name] is not None and rag else None)
+              for name in ("activation_disk", "activation_ram", "activation_device", "text_same_order")}
+    ratios["e2e_activation_ram_over_rag_bm25"] = timings["activation_ram_e2e"] / timings["rag_bm25_e2e"]
+    ratios["e2e_activation_disk_over_rag_bm25"] = timings["activation_disk_e2e"] / timings["rag_bm25_e2e"]
+    return timings, steps, ratios
+
+
 def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int | None = 40, k: int = 3,
               paragraphs: int = 147, seed: int = 0, max_new_tokens: int = 2,
               memory_config: dict[str, Any] | None = None, cudnn_attention: bool = True,
@@ -88,7 +154,6 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
 
     from ..errors import InputError
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from ..prompting import build_messages
     from .results import write_results
     from ..retrieval import BM25Retriever
     from .tasks import data_root
@@ -131,67 +196,17 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         bm25 = BM25Retriever()
         bm25.index(pool)
         # --------------------------------------------------------------- reads
-        per_item = []
-
-        def one(item, record: bool) -> dict[str, Any]:
-            hits, search_s = _timed(lm, lambda: memory.search(item.question, k=k, user_id=USER))
-            bm, bm25_s = _timed(lm, lambda: bm25.search(item.question, k))
-            ids = [h.id for h in hits]
-            prompt = lm.chat_ids(build_messages(item.question))
-            row: dict[str, Any] = {"item_id": item.id, "search_s": search_s, "bm25_s": bm25_s,
-                                   "retrieved": [source_of.get(i) for i in ids]}
-            pinned = memory.injecting(ids)
-            memory.drop_caches(("device", "host", "page"))
-            g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
-            row.update(activation_disk=g.ttft_s, prefix_tokens=g.prefix_tokens, prompt_tokens=g.prompt_tokens,
-                       activation_text=g.text, disk_timing=dict(memory.last_timing))
-            memory.drop_caches(("device",))
-            g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
-            row.update(activation_ram=g.ttft_s, ram_timing=dict(memory.last_timing))
-            if lm.device.type == "cuda" and memory.tiers.device_lru.budget > 0:
-                g = lm.generate(prompt, max_new_tokens=max_new_tokens, memory=pinned)
-                row.update(activation_device=g.ttft_s, device_timing=dict(memory.last_timing))
-            full = memory.as_text(prompt, ids)
-            g = lm.generate(full, max_new_tokens=max_new_tokens)
-            row.update(text_same_order=g.ttft_s, text_same_order_tokens=g.prompt_tokens, text_same_order_text=g.text)
-            rag_prompt = lm.chat_ids(build_messages(item.question, [texts[cid] for cid, _ in bm]))
-            g = lm.generate(rag_prompt, max_new_tokens=max_new_tokens)
-            row.update(rag_bm25=g.ttft_s, rag_bm25_tokens=g.prompt_tokens)
-            row["activation_ram_e2e"] = search_s + row["activation_ram"]
-            row["activation_disk_e2e"] = search_s + row["activation_disk"]
-            row["rag_bm25_e2e"] = bm25_s + row["rag_bm25"]
-            if record:
-                per_item.append(row)
-            return row
-
-        one(items[0], record=False)  # warm-up of every path
+        reader = _Reader(lm, memory, bm25, texts, source_of, k, max_new_tokens)
+        reader.time(items[0])  # warm-up of every path
         from tqdm.auto import tqdm
 
-        for item in tqdm(items, desc="scale", disable=not progress):
-            one(item, record=True)
+        per_item = [reader.time(item) for item in tqdm(items, desc="scale", disable=not progress)]
         memory.close()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
         shutil.rmtree(folder, ignore_errors=True)
 
-    def med(name: str) -> float | None:
-        vals = [r[name] for r in per_item if name in r]
-        return statistics.median(vals) if vals else None
-
-    timings = {name: med(name) for name in (
-        "search_s", "bm25_s", "activation_disk", "activation_ram", "activation_device", "text_same_order", "rag_bm25",
-        "activation_ram_e2e", "activation_disk_e2e", "rag_bm25_e2e")}
-    steps = {}
-    for tier in ("disk", "ram", "device"):
-        rows = [r[f"{tier}_timing"] for r in per_item if f"{tier}_timing" in r]
-        if rows:
-            steps[tier] = {s: statistics.median(r.get(s, 0.0) for r in rows)
-                           for s in ("fetch_s", "transfer_s", "assemble_s", "injection_s")}
-    rag = timings["rag_bm25"]
-    ratios = {f"{name}_over_rag_bm25": (timings[name] / rag if timings[name] is not None and rag else None)
-              for name in ("activation_disk", "activation_ram", "activation_device", "text_same_order")}
-    ratios["e2e_activation_ram_over_rag_bm25"] = timings["activation_ram_e2e"] / timings["rag_bm25_e2e"]
-    ratios["e2e_activation_disk_over_rag_bm25"] = timings["activation_disk_e2e"] / timings["rag_bm25_e2e"]
+    timings, steps, ratios = _medians(per_item)
     same = sum(r["activation_text"] == r["text_same_order_text"] for r in per_item)
     results = {
         "task": "scale", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(per_item),

@@ -246,6 +246,93 @@ def _mmlu_letter(lm, arm, item: dict[str, Any], letter_ids: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------- the run
+def _evaluate(lm, arm, name: str, recall_facts, para_items, passages, mmlu, letter_ids, reference: dict[str, Any],
+              records: list[dict[str, Any]], max_new_tokens: int, log,
+              cost: dict[str, Any] | None) -> tuple[dict[str, list[float]], int, float]:
+    """Ask an arm every fact (training phrasing, then paraphrases), score the neutral passages and MMLU; the
+    ``none`` arm sets ``reference``; with ``cost``, a pkm arm's forward overhead goes into it. Returns the
+    per-item scores, the passage tokens and the generation time."""
+    from ..metrics import answer_scores
+
+    scores: dict[str, list[float]] = {"recall": [], "recall_contains": [], "recall_paraphrase": [],
+                                      "recall_paraphrase_contains": [], "passage_nll": [], "mmlu_acc": [],
+                                      "mmlu_agree": []}
+    tokens = 0
+    gen_s = 0.0
+    with arm.session():
+        for phrasing, batch in (("training", [(f, f.prompt) for f in recall_facts]), ("paraphrase", para_items)):
+            for f, question in batch:
+                rec = _answer(lm, arm, question, max_new_tokens)
+                s = answer_scores(rec["output"], [f.answer])
+                gen_s += rec["total_s"]
+                if phrasing == "training":
+                    scores["recall"].append(s["em"])
+                    scores["recall_contains"].append(s["contains"])
+                else:
+                    scores["recall_paraphrase"].append(s["em"])
+                    scores["recall_paraphrase_contains"].append(s["contains"])
+                records.append({"arm": name, "kind": "recall", "phrasing": phrasing, "item_id": f.id,
+                                "question": question, "answers": [f.answer], "metrics": s, **rec})
+        log(f"{name}: recall {statistics.fmean(scores['recall']):.3f}"
+            + (f", paraphrase {statistics.fmean(scores['recall_paraphrase']):.3f}" if para_items else ""))
+        for p in passages:
+            total, n = _nll(lm, arm, p["text"])
+            tokens += n
+            scores["passage_nll"].append(total / n)
+            records.append({"arm": name, "kind": "ppl", "item_id": p["id"], "source": p["source"], "tokens": n,
+                            "nll_sum": total})
+        preds = [_mmlu_letter(lm, arm, q, letter_ids) for q in mmlu]
+        if name == "none":
+            reference["mmlu"] = preds
+            reference["nll"] = list(scores["passage_nll"])
+            reference["tokens"] = tokens
+        for q, pred, ref in zip(mmlu, preds, reference["mmlu"]):
+            scores["mmlu_acc"].append(float(pred == q["answer"]))
+            scores["mmlu_agree"].append(float(pred == ref))
+            records.append({"arm": name, "kind": "mmlu", "item_id": q["id"], "pred": pred, "answer": q["answer"],
+                            "bare_pred": ref})
+        if cost is not None and name.startswith("pkm"):
+            cost["forward_overhead_512"] = forward_overhead(lm, arm.memory())
+    return scores, tokens, gen_s
+
+
+def _metrics(scores: dict[str, list[float]], reference: dict[str, Any], mmlu, seed: int) -> tuple[dict, dict]:
+    """Means with bootstrap intervals; perplexity and its drift from ``none``; MMLU accuracy drift."""
+    from ..stats import bootstrap_mean_ci
+
+    arm_scores_nll = scores["passage_nll"]
+    nll_mean = statistics.fmean(arm_scores_nll)
+    ref_mean = statistics.fmean(reference["nll"])
+    drift_ci = bootstrap_mean_ci([a - b for a, b in zip(arm_scores_nll, reference["nll"])], seed=seed)
+    metrics = {k2: (statistics.fmean(v) if v else None) for k2, v in scores.items() if k2 != "passage_nll"}
+    metrics["ppl"] = math.exp(nll_mean)
+    metrics["ppl_drift"] = math.exp(nll_mean - ref_mean) - 1.0
+    metrics["qa_drift"] = metrics["mmlu_acc"] - statistics.fmean(
+        float(p == q["answer"]) for p, q in zip(reference["mmlu"], mmlu))
+    ci95 = {k2: list(bootstrap_mean_ci(v, seed=seed)) if v else None for k2, v in scores.items()
+            if k2 != "passage_nll"}
+    ci95["ppl_drift"] = [math.exp(drift_ci[0]) - 1.0, math.exp(drift_ci[1]) - 1.0]
+    return metrics, ci95
+
+
+def _comparisons(names: list[str], per_arm: dict[str, dict[str, list[float]]], seed: int) -> list[dict[str, Any]]:
+    """Paired tests of every arm against ``none`` (and ``pkm_gated`` against ``pkm``)."""
+    from ..stats import compare_paired
+
+    comparisons = []
+    pairs = [(a, "none") for a in names if a != "none"]
+    if "pkm" in names and "pkm_gated" in names:
+        pairs.append(("pkm_gated", "pkm"))
+    for a, b in pairs:
+        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("mmlu_acc", True),
+                               ("passage_nll", False)):
+            xs, ys = per_arm[a][metric], per_arm[b][metric]
+            if xs and ys:
+                comparisons.append({"a": a, "b": b, "metric": metric,
+                                    **compare_paired(xs, ys, binary=binary, seed=seed)})
+    return comparisons
+
+
 def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated", "rag_bm25"), num_facts: int = 100,
                         out: str | Path, seed: int = 0, data: str | Path | None = None,
                         data_dir: str | Path | None = None, recall_limit: int | None = None,
@@ -279,10 +366,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         The results mapping, as written to ``results.json``.
     """
     from ..arms_facts import FACTS_SYSTEM, get_fact_arm
-    from ..metrics import answer_scores
     from ..results import SCHEMA_VERSION, to_jsonable, write_items, write_results
     from ..runner import peak_rss_bytes
-    from ..stats import bootstrap_mean_ci, compare_paired
 
     for name, value in (("num_facts", num_facts), ("max_new_tokens", max_new_tokens), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -325,57 +410,9 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         log(f"{name}: preparing")
         cost = dict(arm.prepare(facts))
         prepare_s = time.perf_counter() - start
-        scores: dict[str, list[float]] = {"recall": [], "recall_contains": [], "recall_paraphrase": [],
-                                          "recall_paraphrase_contains": [], "passage_nll": [], "mmlu_acc": [],
-                                          "mmlu_agree": []}
-        tokens = 0
-        gen_s = 0.0
-        with arm.session():
-            for phrasing, batch in (("training", [(f, f.prompt) for f in recall_facts]), ("paraphrase", para_items)):
-                for f, question in batch:
-                    rec = _answer(lm, arm, question, max_new_tokens)
-                    s = answer_scores(rec["output"], [f.answer])
-                    gen_s += rec["total_s"]
-                    if phrasing == "training":
-                        scores["recall"].append(s["em"])
-                        scores["recall_contains"].append(s["contains"])
-                    else:
-                        scores["recall_paraphrase"].append(s["em"])
-                        scores["recall_paraphrase_contains"].append(s["contains"])
-                    records.append({"arm": name, "kind": "recall", "phrasing": phrasing, "item_id": f.id,
-                                    "question": question, "answers": [f.answer], "metrics": s, **rec})
-            log(f"{name}: recall {statistics.fmean(scores['recall']):.3f}"
-                + (f", paraphrase {statistics.fmean(scores['recall_paraphrase']):.3f}" if para_items else ""))
-            for p in passages:
-                total, n = _nll(lm, arm, p["text"])
-                tokens += n
-                scores["passage_nll"].append(total / n)
-                records.append({"arm": name, "kind": "ppl", "item_id": p["id"], "source": p["source"], "tokens": n,
-                                "nll_sum": total})
-            preds = [_mmlu_letter(lm, arm, q, letter_ids) for q in mmlu]
-            if name == "none":
-                reference["mmlu"] = preds
-                reference["nll"] = list(scores["passage_nll"])
-                reference["tokens"] = tokens
-            for q, pred, ref in zip(mmlu, preds, reference["mmlu"]):
-                scores["mmlu_acc"].append(float(pred == q["answer"]))
-                scores["mmlu_agree"].append(float(pred == ref))
-                records.append({"arm": name, "kind": "mmlu", "item_id": q["id"], "pred": pred, "answer": q["answer"],
-                                "bare_pred": ref})
-            if overhead and name.startswith("pkm"):
-                cost["forward_overhead_512"] = forward_overhead(lm, arm.memory())
-        arm_scores_nll = scores["passage_nll"]
-        nll_mean = statistics.fmean(arm_scores_nll)
-        ref_mean = statistics.fmean(reference["nll"])
-        drift_ci = bootstrap_mean_ci([a - b for a, b in zip(arm_scores_nll, reference["nll"])], seed=seed)
-        metrics = {k2: (statistics.fmean(v) if v else None) for k2, v in scores.items() if k2 != "passage_nll"}
-        metrics["ppl"] = math.exp(nll_mean)
-        metrics["ppl_drift"] = math.exp(nll_mean - ref_mean) - 1.0
-        metrics["qa_drift"] = metrics["mmlu_acc"] - statistics.fmean(
-            float(p == q["answer"]) for p, q in zip(reference["mmlu"], mmlu))
-        ci95 = {k2: list(bootstrap_mean_ci(v, seed=seed)) if v else None for k2, v in scores.items()
-                if k2 != "passage_nll"}
-        ci95["ppl_drift"] = [math.exp(drift_ci[0]) - 1.0, math.exp(drift_ci[1]) - 1.0]
+        scores, tokens, gen_s = _evaluate(lm, arm, name, recall_facts, para_items, passages, mmlu, letter_ids,
+                                          reference, records, max_new_tokens, log, cost if overhead else None)
+        metrics, ci95 = _metrics(scores, reference, mmlu, seed)
         stored = int(arm.bytes_stored())
         cost.update(prepare_s=prepare_s, wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
                     bytes_stored=stored, bytes_per_fact=stored / len(facts), generate_s_total=gen_s,
@@ -387,17 +424,7 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
             f"(agree {metrics['mmlu_agree']:.3f}), stored {stored:,} bytes")
         arm.close()
 
-    comparisons = []
-    pairs = [(a, "none") for a in names if a != "none"]
-    if "pkm" in names and "pkm_gated" in names:
-        pairs.append(("pkm_gated", "pkm"))
-    for a, b in pairs:
-        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("mmlu_acc", True),
-                               ("passage_nll", False)):
-            xs, ys = per_arm[a][metric], per_arm[b][metric]
-            if xs and ys:
-                comparisons.append({"a": a, "b": b, "metric": metric,
-                                    **compare_paired(xs, ys, binary=binary, seed=seed)})
+    comparisons = _comparisons(names, per_arm, seed)
     results = {
         "schema_version": SCHEMA_VERSION, "task": "facts", "task_version": FactsTask.version,
         "model": lm.fingerprint.to_dict(), "model_name": lm.name,

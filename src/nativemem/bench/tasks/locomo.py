@@ -181,6 +181,95 @@ class LocomoTask(Task):
         return run_locomo(lm, **kwargs)
 
 
+def _run_conversation(arm, name: str, sid: str, lm, pool, items, task, k: int, c: dict[str, Any],
+                      scores: dict[str, dict[str, float] | None], progress: bool) -> list[dict[str, Any]]:
+    """Prepare ``arm`` on one conversation and answer its questions; adds to its cost ``c`` and ``scores``,
+    returns the item records."""
+    from tqdm.auto import tqdm
+
+    from ..metrics import hit_at_k
+
+    t0 = time.perf_counter()
+    arm.prepare(pool, lm, items=items, task=task)
+    c["prepare_s"] += time.perf_counter() - t0
+    c["extra_params"] = max(c["extra_params"], int(getattr(arm, "extra_params", 0)))
+    c["train_steps"] += sum(r.get("steps", 0) for r in getattr(arm, "receipts", {}).values())
+    c["notes"] += [f"{sid}: {n}" for r in getattr(arm, "receipts", {}).values() for n in r.get("notes", [])]
+    records = []
+    t0 = time.perf_counter()
+    for item in tqdm(items, desc=f"locomo/{sid}/{name}", disable=not progress, leave=False):
+        out_ = arm.answer(item)
+        info = dict(getattr(arm, "last_info", {}) or {})
+        s = None
+        if not out_.skipped:
+            s = score_item(out_.text, item)
+            if arm.uses_retrieval and item.gold_chunk_ids:
+                s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out_.retrieved], item.gold_chunk_ids, k)
+            c["ttft"].append(out_.ttft_s)
+            c["prompt_tokens"].append(out_.prompt_tokens)
+        if "context_truncated" in info:
+            c["with_context"] += 1
+            c["truncated"] += int(info["context_truncated"])
+        scores[item.id] = s
+        records.append({"arm": name, "item_id": item.id, "conversation": sid, "question": item.question,
+                        "answers": item.answers, "category": item.meta["category"], "output": out_.text,
+                        "raw_output": out_.raw_text, "skipped": out_.skipped, "skip_reason": out_.skip_reason,
+                        "skip_detail": out_.skip_detail, "metrics": s, "ttft_s": out_.ttft_s,
+                        "total_s": out_.total_s, "prompt_tokens": out_.prompt_tokens,
+                        "retrieved": [cid for cid, _ in out_.retrieved],
+                        "gold_chunk_ids": item.gold_chunk_ids, **info})
+    c["answer_s"] += time.perf_counter() - t0
+    c["bytes_stored"] += int(arm.bytes_stored())
+    return records
+
+
+def _summarise(scores: dict[str, dict[str, float] | None], c: dict[str, Any], seed: int) -> dict[str, Any]:
+    """An arm's metrics with bootstrap intervals, per-category counts and costs."""
+    from ..runner import peak_rss_bytes
+    from ..stats import bootstrap_mean_ci
+
+    per_item = list(scores.values())
+    metrics, ci95 = {}, {}
+    for m in sorted({m for s in per_item if s for m in s}):
+        vals = [s[m] for s in per_item if s is not None and m in s]
+        metrics[m] = sum(vals) / len(vals) if vals else None
+        ci95[m] = list(bootstrap_mean_ci(vals, seed=seed)) if vals else None
+    scored = [s for s in per_item if s is not None]
+    skipped = len(per_item) - len(scored)
+    return {
+        "n": len(per_item), "scored": len(scored), "skipped": skipped,
+        "skipped_reasons": {"context_overflow": skipped} if skipped else {},
+        "metrics": metrics, "ci95": ci95,
+        "n_per_category": {CATEGORIES[cat]: sum(1 for s in scored if f"f1_{CATEGORIES[cat]}" in s)
+                           for cat in CATEGORIES},
+        "cost": {"prepare_s": c["prepare_s"], "wall_s": c["prepare_s"] + c["answer_s"],
+                 "ttft_median_s": _median(c["ttft"]), "prompt_tokens_mean": _mean(c["prompt_tokens"]),
+                 "prompt_tokens_median": _median(c["prompt_tokens"]), "peak_rss_bytes": peak_rss_bytes(),
+                 "bytes_stored": c["bytes_stored"], "extra_params": c["extra_params"],
+                 "train_steps": c["train_steps"], "context_truncated_items": c["truncated"],
+                 "context_items": c["with_context"]},
+        "notes": c["notes"],
+    }
+
+
+def _compare(arms: list[str], arm_results: dict[str, Any], scores: dict[str, dict[str, Any]],
+             seed: int) -> list[dict[str, Any]]:
+    """Paired comparisons of every pair of arms on every metric both have."""
+    from ..stats import compare_paired
+
+    comparisons = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            names = sorted(set(arm_results[a]["metrics"]) & set(arm_results[b]["metrics"]))
+            for m in names:
+                pairs = [(scores[a][iid][m], scores[b][iid][m]) for iid in scores[a]
+                         if scores[a][iid] and scores[b].get(iid) and m in scores[a][iid] and m in scores[b][iid]]
+                comp = compare_paired([p[0] for p in pairs], [p[1] for p in pairs],
+                                      binary=m in ("f1_adversarial",) or m.startswith("hit@"), seed=seed)
+                comparisons.append({"a": a, "b": b, "metric": m, **comp})
+    return comparisons
+
+
 def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data: str | Path | None = None,
                conversations: int | None = None, limit: int | None = None, seed: int = 0, k: int = 3,
                max_new_tokens: int = 32, max_prompt_tokens: int | None = None, chunk_words: int = 200,
@@ -205,14 +294,9 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         lora_config: rank, alpha, lr, target_modules for lora arms.
         progress: progress bars.
     """
-    from tqdm.auto import tqdm
-
     from .. import memory_arms  # noqa: F401  (registers the memory arms)
     from ..arms import get_arm
-    from ..metrics import hit_at_k
     from ..results import write_items, write_results
-    from ..runner import peak_rss_bytes
-    from ..stats import bootstrap_mean_ci, compare_paired
 
     arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
     if not arms:
@@ -232,7 +316,6 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
     cost: dict[str, dict[str, Any]] = {a: {"prepare_s": 0.0, "answer_s": 0.0, "ttft": [], "prompt_tokens": [],
                                            "truncated": 0, "with_context": 0, "bytes_stored": 0, "extra_params": 0,
                                            "train_steps": 0, "notes": []} for a in arms}
-    outputs_n = {a: 0 for a in arms}
     for sid in selected:
         items = list(convs[sid])
         random.Random(seed).shuffle(items)
@@ -240,80 +323,13 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         pool = [task.data.chunks[cid] for cid in items[0].source_chunk_ids]
         for name in arms:
             arm = arm_classes[name](k=k, max_new_tokens=max_new_tokens, progress=progress)
-            if max_prompt_tokens is not None:
-                arm.max_prompt_tokens = max_prompt_tokens
-            if memory_config is not None:
-                arm.memory_config = dict(memory_config)
-            if lora_config is not None:
-                arm.lora_config = dict(lora_config)
-            t0 = time.perf_counter()
-            arm.prepare(pool, lm, items=items, task=task)
-            c = cost[name]
-            c["prepare_s"] += time.perf_counter() - t0
-            c["extra_params"] = max(c["extra_params"], int(getattr(arm, "extra_params", 0)))
-            c["train_steps"] += sum(r.get("steps", 0) for r in getattr(arm, "receipts", {}).values())
-            c["notes"] += [f"{sid}: {n}" for r in getattr(arm, "receipts", {}).values() for n in r.get("notes", [])]
-            t0 = time.perf_counter()
-            for item in tqdm(items, desc=f"locomo/{sid}/{name}", disable=not progress, leave=False):
-                out_ = arm.answer(item)
-                info = dict(getattr(arm, "last_info", {}) or {})
-                outputs_n[name] += 1
-                s = None
-                if not out_.skipped:
-                    s = score_item(out_.text, item)
-                    if arm.uses_retrieval and item.gold_chunk_ids:
-                        s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out_.retrieved], item.gold_chunk_ids, k)
-                    c["ttft"].append(out_.ttft_s)
-                    c["prompt_tokens"].append(out_.prompt_tokens)
-                if "context_truncated" in info:
-                    c["with_context"] += 1
-                    c["truncated"] += int(info["context_truncated"])
-                scores[name][item.id] = s
-                records.append({"arm": name, "item_id": item.id, "conversation": sid, "question": item.question,
-                                "answers": item.answers, "category": item.meta["category"], "output": out_.text,
-                                "raw_output": out_.raw_text, "skipped": out_.skipped, "skip_reason": out_.skip_reason,
-                                "skip_detail": out_.skip_detail, "metrics": s, "ttft_s": out_.ttft_s,
-                                "total_s": out_.total_s, "prompt_tokens": out_.prompt_tokens,
-                                "retrieved": [cid for cid, _ in out_.retrieved],
-                                "gold_chunk_ids": item.gold_chunk_ids, **info})
-            c["answer_s"] += time.perf_counter() - t0
-            c["bytes_stored"] += int(arm.bytes_stored())
-    arm_results = {}
-    for name in arms:
-        per_item = list(scores[name].values())
-        metric_names = sorted({m for s in per_item if s for m in s})
-        metrics, ci95 = {}, {}
-        for m in metric_names:
-            vals = [s[m] for s in per_item if s is not None and m in s]
-            metrics[m] = sum(vals) / len(vals) if vals else None
-            ci95[m] = list(bootstrap_mean_ci(vals, seed=seed)) if vals else None
-        c = cost[name]
-        scored = [s for s in per_item if s is not None]
-        skipped = len(per_item) - len(scored)
-        arm_results[name] = {
-            "n": len(per_item), "scored": len(scored), "skipped": skipped,
-            "skipped_reasons": {"context_overflow": skipped} if skipped else {},
-            "metrics": metrics, "ci95": ci95,
-            "n_per_category": {CATEGORIES[cat]: sum(1 for s in scored if f"f1_{CATEGORIES[cat]}" in s)
-                               for cat in CATEGORIES},
-            "cost": {"prepare_s": c["prepare_s"], "wall_s": c["prepare_s"] + c["answer_s"],
-                     "ttft_median_s": _median(c["ttft"]), "prompt_tokens_mean": _mean(c["prompt_tokens"]),
-                     "prompt_tokens_median": _median(c["prompt_tokens"]), "peak_rss_bytes": peak_rss_bytes(),
-                     "bytes_stored": c["bytes_stored"], "extra_params": c["extra_params"],
-                     "train_steps": c["train_steps"], "context_truncated_items": c["truncated"],
-                     "context_items": c["with_context"]},
-            "notes": c["notes"],
-        }
-    comparisons = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            names = sorted(set(arm_results[a]["metrics"]) & set(arm_results[b]["metrics"]))
-            for m in names:
-                pairs = [(scores[a][iid][m], scores[b][iid][m]) for iid in scores[a]
-                         if scores[a][iid] and scores[b].get(iid) and m in scores[a][iid] and m in scores[b][iid]]
-                comp = compare_paired([p[0] for p in pairs], [p[1] for p in pairs],
-                                      binary=m in ("f1_adversarial",) or m.startswith("hit@"), seed=seed)
-                comparisons.append({"a": a, "b": b, "metric": m, **comp})
+            for attr, value in (("max_prompt_tokens", max_prompt_tokens), ("memory_config", memory_config),
+                                ("lora_config", lora_config)):
+                if value is not None:
+                    setattr(arm, attr, value if attr == "max_prompt_tokens" else dict(value))
+            records += _run_conversation(arm, name, sid, lm, pool, items, task, k, cost[name], scores[name], progress)
+    arm_results = {name: _summarise(scores[name], cost[name], seed) for name in arms}
+    comparisons = _compare(arms, arm_results, scores, seed)
     results = {
         "schema_version": 1, "task": "locomo", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
         "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
