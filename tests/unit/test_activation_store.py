@@ -442,3 +442,18 @@ def test_a_sigkill_during_a_reset_deletes_all_of_the_users_chunks_or_none(lm, tm
         import gc
 
         gc.collect()
+
+
+def test_equal_scores_are_ordered_by_source_the_same_in_every_run():
+    """Rank fusion often gives two chunks the same score; their order follows their sources and places (stable
+    over runs on the same data), not their random ids."""
+    from nativemem.memories.activation.memory import best_rows
+
+    def rows(id_a, id_b):
+        return [(id_b, 0.5, {"source_id": "doc-2", "chunk_index": 0}), ("x", 0.9, {"source_id": "doc-9"}),
+                (id_a, 0.5, {"source_id": "doc-1", "chunk_index": 3}), ("y", 0.5, {"source_id": "doc-1",
+                                                                                  "chunk_index": 4})]
+
+    for id_a, id_b in (("ffff", "0000"), ("0000", "ffff")):  # random ids either way round
+        best = best_rows(rows(id_a, id_b), 3)
+        assert [r[0] for r in best] == ["x", id_a, "y"]

@@ -78,6 +78,13 @@ class Turns:
     batch_size: int | None = None  # chunks per model turn (None: the memory's ``batch_size``)
 
 
+def best_rows(rows: Sequence[tuple[str, float, dict[str, Any]]], k: int) -> list[tuple[str, float, dict[str, Any]]]:
+    """The ``k`` best ``(id, score, payload)`` rows; equal scores (frequent with rank fusion) are ordered by the
+    chunk's source and place in it, then its id: the same order in every run over the same data."""
+    return sorted(rows, key=lambda r: (-round(r[1], 9), str(r[2].get("source_id", "")),
+                                       int(r[2].get("chunk_index") or 0), r[0]))[:k]
+
+
 class ActivationMemory(Memory):
     """Stores chunks as KV payloads and retrieves them by the model's own states (see module docstring)."""
 
@@ -829,12 +836,12 @@ class ActivationMemory(Memory):
         calibrator = self.calibrator if relevance and variant == self.config.variant else None
         vectors = self.encode_query(query, variant=variant)
         user = _check_user(user_id)
-        # a few extra rows so that equal scores (frequent with rank fusion) are broken by id, not by chance
+        # a few extra rows so that equal scores are ordered by best_rows, not by chance
         rows = self.store.index.query(variant, user_id=user, limit=k + TIE_MARGIN,
                                       candidates=max(self.config.candidates, k), rrf_k=self.config.rrf_k,
                                       bm25_weight=self.config.bm25_weight,
                                       memory_ids=memory_ids, **vectors)
-        rows = sorted(rows, key=lambda r: (-round(r[1], 9), r[0]))[:k]
+        rows = best_rows(rows, k)
         hits = [Hit(id=i, score=s, text=str(p.get("text", "")), payload=p) for i, s, p in rows]
         if calibrator is None or not hits:
             return hits, 0.0
