@@ -212,3 +212,16 @@ def test_with_the_gate_on_the_receipt_also_reports_gated_recall(lm):
     r = mem.add(generate_facts(2, seed=6))
     assert 0.0 <= r.details["recall_gated"] <= 1.0 and r.details["recall"] == 1.0
     assert "recall_gated" not in memory(lm).add(generate_facts(1)).details
+
+
+def test_captures_run_in_batches_bounded_by_rows_and_padded_tokens():
+    """A capture's forward is one step on a shared model: at most 16 rows and 2,048 padded tokens (a longer
+    sequence goes alone), every sequence once, in order."""
+    from nativemem.memories.pkm.memory import _token_batches
+
+    seqs = [[1] * n for n in (5, 700, 3, 3000, 10, 10, 10, 10, 600, 600, 600, 600)] + [[2] * 4] * 40
+    batches = list(_token_batches(seqs, rows=16, tokens=2048))
+    assert [s for b in batches for s in b] == seqs
+    for b in batches:
+        assert len(b) <= 16
+        assert len(b) == 1 or len(b) * max(map(len, b)) <= 2048

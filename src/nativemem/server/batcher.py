@@ -2,10 +2,11 @@
 
 A chat that can be batched (:meth:`~nativemem.server.engine.Engine.batchable`) is handed to the
 :class:`Batcher` instead of taking the model for its whole generation. The batcher's thread works in turns
-on the model lock (so adds, searches and consolidation steps of other requests still go in between): in
-each turn it prefills the next chat that arrived (with its own memory prefix, selected for its own user) if
-the batch has fewer than ``max_rows`` rows, then runs one decode step for every row (:class:`~nativemem.batching.DecodeBatch`).
-A row that ends (its answer is complete, its client went away, its deadline passed) leaves the batch and its
+on the model lock: holding it for up to ``hold_s`` (1 s) at a time, then handing it to the next waiter (an
+add's batch, a search, a consolidation's training step), it prefills the next chat that arrived (with its own
+memory prefix, selected for its own user) if the batch has fewer than ``max_rows`` rows, then runs one decode
+step for every row (:class:`~nativemem.batching.DecodeBatch`), and again. A chat so waits for other work once or
+twice, not at each of its tokens. A row that ends (its answer is complete, its client went away, its deadline passed) leaves the batch and its
 request gets the answer or the error; the other rows go on.
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -39,8 +41,8 @@ class _Pending:
 class Batcher:
     """Decodes submitted chats in batches of at most ``max_rows`` (see the module docstring)."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_rows: int):
-        self.engine, self.loop, self.max_rows = engine, loop, max_rows
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_rows: int, hold_s: float = 1.0):
+        self.engine, self.loop, self.max_rows, self.hold_s = engine, loop, max_rows, hold_s
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nativemem-batcher", daemon=True)
@@ -72,13 +74,18 @@ class Batcher:
             if not self._take_model():
                 break
             try:
-                self._admit(batch, rows)
-                if len(batch):
+                held = time.perf_counter()
+                while True:  # turns of one prefill and one step, for up to hold_s (then others get the model)
+                    self._admit(batch, rows)
+                    if not len(batch):
+                        break
                     self.widest = max(self.widest, len(batch))
                     ended = batch.step()
                     self.steps += 1
                     for row in ended:
                         self._finish(rows.pop(id(row)), row)
+                    if time.perf_counter() - held >= self.hold_s or self._closed.is_set():
+                        break
             except BaseException as e:  # noqa: BLE001 - a failed step fails its rows, never the thread
                 log.error("batched decoding failed", exc_info=e)
                 for pending in rows.values():

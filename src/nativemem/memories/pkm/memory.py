@@ -48,6 +48,7 @@ from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_f
 
 __all__ = ["PKMMemory"]
 
+_STEP_TOKENS = 2048  # padded tokens per forward of a capture: one step (one turn on a shared model) stays short
 _CALIBRATION_FACTS = 64  # facts whose hidden states (with the built-in texts) set the router statistics
 
 
@@ -272,8 +273,7 @@ class PKMMemory(RecordLifecycle, Memory):
         device = self.lm.device
         out: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
         top = self.layer_ids[-1]
-        for start in range(0, len(seqs), 16):
-            chunk = seqs[start:start + 16]
+        for chunk in _token_batches(seqs, rows=16, tokens=_STEP_TOKENS):
             width = max(len(s) for s in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
             valid = torch.zeros(len(chunk), width, dtype=torch.bool)
@@ -759,3 +759,15 @@ def _keys_for(facts: int, slots_per_fact: int) -> int:
 
 def _rate(margins: torch.Tensor) -> float | None:
     return float((margins > 0).float().mean()) if margins.numel() else None
+
+
+def _token_batches(seqs: Sequence[Sequence[int]], *, rows: int, tokens: int) -> Iterator[list[Sequence[int]]]:
+    """``seqs`` in order, in batches of at most ``rows`` sequences and ``tokens`` padded tokens (at least one)."""
+    batch: list[Sequence[int]] = []
+    for s in seqs:
+        if batch and (len(batch) == rows or (len(batch) + 1) * max(len(s), *map(len, batch)) > tokens):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
