@@ -6,8 +6,8 @@ on the model lock: holding it for up to ``hold_s`` (1 s) at a time, then handing
 add's batch, a search, a consolidation's training step), it prefills the next chat that arrived (with its own
 memory prefix, selected for its own user) if the batch has fewer than ``max_rows`` rows, then runs one decode
 step for every row (:class:`~nativemem.batching.DecodeBatch`), and again. A chat so waits for other work once or
-twice, not at each of its tokens. A row that ends (its answer is complete, its client went away, its deadline passed) leaves the batch and its
-request gets the answer or the error; the other rows go on.
+twice, not at each of its tokens. A row that ends (its answer is complete, its client went away, its deadline
+passed) leaves the batch and its request gets the answer or the error; the other rows go on.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class _Pending:
     stop: Stop
     on_token: Callable[[list[int]], None] | None
     future: Future = field(default_factory=Future)
-    row: object = None
 
 
 class Batcher:
@@ -44,10 +43,10 @@ class Batcher:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_rows: int, hold_s: float = 1.0):
         self.engine, self.loop, self.max_rows, self.hold_s = engine, loop, max_rows, hold_s
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._next: _Pending | None = None  # taken off the queue while waiting for work, admitted first
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nativemem-batcher", daemon=True)
         self._thread.start()
-        self.steps = 0  # decode steps run (for tests and logs)
         self.widest = 0  # most rows decoded in one step
 
     def submit(self, chat: Chat, *, stop: Stop, on_token: Callable[[list[int]], None] | None = None) -> Future:
@@ -65,12 +64,11 @@ class Batcher:
         batch = DecodeBatch(self.engine.lm)
         rows: dict[int, _Pending] = {}
         while not self._closed.is_set():
-            if not len(batch):
+            if not len(batch) and self._next is None:
                 try:
-                    first = self._queue.get(timeout=0.2)
+                    self._next = self._queue.get(timeout=0.2)  # admitted below, under the model lock
                 except queue.Empty:
                     continue
-                self._queue.put(first)  # admitted below, under the model lock, with the others waiting
             if not self._take_model():
                 break
             try:
@@ -81,7 +79,6 @@ class Batcher:
                         break
                     self.widest = max(self.widest, len(batch))
                     ended = batch.step()
-                    self.steps += 1
                     for row in ended:
                         self._finish(rows.pop(id(row)), row)
                     if time.perf_counter() - held >= self.hold_s or self._closed.is_set():
@@ -94,7 +91,7 @@ class Batcher:
                 batch = DecodeBatch(self.engine.lm)
             finally:
                 self.loop.call_soon_threadsafe(self.engine.model_lock.release)
-        for pending in rows.values():
+        for pending in [*rows.values(), *([self._next] if self._next is not None else [])]:
             _fail(pending, RuntimeError("the server is shutting down"))
 
     def _take_model(self) -> bool:
@@ -109,10 +106,12 @@ class Batcher:
         so the rows decoding go on while others arrive and other model work waits for one prefill and one step
         at most."""
         while len(batch) < self.max_rows:
-            try:
-                pending = self._queue.get_nowait()
-            except queue.Empty:
-                return
+            pending, self._next = self._next, None
+            if pending is None:
+                try:
+                    pending = self._queue.get_nowait()
+                except queue.Empty:
+                    return
             if pending.future.cancelled():
                 continue
             try:

@@ -430,7 +430,7 @@ class Engine:
         """Train the caller's chunks into a parametric memory of ``into`` kind; call holding no lock.
 
         Every model step (each probe, each training step) takes ``turn()`` (the model lock, in turn with other
-        requests), the store lock is held only to read the chunks, and one consolidation runs at a time
+        requests; it checks ``stop`` first), the store lock is held only to read the chunks, and one consolidation runs at a time
         (``training_lock``: training marks the backbone frozen for its whole length). ``stop`` ends it at the next
         step; nothing is saved then. The target lives in ``<memory>/consolidated/<user digest>-<kind>`` and grows
         with every call; it is saved within a model turn, so no chat reads it half written.
@@ -445,10 +445,6 @@ class Engine:
             folder = self._consolidated_folder(user_id, into)
             folder.parent.mkdir(parents=True, exist_ok=True)
 
-            def step():
-                stop.check()
-                return turn()
-
             with turn():
                 try:
                     target = open_memory(folder, self.lm, kind=into)
@@ -458,7 +454,7 @@ class Engine:
                                      f"DELETE /v1/memories/consolidated?into={into}, then consolidate again") from None
             with self.store_lock:
                 chunks = stored_chunks(self.memory, user_id or None)
-            with taking_turns(step):
+            with taking_turns(turn):  # turn() checks stop first
                 receipt = consolidate(self.memory, target, user_id=user_id or None, chunks=chunks)
             stop.check()
             if not receipt.did_nothing:

@@ -22,18 +22,18 @@ async def list_jobs(request: Request):
 
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request):
-    user = user_of(request)
-    job = request.app.state.jobs.get(user, job_id[:MAX_ID_CHARS + 1])
-    if job is None:
-        raise _not_found()
-    return job.public()
+    return _public(request, job_id, lambda jobs, user, jid: jobs.get(user, jid))
 
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, request: Request):
     """Ask the job to stop at its next model step; the reply is the job (``cancel_requested`` until it has)."""
-    user = user_of(request)
-    job = request.app.state.jobs.cancel(user, job_id[:MAX_ID_CHARS + 1])
+    return _public(request, job_id, lambda jobs, user, jid: jobs.cancel(user, jid))
+
+
+def _public(request: Request, job_id: str, find) -> dict:
+    """``find(jobs, user, id)``'s job as the caller sees it; 404 when the caller has no such job."""
+    job = find(request.app.state.jobs, user_of(request), job_id[:MAX_ID_CHARS + 1])
     if job is None:
         raise _not_found()
     return job.public()
