@@ -29,6 +29,23 @@ def real_lm():
     return nm.load_model()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the session (skipped where none is installed, unless NATIVEMEM_REQUIRE_REDIS=1,
+    as CI sets: there a missing server fails)."""
+    from nativemem.testing.redis import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except FileNotFoundError as e:
+        if os.environ.get("NATIVEMEM_REQUIRE_REDIS") == "1":
+            raise
+        pytest.skip(str(e))
+    yield server
+    server.kill()
+
+
 @pytest.fixture
 def tiny():
     from testing import tiny_lm

@@ -165,3 +165,4 @@ class SteerMemory(Memory):
 
     def stats(self):
         return {**super().stats(), "items": len(self.ids)}
+

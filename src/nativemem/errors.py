@@ -21,6 +21,7 @@ __all__ = [
     "SiteResolutionError",
     "MemoryFormatError",
     "MemoryLockedError",
+    "StoreUnavailableError",
     "UnsupportedError",
 ]
 
@@ -51,6 +52,10 @@ class MemoryFormatError(NativememError):
 
 class MemoryLockedError(NativememError):
     """A memory folder is already open for writing in another process (embedded stores allow one)."""
+
+
+class StoreUnavailableError(NativememError):
+    """A store the memory lives in (a Redis server shared by replicas) cannot be reached; retrying may help."""
 
 
 class ContextOverflowError(NativememError):

@@ -65,6 +65,9 @@ def serve(memory: Annotated[Path, typer.Option("--memory", help="activation memo
                                                  "| debug")] = "info",
           access_log: Annotated[bool, typer.Option(help="log one line per request (never headers or "
                                                    "bodies)")] = True,
+          redis: Annotated[str | None, typer.Option("--redis", help="redis://host:port/db: the memory lives in this "
+                                                    "Redis, so servers started with the same URL and model "
+                                                    "serve the same memory (replicas)")] = None,
           model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
     """Serve the model with per-user memory: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
     /v1/memories, /health)."""
@@ -76,7 +79,7 @@ def serve(memory: Annotated[Path, typer.Option("--memory", help="activation memo
                               write_turn_chunks=write_turn_chunks, batch_size=batch_size)
     run_server(memory, model=model, host=host, port=port, api_keys=api_keys, no_auth=no_auth,
                settings=settings, dtype=dtype, device=device, log_level=log_level,
-               access_log=access_log)
+               access_log=access_log, redis_url=redis)
 
 @handle_errors
 def reliability(size: Annotated[str, typer.Option(help="small (CI: 2 kills, 400 requests, 3 s of load, 150 "
@@ -85,15 +88,18 @@ def reliability(size: Annotated[str, typer.Option(help="small (CI: 2 kills, 400 
                 out: Annotated[Path, typer.Option(help="folder for reliability.json (and its work/ folder)")] =
                 Path("results/reliability"),
                 parts: Annotated[str, typer.Option(help="comma-separated: durability, isolation, load, fuzz, "
-                                                   "ttft, damage, stall, poison, concurrency")] =
+                                                   "ttft, damage, stall, poison, concurrency, replicas "
+                                                   "(two servers on one Redis; not in the default)")] =
                 "durability,isolation,load,fuzz,ttft,damage,stall,poison,concurrency",
                 seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+                redis: Annotated[str | None, typer.Option("--redis", help="replicas: redis://host:port/db to use "
+                                                          "(default: a redis-server started on loopback)")] = None,
                 model: ModelOpt = None) -> None:
     """Reliability and security suite against real `nativemem serve` subprocesses: SIGKILL durability,
     cross-user isolation, 50-client load, fuzzing of every endpoint, TTFT over HTTP, damaged files and repair,
     another user's latency during a long add and a consolidation (stall), unrelated answers beside poisoned
     memories (poison), chat throughput and latency at 1, 8 and 32 clients, one chat at a time against
-    batched decoding (concurrency)."""
+    batched decoding (concurrency), two replicas sharing a memory through Redis while one is killed (replicas)."""
     import json
 
     quiet_libraries()
@@ -104,7 +110,7 @@ def reliability(size: Annotated[str, typer.Option(help="small (CI: 2 kills, 400 
     unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         raise InputError(f"unknown parts {unknown}; use some of {', '.join(PARTS)}")
-    res = run_suite(out, size=size, model=model, parts=chosen, seed=seed,
+    res = run_suite(out, size=size, model=model, parts=chosen, seed=seed, redis_url=redis,
                     log=lambda m: console.print(m, highlight=False, markup=False))
     summary = {k: v for k, v in res.items() if k in PARTS}
     console.print(json.dumps(summary, indent=2), highlight=False, markup=False)

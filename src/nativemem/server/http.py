@@ -12,7 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ContextOverflowError, DataError, InputError, MemoryLockedError, NativememError, UnknownNameError
+from ..errors import (ContextOverflowError, DataError, InputError, MemoryLockedError, NativememError,
+                      StoreUnavailableError, UnknownNameError)
 from .engine import Cancelled
 
 __all__ = ["ApiError", "BodyLimit", "read_json", "int_param", "map_error", "json_body", "MAX_ID_CHARS"]
@@ -193,6 +194,10 @@ def map_error(exc: BaseException) -> ApiError:
         return ApiError(504 if "timed out" in exc.reason else 499, exc.reason, type="timeout", code="cancelled")
     if isinstance(exc, MemoryLockedError):
         return ApiError(503, str(exc), type="server_error")
+    if isinstance(exc, StoreUnavailableError):  # the reason names the store, never a password
+        log.error("memory store unavailable: %s", exc)
+        return ApiError(503, "the memory's shared store (Redis) cannot be reached; retry later",
+                        type="server_error", code="store_unavailable")
     if isinstance(exc, NativememError):  # the message may name server files: it goes to the log, not the reply
         log.error("memory error: %s", exc)
         return ApiError(500, "the memory could not be read or written (see the server log)", type="server_error")

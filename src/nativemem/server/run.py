@@ -33,11 +33,17 @@ def is_loopback(host: str) -> bool:
 
 def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_keys: str | os.PathLike | None = None, no_auth: bool = False, settings: ServerSettings | None = None,
-          dtype: str | None = None, device: str = "cpu", log_level: str = "info", access_log: bool = True) -> None:
+          dtype: str | None = None, device: str = "cpu", log_level: str = "info", access_log: bool = True,
+          redis_url: str | None = None) -> None:
     """Load the model and the memory folder (an activation memory; created if missing), then serve until stopped.
 
+    ``redis_url``: the memory lives in that Redis (``backend="redis"``), so that several servers (replicas) started
+    with the same URL and model serve the same memory (:mod:`nativemem.memories.activation.shared`).
+
     Raises:
-        InputError: no API keys without ``no_auth``, ``no_auth`` off loopback, a bad key file or folder.
+        InputError: no API keys without ``no_auth``, ``no_auth`` off loopback, a bad key file or folder, a folder
+            whose memory does not live in ``redis_url``.
+        StoreUnavailableError: the Redis cannot be reached.
     """
     import uvicorn
 
@@ -63,10 +69,28 @@ def serve(memory: str | os.PathLike, *, model: str | None = None, host: str = "1
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)
-    mem = nm.open_memory(path, lm, kind="activation")
+    mem = _open(path, lm, redis_url)
     app = create_app(keys=keys, settings=settings, lm=lm, memory=mem)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
                 timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5, server_header=False)
+
+
+def _open(path: Path, lm, redis_url: str | None):
+    """The folder's activation memory (created if missing, in ``redis_url`` when given), its store opened, so an
+    unreachable Redis stops the start with a clear error."""
+    import nativemem as nm
+    from ..memories.base import MEMORY_CONFIG_NAME, read_memory_config
+
+    exists = (path / MEMORY_CONFIG_NAME).is_file()
+    if redis_url and exists:
+        cfg = read_memory_config(path).get("config", {})
+        if cfg.get("backend") != "redis" or cfg.get("redis_url") != redis_url:
+            raise InputError(f"--redis: the memory in {path} does not live in this Redis (backend "
+                             f"{cfg.get('backend')!r}); give each replica a new folder, or a copy of another's")
+    options = {"backend": "redis", "redis_url": redis_url} if redis_url and not exists else {}
+    mem = nm.open_memory(path, lm, kind="activation", **options)
+    _ = mem.store
+    return mem
 
 
 class ServerThread:

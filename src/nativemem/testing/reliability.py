@@ -46,11 +46,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"kills": 2, "kill_window_s": (0.5, 1.5), "isolation_requests": 400, "users": 4, "load_clients": 50,
               "load_s": 3.0, "fuzz_examples": 150, "ttft_n": 5, "stall_bytes": 64 << 10, "stall_probes": 5,
               "stall_consolidate_sentences": 20,
-              "poison_questions": 5, "concurrency_levels": (1, 4), "concurrency_s": 2.0},
+              "poison_questions": 5, "concurrency_levels": (1, 4), "concurrency_s": 2.0, "replica_kills": 2},
     "full": {"kills": 20, "kill_window_s": (1.0, 5.0), "isolation_requests": 10_000, "users": 10,
              "load_clients": 50, "load_s": 60.0, "fuzz_examples": 3000, "ttft_n": 30, "stall_bytes": 1 << 20,
              "stall_probes": 30, "stall_consolidate_sentences": 100, "poison_questions": 20,
-             "concurrency_levels": (1, 8, 32), "concurrency_s": 60.0},
+             "concurrency_levels": (1, 8, 32), "concurrency_s": 60.0, "replica_kills": 20},
 }
 
 _MARKER = re.compile(r"zq[0-9a-f]{12}")
@@ -1084,12 +1084,14 @@ def run_poison(workdir: Path, *, model: str | None = None, questions: int = 20, 
 
 
 # ---------------------------------------------------------------------------- the suite
-PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage", "stall", "poison", "concurrency")
+PARTS = ("durability", "isolation", "load", "fuzz", "ttft", "damage", "stall", "poison", "concurrency", "replicas")
 
 
 def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts: Sequence[str] = PARTS,
-              seed: int = 0, log=print) -> dict[str, Any]:
-    """Run the chosen parts at ``size`` against real ``nativemem serve`` subprocesses; writes reliability.json."""
+              seed: int = 0, redis_url: str | None = None, log=print) -> dict[str, Any]:
+    """Run the chosen parts at ``size`` against real ``nativemem serve`` subprocesses; writes reliability.json.
+
+    ``replicas`` runs two servers on the Redis at ``redis_url`` (default: a ``redis-server`` started here)."""
     import platform
 
     import nativemem as nm
@@ -1144,11 +1146,24 @@ def run_suite(out: Path, *, size: str = "small", model: str | None = None, parts
     if "concurrency" in parts:
         results["concurrency"] = run_concurrency(work / "concurrency", model=model, levels=cfg["concurrency_levels"],
                                                  duration_s=cfg["concurrency_s"], seed=seed, log=log)
+    if "replicas" in parts:
+        results["replicas"] = _replicas(work / "replicas", redis_url, model=model, kills=cfg["replica_kills"],
+                                        kill_window_s=cfg["kill_window_s"], seed=seed, log=log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     results["passed"] = _passed(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     return results
+
+
+def _replicas(work: Path, redis_url: str | None, **kw) -> dict[str, Any]:
+    from .redis import RedisServer
+    from .replicas import run_replicas
+
+    if redis_url:
+        return run_replicas(work, redis_url=redis_url, **kw)
+    with RedisServer(work / "redis") as server:
+        return {**run_replicas(work, redis_url=server.url, **kw), "redis": "redis-server started by the suite"}
 
 
 def _passed(r: dict[str, Any]) -> bool:
@@ -1175,6 +1190,10 @@ def _passed(r: dict[str, Any]) -> bool:
     if "concurrency" in r:  # throughput and latency are reported, not judged here
         ok &= all(run[arm]["errors"] == 0 for run in r["concurrency"]["runs"].values()
                   for arm in ("one_at_a_time", "batched"))
+    if "replicas" in r:
+        p = r["replicas"]
+        ok &= p["lost_on_b"] == 0 and p["lost_on_a_after_restart"] == 0 and p["changed_text"] == 0 \
+            and p["injected_on_b"] and p["same_answer"] and p["delete_through_b_gone_on_a"] is not False
     if "stall" in r:  # the work must succeed beside the probes (their latency is reported, not judged here)
         ok &= r["stall"].get("status") == 200 and r["stall"]["consolidate"]["status"] == 200
     return bool(ok)

@@ -112,14 +112,17 @@ class Catalog:
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*.jsonl")) if self.root.is_dir() else []
 
+    def _sources(self) -> list[list[bytes]]:
+        """Each writer's lines, in order; the last of a list may be torn by a crash (``b""`` when it is not)."""
+        return [path.read_bytes().split(b"\n") for path in self.files()]
+
     def state(self) -> CatalogState:
         """Replay every line of every writer's file."""
         versions: dict[str, list[dict[str, Any]]] = {}
         deletes: dict[str, float] = {}
         published: set[str] = set()
         out = CatalogState()
-        for path in self.files():
-            raw = path.read_bytes().split(b"\n")
+        for raw in self._sources():
             for n, line in enumerate(raw):
                 if not line.strip():
                     continue

@@ -21,7 +21,7 @@ PAYLOADS = ("kv", "residual", "none")
 KV_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
 WHITEN = ("auto", "always", "never")
 VARIANTS = ("pooled", "tokens", "hybrid", "hybrid_tokens", "bm25")
-BACKENDS = ("edge", "qdrant")
+BACKENDS = ("edge", "qdrant", "redis")
 ORDERS = ("best_first", "best_last")
 FRAMES = ("chat", "raw")
 DEFAULT_GATE_THRESHOLD = 0.7
@@ -119,12 +119,17 @@ class ActivationConfig(MemoryConfig):
     # ---- store
     backend: str = field(default="edge", metadata={
         "help": "edge: embedded Qdrant Edge shard in the memory folder; qdrant: qdrant-client (server, or "
-                "its local mode) with the same schema"})
+                "its local mode) with the same schema; redis: the index's changes go to a Redis stream and every "
+                "process (server replica) keeps its own Qdrant Edge replica of it (needs redis_url)"})
     qdrant_location: str = field(default="", metadata={
         "help": "backend=qdrant: a URL (http://host:6333; API key from $QDRANT_API_KEY), ':memory:', or a "
                 "folder for qdrant-client's local mode"})
     collection: str | None = field(default=None, metadata={
         "help": "backend=qdrant: collection name; None = nativemem_activation_<fingerprint>_<transform>"})
+    redis_url: str = field(default="", metadata={
+        "help": "redis://[:password@]host:port/db (or rediss://, unix://): the KV payloads and the catalog live in "
+                "this Redis, shared by every replica that opens a memory of the same model and transform; with "
+                "backend=redis the index's change log too. Run Redis with appendonly yes / appendfsync always"})
     blob_dir: str | None = field(default=None, metadata={
         "help": "folder of payload blobs; None = <memory>/blobs (shared storage for a cluster)"})
     min_free_bytes: int = field(default=256 * 2**20, metadata={
@@ -182,5 +187,13 @@ class ActivationConfig(MemoryConfig):
                 or not 0.0 <= self.gate_threshold <= 1.0:
             raise InputError(f"gate_threshold must be a number in [0, 1] (a probability), got {self.gate_threshold!r}")
         self.gate_threshold = float(self.gate_threshold)
+        if not isinstance(self.redis_url, str) or (
+                self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://"))):
+            raise InputError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        if self.backend == "redis" and not self.redis_url:
+            raise InputError("backend='redis' needs redis_url (redis://host:port/db)")
+        if self.redis_url and self.backend == "edge":
+            raise InputError("redis_url needs backend='redis' or 'qdrant' (an index every replica shares); the "
+                             "edge index lives in one folder")
         if self.backend == "qdrant" and not self.qdrant_location:
             raise InputError("backend='qdrant' needs qdrant_location (a URL, ':memory:' or a folder)")

@@ -203,7 +203,7 @@ class ActivationMemory(Memory):
             key = f"{self.config.backend}:{folder}"
             self._store = open_store(key, backend=self.config.backend, folder=folder, blob_dir=blob_dir,
                                      dims=self.dims(), location=self.config.qdrant_location,
-                                     collection=self.collection_name())
+                                     collection=self.collection_name(), redis_url=self.config.redis_url)
             if self.config.backend == "edge" and not self._repairing:  # the folder's one writer: bring the index
                 self._reconcile()                                              # in line with the catalog
         return self._store
@@ -1347,7 +1347,8 @@ class ActivationMemory(Memory):
             if is_segment_location(loc):
                 name, _, length = parse_location(loc)
                 live[name] = live.get(name, 0) + length
-        dead = {name: n for name, n in self.store.segments.files().items() if name not in live}
+        dead = {name: n for name, n in self.store.segments.files().items()
+                if name not in live and self.store.segments.settled(name)}
         for name in dead:
             self.store.segments.delete(name)
         garbage = sum(max(0, n - live.get(name, 0)) for name, n in self.store.segments.files().items())
@@ -1532,18 +1533,14 @@ class ActivationMemory(Memory):
         store = self.store
         if store.index.count() != 0:
             raise InputError("fit() needs an empty memory: stored vectors would not match the new transform")
-        if self.config.backend == "edge":
-            store.close()
-            from .store import _OPEN
+        from .store import _OPEN
 
-            _OPEN.pop(f"{self.config.backend}:{Path(self.path).resolve()}", None)
-            shutil.rmtree(Path(self.path) / "store", ignore_errors=True)
-        else:
+        if self.config.backend == "qdrant":
             store.index.client.delete_collection(store.index.collection)
-            store.close()
-            from .store import _OPEN
-
-            _OPEN.pop(f"{self.config.backend}:{Path(self.path).resolve()}", None)
+        store.close()  # backend redis: the new transform has a namespace of its own
+        _OPEN.pop(f"{self.config.backend}:{Path(self.path).resolve()}", None)
+        if self.config.backend == "edge":
+            shutil.rmtree(Path(self.path) / "store", ignore_errors=True)
         self._store = None
 
 

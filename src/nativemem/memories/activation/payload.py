@@ -346,6 +346,11 @@ class SegmentStore:
         """Segment name -> size in bytes."""
         return {p.name: p.stat().st_size for p in sorted(self.root.glob("*.kv"))}
 
+    def settled(self, name: str) -> bool:
+        """Whether ``gc()`` may remove this file when none of its records is referenced (always: a folder has one
+        writer, whose adds are finished or rolled back by the time it collects)."""
+        return True
+
     def delete(self, name: str) -> None:
         with self._lock:
             self._close_fd(name)

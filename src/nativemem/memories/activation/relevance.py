@@ -161,7 +161,7 @@ def fit_relevance(memory, pairs: Sequence[tuple[str, str]], *, unanswerable: Seq
     pool = [p for p in passages if p in in_pool]
     source_of = {p: f"p{i}" for i, p in enumerate(pool)}
     # a retrieval-only scratch memory (temporary folder) with this memory's layers and transforms
-    cfg = replace(memory.config, payload="none", relevance=None, gate_threshold=0.0, backend="edge", blob_dir=None,
+    cfg = replace(memory.config, payload="none", relevance=None, gate_threshold=0.0, backend="edge", redis_url="", blob_dir=None,
                   collection=None)
     scratch = type(memory)(memory.lm, cfg)
     scratch.pooled_transform, scratch.token_transform = memory.pooled_transform, memory.token_transform

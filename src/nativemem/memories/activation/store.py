@@ -174,11 +174,13 @@ def _check_dims(found: dict[str, int], want: dict[str, int], where: str) -> None
 class EdgeIndex(Index):
     """An embedded Qdrant Edge shard at ``path`` (created with ``dims`` if absent)."""
 
-    def __init__(self, path: Path, dims: dict[str, int]):
+    def __init__(self, path: Path, dims: dict[str, int], *, durable: bool = True):
+        """``durable=False``: changes are not flushed to disk (a replica rebuilt from elsewhere at every start)."""
         import qdrant_edge as q
 
         self.q = q
         self.path = Path(path)
+        self.durable = durable
         if (self.path / "edge_config.json").is_file():
             try:
                 self.shard = q.EdgeShard.load(str(self.path))
@@ -212,7 +214,11 @@ class EdgeIndex(Index):
         q = self.q
         pts = [q.Point(p.id, _vectors(p, lambda v: q.SparseVector(v[0], v[1])), p.payload) for p in points]
         self.shard.update(q.UpdateOperation.upsert_points(pts))
-        self.shard.flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.durable:
+            self.shard.flush()
 
     def _filter(self, user_id: str | None, memory_ids: Sequence[str] | None = None, field_name: str | None = None,
                 values: Sequence[str] = ()):
@@ -229,7 +235,7 @@ class EdgeIndex(Index):
     def publish(self, ids):
         if ids:
             self.shard.update(self.q.UpdateOperation.delete_payload(keys=[PENDING], point_ids=list(ids)))
-            self.shard.flush()
+            self._flush()
 
     def unpublished(self):
         q = self.q
@@ -284,7 +290,7 @@ class EdgeIndex(Index):
     def delete(self, ids):
         if ids:
             self.shard.update(self.q.UpdateOperation.delete_points(list(ids)))
-            self.shard.flush()
+            self._flush()
 
     def count(self, *, user_id=None, field_name=None, value=None):
         flt = self._filter(user_id, None, field_name, [value] if field_name else ())
@@ -525,22 +531,24 @@ def _fsync_dir(path: Path) -> None:
 class Store:
     """Index, payload segments (and the blobs of older versions), catalog of one memory folder, and the writer lock."""
 
-    def __init__(self, index: Index, blobs: BlobStore, segments, lock=None, catalog=None):
+    def __init__(self, index: Index, blobs: BlobStore, segments, lock=None, catalog=None, link=None):
         self.index = index
         self.blobs = blobs
-        self.segments = segments  # payload.SegmentStore
+        self.segments = segments  # payload.SegmentStore, or shared.RedisPayload
         self.catalog = catalog  # catalog.Catalog: what the folder holds, independent of the index
         self.tiers = None  # set by the first memory that reads payloads (it knows the device and budgets)
         self._lock = lock
-        self._finalizer = weakref.finalize(self, _close, index, lock)
+        self._finalizer = weakref.finalize(self, _close, index, lock, link)
 
     def close(self) -> None:
         self._finalizer()
 
 
-def _close(index: Index, lock) -> None:
+def _close(index: Index, lock, link=None) -> None:
     try:
         index.close()
+        if link is not None:
+            link.close()
         if isinstance(index, EdgeIndex):
             _write_clean_signature(index.path)
     except Exception as e:  # e.g. the folder was removed while open; nothing left to flush
@@ -644,13 +652,23 @@ def verify_shard(path: Path, timeout_s: float = 300.0) -> None:
 
 
 def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: dict[str, int],
-               location: str = "", collection: str = "") -> Store:
-    """The store of a memory folder, shared by every Memory object of this process that opens it."""
+               location: str = "", collection: str = "", redis_url: str = "") -> Store:
+    """The store of a memory folder, shared by every Memory object of this process that opens it.
+
+    With ``redis_url`` the payload and the catalog live in that Redis under the collection's namespace, and with
+    ``backend="redis"`` the index's change log too (:mod:`.shared`).
+
+    Raises:
+        StoreUnavailableError: the Redis cannot be reached.
+    """
     with _OPEN_GUARD:
         store = _OPEN.get(key)
         if store is not None:
             _check_dims(store.index.dims(), dims, key)
             return store
+        if redis_url:
+            return _open_shared(key, backend=backend, blob_dir=blob_dir, dims=dims, location=location,
+                                collection=collection, redis_url=redis_url)
         if backend == "edge":
             lock = _acquire_lock(folder)
             try:
@@ -671,6 +689,21 @@ def open_store(key: str, *, backend: str, folder: Path, blob_dir: Path, dims: di
         store = Store(index, BlobStore(blob_dir), segments, lock, Catalog(folder))
         _OPEN[key] = store
         return store
+
+
+def _open_shared(key: str, *, backend: str, blob_dir: Path, dims: dict[str, int], location: str, collection: str,
+                 redis_url: str) -> Store:
+    from .shared import Link, LogIndex, RedisCatalog, RedisPayload, namespace
+
+    link, ns = Link(redis_url), namespace(collection)
+    try:
+        index: Index = LogIndex(link, ns, dims) if backend == "redis" else ClientIndex(location, collection, dims)
+    except BaseException:
+        link.close()
+        raise
+    store = Store(index, BlobStore(blob_dir), RedisPayload(link, ns), None, RedisCatalog(link, ns), link)
+    _OPEN[key] = store
+    return store
 
 
 def new_id() -> str:
