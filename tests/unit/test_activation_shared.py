@@ -115,3 +115,15 @@ def test_bad_shared_configs_are_refused(lm, fast_dir):
         nm.open_memory(fast_dir / "b", lm, kind="activation", backend="redis", redis_url="http://localhost:6379")
     with pytest.raises(InputError, match="backend='redis' or 'qdrant'"):
         nm.open_memory(fast_dir / "c", lm, kind="activation", redis_url="redis://127.0.0.1:1/0")
+
+
+def test_a_qdrant_index_with_the_payload_and_catalog_in_redis(lm, fast_dir, url):
+    mem = nm.open_memory(fast_dir / "q", lm, kind="activation", backend="qdrant", qdrant_location=":memory:",
+                         redis_url=url, gate_threshold=0.0)
+    ids = mem.add(ALICE, user_id="alice").ids
+    assert not (fast_dir / "q" / "segments").exists() and not (fast_dir / "q" / "catalog").exists()
+    assert len(mem.store.segments.files()) == 3 and mem.check().notes == []
+    assert {h.id for h in mem.search(QUESTION, k=3, user_id="alice")} == set(ids)
+    prompt = lm.chat_ids(QUESTION)
+    assert lm.generate(prompt, max_new_tokens=4, memory=mem, user_id="alice").prefix_tokens > len(mem.frame_ids()[0])
+    assert [h["op"] for h in mem.history(ids[0], user_id="alice")] == ["add"]

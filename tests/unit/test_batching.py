@@ -103,3 +103,28 @@ def test_each_row_keeps_its_own_sampling_stop_strings_and_errors(lm64):
 def test_models_with_sliding_window_layers_are_not_batched():
     assert batchable(tiny_lm("llama")) and batchable(tiny_lm("qwen2"))
     assert not batchable(tiny_lm("gemma3_text"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_of_any_length_joining_and_leaving_at_any_step_keep_their_own_logits(lm64, seed):
+    """Many rows, short and long, joining at random steps and ending after random counts: the batch's buffers
+    grow in slots and columns, shift when a longer row joins, and move the last row into a freed slot; every
+    row's logits must stay those of its own sequence run whole."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = len(lm64.tokenizer)
+    rows, seqs, joins = [], [], {}
+    for _ in range(14):
+        prompt = torch.tensor([[rng.randrange(3, vocab) for _ in range(rng.choice([1, 2, 5, 17, 40, 90]))]])
+        row = prefill(lm64, prompt, max_new_tokens=rng.randint(1, 30), keep_scores=True)
+        row.eos = frozenset()  # a random model's end token would end rows by chance
+        rows.append(row)
+        seqs.append(prompt)
+        joins.setdefault(rng.randrange(0, 40), []).append(row)
+    _run(lm64, rows, joins)
+    for prompt, row in zip(seqs, rows):
+        seq = torch.cat([prompt, torch.tensor([row.new[:-1]], dtype=prompt.dtype)], dim=1)
+        whole = lm64.logits(seq)[0, -len(row.new):]
+        assert len(row.new) == row.max_new_tokens
+        assert (torch.stack(row.scores) - whole.float()).abs().max() < 1e-6
