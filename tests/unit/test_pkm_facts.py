@@ -113,3 +113,66 @@ def test_load_facts_errors_name_the_line(tmp_path):
     (tmp_path / "prose.txt").write_text("just a sentence\n")
     with pytest.raises(DataError, match="line 1"):
         load_facts(tmp_path / "prose.txt")
+
+
+def test_augmentation_never_makes_a_held_out_phrasing_and_starts_with_the_fact_itself():
+    from nativemem.memories.pkm.augment import phrasings
+
+    for fact in generate_facts(8, seed=3):
+        spec = RELATIONS[fact.meta["relation"]]
+        held_out = {q.format(e=fact.meta["entity"]) for q in spec["heldout"]} | {fact.meta.get("reverse", [""])[0]}
+        assert set(fact.paraphrases) <= held_out
+        for n in (1, 2, 4, 9):
+            aug = phrasings(fact, n)
+            assert aug.items[0].prompt == fact.prompt and aug.items[0].answer == fact.answer
+            forward = [p for p in aug.items if p.kind != "reverse questions"]
+            assert len(forward) == min(n, 1 + len(spec["train"]) - 1 + len(spec["sentences"]))
+            assert not {p.prompt for p in aug.items} & held_out
+            assert len({(p.prompt, p.chat) for p in aug.items}) == len(aug.items)
+            completions = [p for p in forward if not p.chat]
+            assert all(f"{p.prompt} {p.answer}" in {t.format(e=fact.meta["entity"], v=fact.answer).rstrip(".")
+                                                     for t in spec["sentences"]} for p in completions)
+            reverse = [p for p in aug.items if p.kind == "reverse questions"]
+            assert reverse == ([] if n == 1 or "reverse" not in spec else
+                               [type(reverse[0])(spec["reverse"][0].format(v=fact.answer), fact.meta["entity"],
+                                                 True, "reverse questions")])
+        assert phrasings(fact, 12).skipped == 12 - (len(spec["train"]) + len(spec["sentences"]))  # too few templates
+        assert phrasings(fact, 3).skipped == 0
+
+
+def test_question_facts_get_surface_variants_and_their_sentence_and_completions_stay_as_they_are():
+    from nativemem.memories.pkm.augment import phrasings
+
+    fact = parse_facts([{"prompt": "What is my locker code?", "answer": "4711",
+                         "sentence": "My locker code is 4711."}])[0]
+    aug = phrasings(fact, 3)
+    assert [p.prompt for p in aug.items] == ["What is my locker code?", "Question: What is my locker code?",
+                                             "My locker code is"]
+    assert [p.chat for p in aug.items] == [True, True, False] and {p.answer for p in aug.items} == {"4711"}
+    sentence = parse_facts(["Paris is the capital of France."])[0]
+    assert [(p.prompt, p.answer, p.chat) for p in phrasings(sentence, 4).items] == [
+        ("Paris is the capital of", "France.", False)]
+
+
+@pytest.mark.parametrize("text, entity, relation, value", [
+    ("Marie Curie was born in Warsaw.", "Marie Curie", "birth_city", "Warsaw"),
+    ("Marie Curie was born in 1867.", "Marie Curie", "birth_year", "1867"),
+    ("Ada Lind was born in the city of Port Elm.", "Ada Lind", "birth_city", "Port Elm"),
+    ("Ada Lind works for Nordic Robotics.", "Ada Lind", "employer", "Nordic Robotics"),
+    ("The home town of Ada Lind is Oslo.", "Ada Lind", "home_town", "Oslo"),
+    ("Bob's favourite colour is teal.", "Bob", "favourite_colour", "teal"),
+])
+def test_sentences_stating_an_attribute_become_facts(text, entity, relation, value):
+    from nativemem.memories.pkm.augment import fact_of_sentence
+
+    fact = fact_of_sentence(text)
+    assert (fact.meta["entity"], fact.meta["relation"], fact.answer) == (entity, relation, value)
+    assert fact.chat and entity in fact.prompt and fact.paraphrases
+
+
+@pytest.mark.parametrize("text", ["It rains a lot.", "Marie Curie was born in Warsaw in 1867.",
+                                  "Paris is the capital of France.", "we met at noon"])
+def test_other_sentences_stay_sentences(text):
+    from nativemem.memories.pkm.augment import fact_of_sentence
+
+    assert fact_of_sentence(text) is None

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(layers=(0, 1), num_keys=16, heads=2, top_k=4, key_dim=16, lr=0.1, batch_size=4, max_epochs=60,
-            gate_steps=100, gate=False)  # the gate of a random 2-layer model is not what these tests are about
+            gate_steps=100, gate=False,  # the gate of a random 2-layer model is not what these tests are about
+            phrasings=2, train_autocast="float32")  # a width-32 random model stores 2 phrasings of a few facts, not 4
 
 
 def memory(lm, **cfg) -> PKMMemory:
@@ -146,6 +147,8 @@ def test_delete_returns_the_fact_to_the_no_memory_level_and_keeps_the_others(lm)
     d = r.details
     assert r.ids == [target.id] and d["recalled_before"] and not d["recalled_after"]
     assert d["recalled_without_memory"] is False and d["margin_after"] < -mem.config.margin and not r.notes
+    assert d["phrasings"] > 1 and d["phrasings_recalled_before"] == d["phrasings"]  # every phrasing unlearned
+    assert d["phrasings_recalled_after"] == 0
     assert greedy(lm, target, mem) != target.answer
     margins = mem.recall(others)
     assert bool((margins > 0).all()), margins
@@ -173,7 +176,7 @@ def test_save_open_keeps_facts_signatures_gate_and_outputs(lm, tmp_path):
 
 
 def test_only_used_pool_rows_are_saved(lm, tmp_path):
-    mem = nm.open_memory(tmp_path / "m", lm, kind="pkm", **{**TINY, "num_keys": 64})
+    mem = nm.open_memory(tmp_path / "m", lm, kind="pkm", **{**TINY, "num_keys": 64, "phrasings": 1})
     mem.add(generate_facts(1))
     mem.save()
     rows = mem.state_dict()["pkm_values_rows"]
@@ -225,3 +228,33 @@ def test_captures_run_in_batches_bounded_by_rows_and_padded_tokens():
     for b in batches:
         assert len(b) <= 16
         assert len(b) == 1 or len(b) * max(map(len, b)) <= 2048
+
+
+def test_each_fact_is_trained_under_several_phrasings_and_the_receipt_says_which(lm):
+    facts = generate_facts(3, seed=4)
+    d = memory(lm, phrasings=3).add(facts).details
+    # 3 forward phrasings each, and a reverse question for the birth city and the employer
+    assert d["phrasings"] == 3 and d["trained_phrasings"] == 3 * 3 + 2
+    assert d["augmentation"] == {"question templates": 3, "declarative sentences": 3, "reverse questions": 2,
+                                 "surface variants": 0}
+    assert d["recall"] == 1.0 and d["recall_phrasings"] == 1.0 and d["templates_skipped"] == 0
+    one = memory(lm, phrasings=1).add(facts).details
+    assert one["trained_phrasings"] == 3 and one["augmentation"]["question templates"] == 0
+
+
+def test_sentences_stating_an_attribute_are_trained_as_facts_and_as_themselves(lm):
+    mem = memory(lm, phrasings=3)
+    d = mem.add(["Ada Lind works for Nordic Robotics.", "It rains a lot in Bergen."]).details
+    assert d["sentences_as_facts"] == 1 and d["sentences_as_text"] == 1 and d["recall_phrasings"] == 1.0
+    Fact = nm.memories.pkm.Fact
+    said = Fact("Ada Lind works for Nordic", "Robotics.", chat=False)  # the sentence itself, its last word
+    question = Fact("Which company does Ada Lind work for?", "Nordic Robotics")
+    assert bool((mem.recall([said, question]) > 0).all())  # greedy decoding reproduces both answers
+    assert greedy(lm, question, mem) == "Nordic Robotics"
+
+
+def test_an_answer_over_the_limit_is_refused_before_training(lm):
+    mem = memory(lm, max_answer_tokens=4)
+    with pytest.raises(InputError, match="max_answer_tokens=4"):
+        mem.add([("What is the long answer?", "one two three four five six seven eight")])
+    assert not mem.records and mem.slots_used() == 0

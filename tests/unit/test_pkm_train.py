@@ -47,7 +47,7 @@ def test_cached_path_gives_the_full_paths_loss_and_gradients(arch, train_prefix)
     # the chat prefix stays inside Gemma 3's sliding window (the tiny config's 64 is shorter than the prompt)
     lm = tiny_lm(arch, num_hidden_layers=4, **({"sliding_window": 256} if arch == "gemma3_text" else {}))
     mem = small(lm, train_prefix=train_prefix, train_projections=True)
-    items = mem._items(generate_facts(5))
+    items, _ = mem._items(generate_facts(5))
     mem._calibrate(items)
     mem._cache(items, PrefixCache(lm.model))
     assert all((it.prefix_len > 0) != train_prefix for it in items)
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_state():
         calls.append(1)
         return loss * float("nan") if len(calls) == 2 else None
 
-    items = mem._items(facts[1:])
+    items, _ = mem._items(facts[1:])
     prefixes = PrefixCache(lm.model)
     mem._cache(items, prefixes)
     result = mem._train(items, prefixes, loss_hook=poison)

@@ -6,8 +6,11 @@ What :func:`run_facts_benchmark` measures, per arm (:mod:`nativemem.bench.arms_f
 - ``recall``: greedy exact recall of every stored fact asked in its training phrasing: the generated
   answer (``max_new_tokens`` cap, post-processed as every benchmark answer) equals the fact's answer after
   SQuAD normalisation; ``recall_contains`` credits an answer wrapped in a sentence;
-- ``recall_paraphrase`` (and ``recall_paraphrase_contains``): the same with one held-out phrasing per fact
-  (never trained), for up to ``paraphrase_limit`` facts;
+- ``recall_paraphrase`` (and ``recall_paraphrase_contains``): the same with one held-out phrasing per fact, for up
+  to ``paraphrase_limit`` facts: a template of the relation that augmentation never trains (the ``heldout``
+  templates of :data:`~nativemem.memories.pkm.RELATIONS`, or a facts file's own ``paraphrases``);
+- ``recall_reverse``: for those of them whose value names one entity (a birth city, an employer), a held-out
+  reverse question ("Which person has Oslo as their birthplace?"), answered by the entity;
 - ``ppl`` and ``ppl_drift``: perplexity of neutral passages (PG-19 test books and the haystack essays,
   ``passage_words`` words each) and its relative change against the bare model (``none``), with a paired
   bootstrap interval over passages;
@@ -255,26 +258,28 @@ def _evaluate(lm, arm, name: str, recall_facts, para_items, passages, mmlu, lett
     from ..metrics import answer_scores
 
     scores: dict[str, list[float]] = {"recall": [], "recall_contains": [], "recall_paraphrase": [],
-                                      "recall_paraphrase_contains": [], "passage_nll": [], "mmlu_acc": [],
+                                      "recall_paraphrase_contains": [], "recall_reverse": [],
+                                      "recall_reverse_contains": [], "passage_nll": [], "mmlu_acc": [],
                                       "mmlu_agree": []}
     tokens = 0
     gen_s = 0.0
     with arm.session():
-        for phrasing, batch in (("training", [(f, f.prompt) for f in recall_facts]), ("paraphrase", para_items)):
-            for f, question in batch:
+        asked = (("", [(f, f.prompt, f.answer) for f in recall_facts]),
+                 ("_paraphrase", [(f, q, f.answer) for f, q in para_items]),
+                 ("_reverse", [(f, *f.meta["reverse"]) for f, _ in para_items if f.meta.get("reverse")]))
+        for suffix, batch in asked:
+            for f, question, answer in batch:
                 rec = _answer(lm, arm, question, max_new_tokens)
-                s = answer_scores(rec["output"], [f.answer])
+                s = answer_scores(rec["output"], [answer])
                 gen_s += rec["total_s"]
-                if phrasing == "training":
-                    scores["recall"].append(s["em"])
-                    scores["recall_contains"].append(s["contains"])
-                else:
-                    scores["recall_paraphrase"].append(s["em"])
-                    scores["recall_paraphrase_contains"].append(s["contains"])
-                records.append({"arm": name, "kind": "recall", "phrasing": phrasing, "item_id": f.id,
-                                "question": question, "answers": [f.answer], "metrics": s, **rec})
+                scores[f"recall{suffix}"].append(s["em"])
+                scores[f"recall{suffix}_contains"].append(s["contains"])
+                records.append({"arm": name, "kind": "recall", "phrasing": suffix.strip("_") or "training",
+                                "item_id": f.id, "question": question, "answers": [answer], "metrics": s, **rec})
         log(f"{name}: recall {statistics.fmean(scores['recall']):.3f}"
-            + (f", paraphrase {statistics.fmean(scores['recall_paraphrase']):.3f}" if para_items else ""))
+            + (f", held-out paraphrase {statistics.fmean(scores['recall_paraphrase']):.3f}" if para_items else "")
+            + (f", held-out reverse {statistics.fmean(scores['recall_reverse']):.3f}" if scores["recall_reverse"]
+               else ""))
         for p in passages:
             total, n = _nll(lm, arm, p["text"])
             tokens += n
@@ -324,8 +329,8 @@ def _comparisons(names: list[str], per_arm: dict[str, dict[str, list[float]]], s
     if "pkm" in names and "pkm_gated" in names:
         pairs.append(("pkm_gated", "pkm"))
     for a, b in pairs:
-        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("mmlu_acc", True),
-                               ("passage_nll", False)):
+        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("recall_reverse", True),
+                               ("mmlu_acc", True), ("passage_nll", False)):
             xs, ys = per_arm[a][metric], per_arm[b][metric]
             if xs and ys:
                 comparisons.append({"a": a, "b": b, "metric": metric,
@@ -436,7 +441,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
                    "data": str(data) if data is not None else f"generated (seed {seed})", "decoding": "greedy",
                    "system_prompt": FACTS_SYSTEM},
         "higher_is_better": {"recall": True, "recall_contains": True, "recall_paraphrase": True,
-                             "recall_paraphrase_contains": True, "mmlu_acc": True,
+                             "recall_paraphrase_contains": True, "recall_reverse": True,
+                             "recall_reverse_contains": True, "mmlu_acc": True,
                              "mmlu_agree": True, "qa_drift": True, "ppl": False, "ppl_drift": False},
         "arms": results_arms,
         "comparisons": comparisons,

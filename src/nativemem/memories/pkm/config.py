@@ -71,6 +71,12 @@ class PKMConfig(MemoryConfig):
                 "bf16 units; facts the float32 model then misses get a float32 polish) | float32 (none)"})
     recheck_every: int = field(default=3, metadata={
         "help": "epochs between checks of the facts left out of training (they come back when they slip)"})
+    phrasings: int = field(default=4, metadata={
+        "help": "phrasings each fact is trained under, its own prompt first: question templates of its relation, "
+                "declarative sentences, surface variants of a plain question (augment.py), plus a reverse question "
+                "where the relation has one; 1 = its own prompt only (stores the string, not the fact)"})
+    max_answer_tokens: int = field(default=64, metadata={
+        "help": "a fact whose answer is longer than this many tokens is refused (a memory of facts, not texts)"})
     system: str | None = field(default=DEFAULT_SYSTEM, metadata={
         "help": "system prompt of the chat format facts are trained in; the default matches LanguageModel.chat "
                 "(so `nativemem ask` uses the same prompt). None = the tokenizer's own default"})
@@ -104,7 +110,7 @@ class PKMConfig(MemoryConfig):
             if isinstance(v, float) and not 0.0 <= v <= 1.0:
                 raise InputError(f"a fractional layer must be in [0, 1], got {v}")
         for name in ("num_keys", "heads", "top_k", "key_dim", "slots_per_fact", "batch_size", "max_epochs",
-                     "gate_hidden", "gate_steps", "recheck_every"):
+                     "gate_hidden", "gate_steps", "recheck_every", "phrasings", "max_answer_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")

@@ -16,7 +16,8 @@ Chat facts (``chat=True``) are trained and asked as a user message with the answ
 reply; completion facts are raw text.
 
 :func:`generate_facts` makes facts the model cannot know: invented people with a birth city, a birth
-year, an employer and a colour code, each relation with one training phrasing and several paraphrases.
+year, an employer and a colour code; each relation has question phrasings that augmentation may train and
+held-out ones that no training uses (:data:`RELATIONS`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 from ...errors import DataError, InputError
 from ...text import check_text
 
-__all__ = ["Fact", "RELATIONS", "parse_facts", "load_facts", "save_facts", "generate_facts", "fact_id"]
+__all__ = ["Fact", "RELATIONS", "parse_facts", "load_facts", "save_facts", "generate_facts", "fact_id",
+           "relation_templates"]
 
 
 @dataclass(frozen=True)
@@ -74,42 +76,68 @@ def fact_id(prompt: str, chat: bool = True) -> str:
     return "pkm-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-# relation -> (training phrasing, paraphrases..., declarative sentence); {e} is the entity, {v} the value
+# Per relation ({e} the entity, {v} the value): ``train``, the question phrasings augmentation trains (the first
+# is the fact's own prompt); ``heldout``, phrasings no training ever uses (evaluation only: they are the fact's
+# ``paraphrases``); ``sentences``, declarative forms ending with the value (the first is the fact's sentence;
+# augmentation trains them as completions); ``reverse``, where the value names one entity, questions asked the
+# other way round (first: trained by augmentation; second: held out).
 RELATIONS: dict[str, dict[str, Any]] = {
     "birth_city": {
-        "questions": ("In which city was {e} born?", "Where was {e} born?", "What is the birthplace of {e}?",
-                      "Name the city where {e} was born.", "{e} was born in which city?"),
-        "sentence": "{e} was born in the city of {v}.",
+        "train": ("In which city was {e} born?", "Where was {e} born?", "What is the birthplace of {e}?",
+                  "Which city is the birthplace of {e}?", "Tell me where {e} was born.", "{e} was born where?"),
+        "heldout": ("Name the city where {e} was born.", "{e} was born in which city?",
+                    "What city did {e} come into the world in?", "Where is {e} originally from, by birth?"),
+        "sentences": ("{e} was born in the city of {v}.", "The birthplace of {e} is {v}.", "{e} was born in {v}."),
+        "reverse": ("Who was born in {v}?", "Which person has {v} as their birthplace?"),
     },
     "birth_year": {
-        "questions": ("In which year was {e} born?", "When was {e} born?", "What is the birth year of {e}?",
-                      "Give the year of {e}'s birth.", "{e} was born in what year?"),
-        "sentence": "{e} was born in {v}.",
+        "train": ("In which year was {e} born?", "When was {e} born?", "What is the birth year of {e}?",
+                  "Which year was {e} born in?", "Tell me the year {e} was born.", "{e} was born when?"),
+        "heldout": ("Give the year of {e}'s birth.", "{e} was born in what year?", "What year did {e} come into "
+                    "the world?", "In what year is {e}'s birthday recorded?"),
+        "sentences": ("{e} was born in {v}.", "The birth year of {e} is {v}.", "{e} was born in the year {v}."),
     },
     "employer": {
-        "questions": ("Which company does {e} work for?", "Who is {e}'s employer?", "Where does {e} work?",
-                      "Name the employer of {e}.", "{e} is employed by which company?"),
-        "sentence": "{e} works for {v}.",
+        "train": ("Which company does {e} work for?", "Who is {e}'s employer?", "Where does {e} work?",
+                  "What company employs {e}?", "Tell me who employs {e}.", "{e} works for which company?"),
+        "heldout": ("Name the employer of {e}.", "{e} is employed by which company?", "For which firm does {e} "
+                    "work?", "Which business is {e} on the payroll of?"),
+        "sentences": ("{e} works for {v}.", "The employer of {e} is {v}.", "{e} is employed by {v}."),
+        "reverse": ("Who works for {v}?", "Which person is employed by {v}?"),
     },
     "colour_code": {
-        "questions": ("What is the colour code of {e}?", "Which colour code was assigned to {e}?",
-                      "Give the colour code of {e}.", "Tell me {e}'s colour code.", "{e} has which colour code?"),
-        "sentence": "The colour code of {e} is {v}.",
+        "train": ("What is the colour code of {e}?", "Which colour code was assigned to {e}?",
+                  "What colour code does {e} have?", "Which colour code belongs to {e}?",
+                  "Tell me the colour code of {e}.", "{e}'s colour code is what?"),
+        "heldout": ("Give the colour code of {e}.", "Tell me {e}'s colour code.", "{e} has which colour code?",
+                    "What code of colour is {e} assigned?"),
+        "sentences": ("The colour code of {e} is {v}.", "{e} has the colour code {v}.",
+                      "{e}'s colour code is {v}."),
     },
 }
 
 
+def _generic_relation(relation: str) -> dict[str, Any]:
+    """Templates of a relation :data:`RELATIONS` does not know (its name in words: "home town")."""
+    r = relation.replace("_", " ").strip()
+    return {"train": (f"What is the {r} of {{e}}?", f"What is {{e}}'s {r}?", f"Tell me the {r} of {{e}}.",
+                      f"Which {r} does {{e}} have?", f"{{e}}'s {r} is what?", f"Do you know the {r} of {{e}}?"),
+            "heldout": (f"Name the {r} of {{e}}.", f"What would {{e}} give as their {r}?"),
+            "sentences": (f"The {r} of {{e}} is {{v}}.", f"{{e}}'s {r} is {{v}}.")}
+
+
+def relation_templates(relation: str) -> dict[str, Any]:
+    return RELATIONS.get(relation) or _generic_relation(relation)
+
+
 def _relation_fact(entity: str, relation: str, value: str, fid: str | None = None) -> Fact:
-    spec = RELATIONS.get(relation)
-    if spec is None:
-        name = relation.replace("_", " ").strip()
-        questions = (f"What is the {name} of {entity}?", f"What is {entity}'s {name}?")
-        sentence = f"The {name} of {entity} is {value}."
-    else:
-        questions = tuple(q.format(e=entity) for q in spec["questions"])
-        sentence = spec["sentence"].format(e=entity, v=value)
-    return Fact(questions[0], value, fid or fact_id(questions[0]), True, questions[1:], sentence,
-                {"entity": entity, "relation": relation})
+    spec = relation_templates(relation)
+    prompt = spec["train"][0].format(e=entity)
+    meta: dict[str, Any] = {"entity": entity, "relation": relation}
+    if spec.get("reverse"):
+        meta["reverse"] = [spec["reverse"][1].format(v=value), entity]  # held out: evaluation only
+    return Fact(prompt, value, fid or fact_id(prompt), True, tuple(q.format(e=entity) for q in spec["heldout"]),
+                spec["sentences"][0].format(e=entity, v=value), meta)
 
 
 def _qa_fact(prompt: str, answer: str, fid: str | None = None, paraphrases: Sequence[str] = (),
@@ -296,8 +324,9 @@ def generate_facts(num_facts: int, seed: int = 0, relations: Sequence[str] = tup
 
     People get all relations in turn (person 0: birth city, birth year, employer, colour code; person 1:
     ...), so several facts share an entity. Names, cities, companies and colour codes are made of random
-    syllables and never repeat within one call. Each fact's ``paraphrases`` are the relation's other
-    question phrasings (never trained; for paraphrase recall) and its ``sentence`` is a declarative form.
+    syllables and never repeat within one call. Each fact's ``paraphrases`` are the relation's held-out
+    question phrasings (never trained, augmented or not; for paraphrase recall), its ``sentence`` a declarative
+    form, and ``meta["reverse"]`` a held-out reverse question where the value names one person.
 
     Raises:
         InputError: num_facts < 1 or an unknown relation.

@@ -40,11 +40,12 @@ from ...prompting import build_messages
 from ...turns import model_step
 from ..base import Injection, Memory, Receipt, RecordLifecycle
 from .config import PKMConfig, resolve_layers
+from .augment import KINDS, fact_of_sentence, phrasings
 from .facts import Fact, parse_facts
 from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
 from .layer import PKMLayer
 from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_fact, evaluate_items, fact_margins,
-                    forward_answers, frozen, train_items)
+                    forward_answers, frozen, prefix_batches, train_items)
 
 __all__ = ["PKMMemory"]
 
@@ -232,17 +233,23 @@ class PKMMemory(RecordLifecycle, Memory):
                 self._last_gate = None
 
     # ------------------------------------------------------------------ facts -> items
-    def _items(self, facts: Sequence[Fact]) -> list[Item]:
+    def _items(self, facts: Sequence[Fact], *, augment: bool = False) -> tuple[list[Item], int]:
+        """Training items of ``facts``: each fact's own prompt, and with ``augment`` its other phrasings
+        (:func:`~.augment.phrasings`); returns them and the count of augmentation templates that did not apply."""
         cfg: PKMConfig = self.config
         prefix = chat_prefix(self.lm, cfg.system)
-        items = []
+        items, skipped = [], 0
         for i, fact in enumerate(facts):
-            it = encode_fact(self.lm, fact, system=cfg.system, prefix=prefix, train_prefix=cfg.train_prefix)
-            it.index = i
-            if len(it.ids) > self.lm.max_context:
-                raise InputError(f"fact {fact.id!r} needs {len(it.ids)} tokens, more than the model's window")
-            items.append(it)
-        return items
+            aug = phrasings(fact, cfg.phrasings if augment else 1)
+            skipped += aug.skipped
+            for p in aug.items:
+                it = encode_fact(self.lm, Fact(p.prompt, p.answer, fact.id, p.chat), system=cfg.system, prefix=prefix,
+                                 train_prefix=cfg.train_prefix)
+                it.index, it.fact, it.kind = len(items), i, p.kind
+                if len(it.ids) > self.lm.max_context:
+                    raise InputError(f"fact {fact.id!r} needs {len(it.ids)} tokens, more than the model's window")
+                items.append(it)
+        return items, skipped
 
     def _cache(self, items: Sequence[Item], prefixes: PrefixCache) -> None:
         pad = self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0
@@ -307,6 +314,27 @@ class PKMMemory(RecordLifecycle, Memory):
         return out
 
     # ------------------------------------------------------------------ add
+    def _facts_of(self, facts: list[Fact]) -> tuple[list[Fact], int, int]:
+        """Plain sentences that state an entity's attribute become entity / relation / value facts (trained with
+        the sentence itself among their phrasings) when facts are augmented; answers over the limit are refused.
+        Returns the facts and how many sentences became facts or stay text."""
+        cfg: PKMConfig = self.config
+        out, as_facts, as_text = [], 0, 0
+        for f in facts:
+            n = len(self.lm.tokenizer(f.answer, add_special_tokens=False)["input_ids"])
+            if n > cfg.max_answer_tokens:
+                raise InputError(f"fact {f.prompt[:60]!r}: its answer has {n} tokens, more than max_answer_tokens="
+                                 f"{cfg.max_answer_tokens} (store long texts in an activation memory)")
+            if f.chat:
+                out.append(f)
+                continue
+            made = fact_of_sentence(f.sentence) if cfg.phrasings > 1 else None
+            as_facts += made is not None
+            as_text += made is None
+            out.append(f if made is None else Fact(made.prompt, made.answer, made.id, True, made.paraphrases,
+                                                   made.sentence, {**made.meta, "said": [f.prompt, f.answer]}))
+        return out, as_facts, as_text
+
     def add(self, texts, *, user_id: str | None = None, metadata: dict[str, Any] | None = None,
             progress=None) -> Receipt:
         """Store facts (any form :func:`~nativemem.memories.pkm.facts.parse_facts` accepts) and train them in.
@@ -317,7 +345,7 @@ class PKMMemory(RecordLifecycle, Memory):
         """
         start = time.perf_counter()
         cfg: PKMConfig = self.config
-        facts = parse_facts(texts)
+        facts, as_facts, as_text = self._facts_of(parse_facts(texts))
         notes: list[str] = []
         # duplicates: the later fact with the same prompt wins
         latest: dict[str, Fact] = {}
@@ -363,7 +391,7 @@ class PKMMemory(RecordLifecycle, Memory):
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        items = self._items(new)
+        items, skipped = self._items(new, augment=True)
         if not self.calibrated:
             self._calibrate(items)
         timings["calibrate_s"] = time.perf_counter() - t0
@@ -374,19 +402,24 @@ class PKMMemory(RecordLifecycle, Memory):
         result = self._train(items, prefixes, progress=progress)
         timings["train_s"] = result.train_s
         timings["eval_s"] = result.eval_s
+        own = torch.tensor([it.kind == "own prompt" for it in items])
+        recall = float((result.margins[own] > 0).float().mean()) if result.margins is not None else 0.0
         if result.stopped.startswith("non-finite"):
             notes.append(f"training stopped: {result.stopped}")
-        elif result.recall < 1.0:
-            notes.append(f"recall {result.recall:.3f} on the new facts after {result.epochs} epochs "
+        elif recall < 1.0:
+            notes.append(f"recall {recall:.3f} on the new facts after {result.epochs} epochs "
                          f"(max_epochs={cfg.max_epochs}); add them again to train the missed ones further")
 
-        # record the facts and the rows they read most (for delete)
+        # record the facts and the rows their phrasings read most (for delete)
         sigs = self._signatures(items, prefixes)
-        for f, it in zip(new, items):
+        for n, f in enumerate(new):
             self.records[f.id] = {**f.to_dict(), "user_id": user_id, "metadata": metadata or {}, "created": time.time()}
-            self.signatures[f.id] = sigs[it.index]
+            self.signatures[f.id] = torch.unique(torch.cat([sigs[it.index] for it in items if it.fact == n]))
         details: dict[str, Any] = {
-            "recall": result.recall, "facts": len(new), "epochs": result.epochs, "exposures_per_fact": result.exposures,
+            "recall": recall, "recall_phrasings": result.recall, "facts": len(new), "phrasings": cfg.phrasings,
+            "trained_phrasings": len(items), "augmentation": {k: sum(it.kind == k for it in items) for k in KINDS},
+            "templates_skipped": skipped, "sentences_as_facts": as_facts, "sentences_as_text": as_text,
+            "epochs": result.epochs, "exposures_per_fact": result.exposures,
             "epoch_active": result.epoch_active, "epoch_losses": result.epoch_losses, "stopped": result.stopped,
             "polished": result.polished, "replaced": replaced, "slots_used": self.slots_used(),
             "slots": self.num_slots, **timings}
@@ -396,7 +429,8 @@ class PKMMemory(RecordLifecycle, Memory):
             if cfg.gate:  # what the memory answers with: recall through the gate
                 margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
                                          lambda: self._scope(gate=True))
-                details["recall_gated"] = float((margins > 0).float().mean())
+                details["recall_gated"] = float((margins[own] > 0).float().mean())
+                details["recall_phrasings_gated"] = float((margins > 0).float().mean())
             details["gate_s"] = time.perf_counter() - t0
         tokens = sum(len(it.ids) for it in items)
         return Receipt(self.kind, "add", ids=[f.id for f in new], tokens=tokens,
@@ -477,8 +511,8 @@ class PKMMemory(RecordLifecycle, Memory):
     def _signatures(self, items: Sequence[Item], prefixes: PrefixCache) -> list[torch.Tensor]:
         """Per item, the sorted unique slots read as top-1 of each head at its tokens, over every layer."""
         sigs: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(items)
-        for start in range(0, len(items), 32):
-            chunk = list(items[start:start + 32])
+        for idx in prefix_batches(items, 32):
+            chunk = [items[i] for i in idx]
             rec: dict = {"idx": {}}
             forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
             for b, it in enumerate(chunk):
@@ -510,8 +544,8 @@ class PKMMemory(RecordLifecycle, Memory):
             recs = list(self.records.values())
             if len(recs) > max_facts:
                 recs = random.Random(cfg.seed).sample(recs, max_facts)
-            facts = [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in recs]
-            items = self._items(facts)
+            facts = [_fact_of(r) for r in recs]
+            items, _ = self._items(facts, augment=True)
             prefixes = PrefixCache(self.lm.model)
             self._cache(items, prefixes)
         elif len(items) > max_facts:
@@ -575,27 +609,23 @@ class PKMMemory(RecordLifecycle, Memory):
             return Receipt(self.kind, "delete", notes=[f"no fact with id {memory_id!r}"])
         rec = self.records.pop(memory_id)
         sig = self.signatures.pop(memory_id, torch.empty(0, dtype=torch.long))
-        fact = Fact(rec["prompt"], rec["answer"], rec["id"], rec["chat"])
         overlap = sorted(((int(torch.isin(s, sig).sum()), fid) for fid, s in self.signatures.items()), reverse=True)
         keep_ids = [fid for n, fid in overlap[: retain * 3 // 4] if n > 0]  # the facts sharing most rows ...
         rest = [fid for fid in self.records if fid not in set(keep_ids)]
         keep_ids += random.Random(len(self.records)).sample(rest, min(len(rest), retain - len(keep_ids)))  # ... and others
-        keep = [self.records[fid] for fid in keep_ids]
-        items = self._items([fact] + [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in keep])
+        # every phrasing the fact was trained under is unlearned; the retained facts are checked in their own
+        targets, _ = self._items([_fact_of(rec)], augment=True)
+        others, _ = self._items([_fact_of(self.records[fid]) for fid in keep_ids])
         prefixes = PrefixCache(self.lm.model)
-        self._cache(items, prefixes)
-        target, others = items[0], items[1:]
+        self._cache(targets + others, prefixes)
         model = self.lm.model
         with torch.no_grad():
-            bare_logits, _, _ = forward_answers(model, [target], self.lowest_layer, prefixes, _null_scope)
+            bare_logits, bare_tgt, bare_own = _forward_all(model, targets, self.lowest_layer, prefixes, _null_scope)
             bare_top = bare_logits.argmax(-1)
-            bare_recalled = bool((bare_top == torch.tensor(target.targets, device=bare_top.device)).all())
-            rec_idx: dict = {"idx": {}}
-            forward_answers(model, [target], self.lowest_layer, prefixes, lambda: self._scope(record=rec_idx))
-            rows = torch.unique(torch.cat([rec_idx["idx"][i][0][0, : target.span_len].reshape(-1)
-                                           for i in self.layer_ids]))
+            bare_recalled = fact_margins(bare_logits, bare_tgt, bare_own, len(targets)) > 0
+            rows = self._rows_read(targets, prefixes)
         memory_scope = lambda: self._scope()  # noqa: E731
-        before_t = float(evaluate_items(model, [target], self.lowest_layer, prefixes, memory_scope)[0])
+        before_t = evaluate_items(model, targets, self.lowest_layer, prefixes, memory_scope)
         before_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope) if others else torch.empty(0)
         opt = torch.optim.SparseAdam([self.values], lr=self.config.lr)
         log_bare = F.log_softmax(bare_logits, -1)
@@ -606,11 +636,11 @@ class PKMMemory(RecordLifecycle, Memory):
             with frozen(model):
                 for steps in range(max_steps + 1):
                     with torch.no_grad():
-                        logits, tgt, own = forward_answers(model, [target], self.lowest_layer, prefixes, memory_scope)
+                        logits, tgt, own = _forward_all(model, targets, self.lowest_layer, prefixes, memory_scope)
                         agree = bool((logits.argmax(-1) == bare_top).all())
-                        m_now = float(fact_margins(logits, tgt, own, 1)[0])
-                        # back at the no-memory level: recalled exactly when the bare model recalls it (with margin)
-                        done = m_now > 0 if bare_recalled else m_now < -self.config.margin
+                        m_now = fact_margins(logits, tgt, own, len(targets))
+                        # back at the no-memory level: each phrasing recalled exactly when the bare model recalls it
+                        done = bool(torch.where(bare_recalled, m_now > 0, m_now < -self.config.margin).all())
                         slipped = []
                         if done and others:  # only then check the neighbours (the costly part)
                             after_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope)
@@ -619,8 +649,8 @@ class PKMMemory(RecordLifecycle, Memory):
                         break
                     batch_o = slipped[:15] or rng.sample(others, min(len(others), 7))
                     with torch.enable_grad():
-                        lt, _, _ = forward_answers(model, [target], self.lowest_layer, prefixes,
-                                                   lambda: self._scope(sparse=True))
+                        lt, _, _ = _forward_all(model, targets, self.lowest_layer, prefixes,
+                                                lambda: self._scope(sparse=True))
                         loss = F.kl_div(F.log_softmax(lt, -1), log_bare, log_target=True, reduction="batchmean")
                         if batch_o:
                             lo, to, _ = forward_answers(model, batch_o, self.lowest_layer, prefixes,
@@ -636,20 +666,35 @@ class PKMMemory(RecordLifecycle, Memory):
         finally:
             self.values.requires_grad_(False)
             self.values.grad = None
-        after_t = float(evaluate_items(model, [target], self.lowest_layer, prefixes, memory_scope)[0])
+        after_t = evaluate_items(model, targets, self.lowest_layer, prefixes, memory_scope)
         after_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope) if others else torch.empty(0)
-        recalled_after = after_t > 0
-        notes = [] if recalled_after == bare_recalled else [
-            f"after {steps} steps {memory_id!r} is {'still' if recalled_after else 'no longer'} recalled, unlike the "
-            f"model without memory"]
+        recalled_after = bool(after_t[0] > 0)
+        unlike = int(((after_t > 0) != bare_recalled).sum())
+        notes = [] if not unlike else [
+            f"after {steps} steps {unlike} of the {len(targets)} phrasings of {memory_id!r} answer unlike the model "
+            "without memory"]
         if slipped:
             notes.append(f"{len(slipped)} fact(s) sharing rows with it lost recall")
-        details = {"recalled_before": before_t > 0, "recalled_after": recalled_after, "recalled_without_memory": bare_recalled,
-                   "agrees_with_no_memory": agree, "margin_before": before_t, "margin_after": after_t,
+        details = {"recalled_before": bool(before_t[0] > 0), "recalled_after": recalled_after,
+                   "recalled_without_memory": bool(bare_recalled[0]), "phrasings": len(targets),
+                   "phrasings_recalled_before": int((before_t > 0).sum()),
+                   "phrasings_recalled_after": int((after_t > 0).sum()),
+                   "agrees_with_no_memory": agree, "margin_before": float(before_t[0]), "margin_after": float(after_t[0]),
                    "retained_facts": len(others), "retained_recall_before": _rate(before_o),
                    "retained_recall_after": _rate(after_o), "rows_retrained": int(rows.numel())}
         return Receipt(self.kind, "delete", ids=[memory_id], steps=steps, elapsed_s=time.perf_counter() - start,
                        notes=notes, details=details)
+
+    @torch.no_grad()
+    def _rows_read(self, items: Sequence[Item], prefixes: PrefixCache) -> torch.Tensor:
+        """Every pool row the items read (all top-k slots of every head at their tokens, every layer)."""
+        out = []
+        for group in _by_prefix(items):
+            rec: dict = {"idx": {}}
+            forward_answers(self.lm.model, group, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
+            for b, it in enumerate(group):
+                out += [rec["idx"][i][0][b, : it.span_len].reshape(-1) for i in self.layer_ids]
+        return torch.unique(torch.cat(out))
 
     # ------------------------------------------------------------------ the lifecycle (RecordLifecycle)
     def _records(self) -> list[dict[str, Any]]:
@@ -693,7 +738,7 @@ class PKMMemory(RecordLifecycle, Memory):
         """
         if facts is None:
             facts = [Fact(r["prompt"], r["answer"], r["id"], r["chat"]) for r in self.records.values()]
-        items = self._items(facts)
+        items, _ = self._items(facts)
         prefixes = PrefixCache(self.lm.model)
         self._cache(items, prefixes)
         gate = bool(self.config.gate) and self.gate_trained
@@ -739,6 +784,31 @@ class PKMMemory(RecordLifecycle, Memory):
                 raise MemoryFormatError("pkm signatures do not match the stored facts")
             self.signatures = {fid: flat[offsets[n]: offsets[n + 1]].clone() for n, fid in enumerate(self.records)}
             del self._offsets, self._flat_sigs
+
+
+def _fact_of(rec: dict[str, Any]) -> Fact:
+    """A stored record as the fact it was trained from (entity and relation kept, for its phrasings)."""
+    return Fact(rec["prompt"], rec["answer"], rec["id"], rec["chat"], tuple(rec.get("paraphrases") or ()),
+                rec.get("sentence") or "", dict(rec.get("meta") or {}))
+
+
+def _by_prefix(items: Sequence[Item]) -> list[list[Item]]:
+    groups: dict[tuple[int, ...], list[Item]] = {}
+    for it in items:
+        groups.setdefault(it.prefix, []).append(it)
+    return list(groups.values())
+
+
+def _forward_all(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, scope):
+    """:func:`forward_answers` over items of several prefixes (chat questions and completions): logits, targets
+    and owners (the item's position in ``items``) in the order of ``items``."""
+    order = {id(it): n for n, it in enumerate(items)}
+    parts = []
+    for group in sorted(_by_prefix(items), key=lambda g: order[id(g[0])]):
+        logits, targets, owner = forward_answers(model, group, lowest, prefixes, scope)
+        index = torch.tensor([order[id(it)] for it in group], device=owner.device)
+        parts.append((logits, targets, index[owner]))
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from ...turns import model_step
 from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
-           "forward_answers", "fact_margins", "train_items", "evaluate_items", "TrainResult"]
+           "forward_answers", "fact_margins", "train_items", "evaluate_items", "TrainResult", "prefix_batches"]
 
 
 @dataclass(eq=False)
@@ -47,7 +47,7 @@ class Item:
     """One fact ready for training.
 
     Attributes:
-        index: position of the fact in the caller's list.
+        index: position of the item in its list.
         ids: all token ids (prompt then answer).
         answer_start: index in ``ids`` of the first answer token.
         prefix_len: leading tokens that are shared and never see the memory (0 = none).
@@ -60,6 +60,8 @@ class Item:
     answer_start: int
     prefix_len: int = 0
     hidden: torch.Tensor | None = None
+    fact: int = -1  # which fact of the caller's list this phrasing trains
+    kind: str = "own prompt"  # the phrasing's kind (augment.KINDS), "own prompt" for the fact's own
 
     @property
     def prefix(self) -> tuple[int, ...]:
@@ -295,14 +297,25 @@ class TrainResult:
         return float((self.margins > 0).float().mean()) if self.margins is not None and self.margins.numel() else 0.0
 
 
+def prefix_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
+    """Positions of ``items`` in batches of at most ``batch_size`` that share one prefix (what
+    :func:`forward_answers` takes), lengths grouped to limit padding."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].prefix, items[i].span_len))
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < batch_size and items[out[-1][0]].prefix == items[i].prefix:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 @torch.no_grad()
 def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
                    batch_size: int = 32, on_batch=None) -> torch.Tensor:
     """Margins (n,) of every item with the current memory (no gradients)."""
     out = torch.empty(len(items))
-    order = sorted(range(len(items)), key=lambda i: (items[i].prefix, items[i].span_len))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in prefix_batches(items, batch_size):
         chunk = [items[i] for i in idx]
         logits, targets, owner = forward_answers(model, chunk, lowest, prefixes, memory_scope)
         m = fact_margins(logits, targets, owner, len(chunk)).cpu()
