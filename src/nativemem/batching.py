@@ -1,8 +1,10 @@
 """Decoding several generations in one forward per step (static batching per step).
 
 Each generation is prefilled on its own (its prompt after its own memory prefix: a KV prefix stays in its own
-row), then joins a :class:`DecodeBatch`: the rows' caches are left-padded to one length, an attention mask
-hides the pads, and each row keeps its own positions, so every row attends to exactly what it would alone.
+row), then joins a :class:`DecodeBatch`: the rows' caches are written into shared buffers, each row's tokens
+ending at the same column (shorter rows padded on the left), an attention mask hides the pads, and each row
+keeps its own positions, so every row attends to exactly what it would alone. A step writes one new column in
+place; nothing is concatenated (see :class:`DecodeBatch`).
 One :meth:`DecodeBatch.step` runs one forward for every row and chooses each row's next token by its own
 :class:`~nativemem.model.Sampling` (greedy at temperature 0; seeded rows draw from their own generator, so a
 seed gives the same text whatever else is in the batch). Rows leave when they end (end of sequence, a stop

@@ -5,7 +5,9 @@ The user's stored chunks are read back in write order and written into the targe
 fact: every word but the last is the prompt, the last word is the answer). Then every sentence is asked
 the same way *without retrieval*: the greedy continuation of its prompt must start with its last word.
 The receipt reports recall and mean per-token NLL of the sentences before (the bare model) and after
-(the model with the target memory), so a consolidation that taught nothing says so.
+(the model with the target memory), so a consolidation that taught nothing says so; and, for sentences that
+state an entity's attribute, recall of a held-out question about it ("Name the employer of Ada Lind."), the
+phrasing no training used (``details["after"]["questions"]``).
 
 The source is read through the memory contract (:meth:`~nativemem.memories.base.Memory.items`), and every
 model step (each probe, each training step) is a :func:`~nativemem.turns.model_step`, so a server can run a
@@ -40,6 +42,45 @@ def completion_probes(texts: list[str], *, max_items: int = 200) -> list[tuple[s
             if len(out) >= max_items:
                 return out
     return out
+
+
+def question_probes(texts: list[str], *, max_items: int = 200) -> list[tuple[str, str]]:
+    """(question, answer) about the sentences that state an entity's attribute ("Ada Lind works for Nordic
+    Robotics."): a held-out phrasing of the question, one that augmentation never trains
+    (:func:`~nativemem.memories.pkm.augment.fact_of_sentence`), so recall on it means the fact was stored, not the
+    sentence."""
+    from .memories.pkm.augment import fact_of_sentence
+
+    out = []
+    for text in texts:
+        for sentence in split_sentences(text):
+            fact = fact_of_sentence(sentence)
+            if fact is None or not fact.paraphrases:
+                continue
+            out.append((fact.paraphrases[len(out) % len(fact.paraphrases)], fact.answer))
+            if len(out) >= max_items:
+                return out
+    return out
+
+
+def _ask(lm, probes: list[tuple[str, str]], memory) -> dict[str, Any]:
+    """Greedy answers to the questions in the library's chat layout: the same words as the answer (case and
+    punctuation aside), or containing them."""
+    from .prompting import build_messages, postprocess_answer
+
+    def words(text: str) -> str:
+        return " ".join(_WORD.findall(text.lower()))
+
+    em = contains = 0
+    for question, answer in probes:
+        with model_step():
+            gen = lm.generate(lm.chat_ids(build_messages(question)), max_new_tokens=lm.count_tokens(answer) + 4,
+                              memory=memory, query=question)
+        got, want = words(postprocess_answer(gen.text)), words(answer)
+        em += got == want
+        contains += bool(want) and f" {want} " in f" {got} "
+    n = max(1, len(probes))
+    return {"recall": em / n, "recall_contains": contains / n, "asked": len(probes)}
 
 
 def _norm(word: str) -> str:
@@ -104,17 +145,21 @@ def consolidate(source, target: Memory, *, user_id: str | None = None, max_items
                                                           "nothing was consolidated"])
     lm = source.lm
     probes = completion_probes(texts, max_items=max_items)
-    before = _score(lm, probes, None)
+    questions = question_probes(texts, max_items=max_items)
+    before = {**_score(lm, probes, None), "questions": _ask(lm, questions, None)}
     if target.kind == "pkm":
         sentences = [s for t in texts for s in split_sentences(t) if len(s.split()) >= 2]
         receipt = target.add(sentences, user_id=user_id, **options)
     else:
         receipt = target.add(texts, user_id=user_id, **options)
-    after = _score(lm, probes, target)
+    after = {**_score(lm, probes, target), "questions": _ask(lm, questions, target)}
     receipt.op = "consolidate"
     receipt.details.update(before=before, after=after, chunks=len(texts), probes=len(probes),
                            source_ids=[r["id"] for r in rows], user_id=user)
     receipt.notes.append(f"recall without retrieval on {len(probes)} stored sentences: {before['recall']:.3f} "
                          f"before, {after['recall']:.3f} after")
+    if questions:
+        receipt.notes.append(f"held-out questions about {len(questions)} stated facts, without retrieval: "
+                             f"{before['questions']['recall']:.3f} before, {after['questions']['recall']:.3f} after")
     receipt.elapsed_s = time.perf_counter() - start
     return receipt

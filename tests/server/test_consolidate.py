@@ -12,7 +12,7 @@ from conftest import start_server
 from typer.testing import CliRunner
 
 import nativemem as nm
-from nativemem.consolidate import completion_probes, consolidate
+from nativemem.consolidate import completion_probes, consolidate, question_probes
 from nativemem.server import ServerSettings
 
 TEXTS = ["The Velmora Institute was founded by Ada Quell in Tollen. The Amber Finch nests on Tollen Island.",
@@ -22,6 +22,15 @@ TEXTS = ["The Velmora Institute was founded by Ada Quell in Tollen. The Amber Fi
 def test_completion_probes_take_the_last_word():
     probes = completion_probes(["The Amber Finch nests on Tollen Island. Too short."])
     assert probes == [("The Amber Finch nests on Tollen Island.", "The Amber Finch nests on Tollen", "Island.")]
+
+
+def test_question_probes_ask_a_held_out_question_about_each_stated_fact():
+    from nativemem.memories.pkm import RELATIONS
+
+    probes = question_probes(["Ada Lind works for Nordic Robotics. It rains. Bob was born in Oslo."])
+    held_out = {q.format(e=e) for r, e in (("employer", "Ada Lind"), ("birth_city", "Bob"))
+                for q in RELATIONS[r]["heldout"]}
+    assert [a for _, a in probes] == ["Nordic Robotics", "Oslo"] and {q for q, _ in probes} <= held_out
 
 
 def test_consolidate_reads_only_the_users_chunks_and_reports_before_after(tmp_path, model_dir):
@@ -36,6 +45,7 @@ def test_consolidate_reads_only_the_users_chunks_and_reports_before_after(tmp_pa
         assert receipt.details["source_ids"] == mine and receipt.details["probes"] == 2
         for when in ("before", "after"):
             assert 0.0 <= receipt.details[when]["recall"] <= 1.0 and receipt.details[when]["mean_nll"] > 0
+            assert receipt.details[when]["questions"]["asked"] == 0  # no sentence of alice's states an attribute
         assert consolidate(act, target, user_id="carol").did_nothing
     act.close()
     del act

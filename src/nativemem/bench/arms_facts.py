@@ -136,7 +136,8 @@ def _pkm_cost(mem, receipt, train_s: float, n: int) -> dict[str, Any]:
             "train_recall": d.get("recall"), "final_loss": receipt.final_loss, "pool_slots": mem.num_slots,
             "pool_slots_used": mem.slots_used(), "pool_bytes": mem.values.numel() * mem.values.element_size(),
             "layers": list(mem.layer_ids), "polished": d.get("polished"), "stopped": d.get("stopped"),
-            **{k: d[k] for k in ("calibrate_s", "cache_s", "eval_s") if k in d}}
+            **{k: d[k] for k in ("calibrate_s", "cache_s", "eval_s", "phrasings", "trained_phrasings",
+                                 "recall_phrasings", "augmentation", "templates_skipped", "recall_gated") if k in d}}
 
 
 @register_fact_arm("pkm")
@@ -209,12 +210,17 @@ def train_learner(lm, facts, *, params, scope, lowest: int, options: dict[str, A
     cfg = _pkm_options(options, len(facts))
     from ..memories.pkm.config import PKMConfig
 
+    from ..memories.pkm.augment import phrasings
+    from ..memories.pkm.facts import Fact
+
     pk = PKMConfig(**{k: v for k, v in cfg.items() if k in PKMConfig.__dataclass_fields__})
-    items = []
+    items = []  # the same phrasings as the pkm arms train (pk.phrasings per fact)
     for i, f in enumerate(facts):
-        it = encode_fact(lm, f, system=FACTS_SYSTEM, prefix=[], train_prefix=True)
-        it.index = i
-        items.append(it)
+        for p in phrasings(f, pk.phrasings).items:
+            it = encode_fact(lm, Fact(p.prompt, p.answer, f.id, p.chat), system=FACTS_SYSTEM, prefix=[],
+                             train_prefix=True)
+            it.index, it.fact, it.kind = len(items), i, p.kind
+            items.append(it)
     start = time.perf_counter()
     cache_items(lm.model, items, lowest, pad_id=lm.eos_token_ids[0], dtype=torch.float32)
     opt = torch.optim.Adam(params, lr=float(options.get("baseline_lr", 1e-3)))
@@ -231,8 +237,11 @@ def train_learner(lm, facts, *, params, scope, lowest: int, options: dict[str, A
         p.requires_grad_(False)
         p.grad = None
     train_s = time.perf_counter() - start
+    own = torch.tensor([it.kind == "own prompt" for it in items])
+    recall = float((result.margins[own] > 0).float().mean()) if result.margins is not None else 0.0
     return {"train_s": train_s, "train_s_per_fact": train_s / len(facts), "steps": result.steps,
-            "epochs": result.epochs, "exposures_per_fact": result.exposures, "train_recall": result.recall,
+            "epochs": result.epochs, "exposures_per_fact": result.exposures, "train_recall": recall,
+            "phrasings": pk.phrasings, "trained_phrasings": len(items), "train_recall_phrasings": result.recall,
             "final_loss": result.final_loss, "stopped": result.stopped, "parameters": sum(p.numel() for p in params)}
 
 
