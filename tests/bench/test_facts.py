@@ -18,7 +18,7 @@ from nativemem.hooks import count_hooks
 from nativemem.memories.pkm import generate_facts, save_facts
 
 TINY_PKM = dict(layers=[0, 1], num_keys=16, heads=2, top_k=4, key_dim=16, lr=0.1, batch_size=4, max_epochs=40,
-                gate_steps=50)
+                gate_steps=50, phrasings=1)  # a random width-32 model does not hold several phrasings of its facts
 PROSE = ("The harbour was quiet in the early morning and the boats rocked gently against the pier while gulls "
          "circled above the market square. ")
 
@@ -99,7 +99,12 @@ def test_run_facts_benchmark_end_to_end(lm, data_dir, tmp_path):
     items = read_items(out)
     kinds = {(r["arm"], r["kind"]) for r in items}
     assert ("pkm", "recall") in kinds and ("pkm_gated", "ppl") in kinds and ("rag_bm25", "mmlu") in kinds
-    assert sum(1 for r in items if r["arm"] == "none" and r["kind"] == "recall") == 4 + 2
+    asked = [r for r in items if r["arm"] == "none" and r["kind"] == "recall"]
+    assert [sum(r["phrasing"] == p for r in asked) for p in ("training", "paraphrase")] == [4, 2]
+    reverse = [r for r in asked if r["phrasing"] == "reverse"]  # the paraphrased facts with a reverse question
+    assert len(reverse) == sum(1 for r in asked if r["phrasing"] == "paraphrase" and r["item_id"] in
+                               {f.id for f in generate_facts(4) if "reverse" in f.meta})
+    assert "recall_reverse" in pkm
     assert count_hooks(lm.model) == 0
 
 

@@ -170,6 +170,21 @@ def _list_all(client) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------- durability
+def kill_while_writing(server: ServerProcess, writer, users: Sequence[str], rng: random.Random,
+                       kill_window_s: tuple[float, float]) -> None:
+    """Run ``writer(user, stop, seed)`` in a thread per user, SIGKILL ``server`` after a random time in the window,
+    then stop the writers and wait for them."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=writer, args=(u, stop, rng.randrange(1 << 30))) for u in users]
+    for t in threads:
+        t.start()
+    time.sleep(rng.uniform(*kill_window_s))
+    server.kill()
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+
 def run_durability(workdir: Path, *, model: str | None = None, kills: int = 20,
                    kill_window_s: tuple[float, float] = (1.0, 5.0), writers: int = 2, texts_per_request: int = 4,
                    seed: int = 0, log=print) -> dict[str, Any]:
@@ -229,15 +244,7 @@ def run_durability(workdir: Path, *, model: str | None = None, kills: int = 20,
     for k in range(kills):
         server.start()
         verify()
-        stop = threading.Event()
-        threads = [threading.Thread(target=writer, args=(u, stop, rng.randrange(1 << 30))) for u in users]
-        for t in threads:
-            t.start()
-        time.sleep(rng.uniform(*kill_window_s))
-        server.kill()
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        kill_while_writing(server, writer, users, rng, kill_window_s)
         log(f"durability: kill {k + 1}/{kills}: {len(acked)} chunks acknowledged so far, {len(lost)} lost")
     server.start()
     verify()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .reliability import ServerProcess, _client, _list_all, _marker, _sentence, write_keys
+from .reliability import ServerProcess, _client, _list_all, _marker, _sentence, kill_while_writing, write_keys
 
 __all__ = ["run_replicas"]
 
@@ -105,15 +105,7 @@ def run_replicas(workdir: Path, *, redis_url: str, model: str | None = None, kil
         a.start()
         injection = _injection(a, b, keys["reader"], rng)
         for k in range(kills):
-            stop = threading.Event()
-            threads = [threading.Thread(target=writer, args=(u, stop, rng.randrange(1 << 30))) for u in users[:-1]]
-            for t in threads:
-                t.start()
-            time.sleep(rng.uniform(*kill_window_s))
-            a.kill()
-            stop.set()
-            for t in threads:
-                t.join(timeout=120)
+            kill_while_writing(a, writer, users[:-1], rng, kill_window_s)
             gone, diff = missing(b)
             lost_b |= gone
             changed += diff
