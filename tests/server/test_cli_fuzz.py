@@ -31,7 +31,10 @@ def test_serve_arguments(pairs, no_auth, tmp_path_factory):
     import nativemem as nm
 
     # everything of `serve` runs but loading the model and serving, which stand-ins replace
-    fakes = {(nm, "load_model"): lambda *a, **k: object(), (nm, "open_memory"): lambda *a, **k: object(),
+    from types import SimpleNamespace
+
+    fakes = {(nm, "load_model"): lambda *a, **k: object(),
+             (nm, "open_memory"): lambda *a, **k: SimpleNamespace(store=None),  # serve opens the store at start
              (run, "create_app"): lambda **k: None, (uvicorn, "run"): lambda *a, **k: None}
     originals = {key: getattr(*key) for key in fakes}
     for (mod, name), fake in fakes.items():
@@ -52,7 +55,7 @@ def test_serve_arguments(pairs, no_auth, tmp_path_factory):
 def test_reliability_arguments(pairs, tmp_path_factory):
     original = reliability.run_suite
 
-    def fake_suite(out, *, size, model, parts, seed, log):
+    def fake_suite(out, *, size, model, parts, seed, log, redis_url=None):
         if size not in reliability.SIZES:
             from nativemem.errors import InputError
 
