@@ -127,3 +127,12 @@ def test_a_qdrant_index_with_the_payload_and_catalog_in_redis(lm, fast_dir, url)
     prompt = lm.chat_ids(QUESTION)
     assert lm.generate(prompt, max_new_tokens=4, memory=mem, user_id="alice").prefix_tokens > len(mem.frame_ids()[0])
     assert [h["op"] for h in mem.history(ids[0], user_id="alice")] == ["add"]
+
+
+def test_a_redis_that_does_not_fsync_every_write_is_named_in_a_warning(lm, fast_dir, tmp_path):
+    from nativemem.testing.redis import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        redis.Redis.from_url(server.url).config_set("appendfsync", "everysec")
+        with pytest.warns(RuntimeWarning, match="appendfsync always"):
+            _replica(lm, fast_dir / "a", server.url).items(user_id="alice")

@@ -170,6 +170,58 @@ def _list_all(client) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------- durability
+class AckedWrites:
+    """Writers that add chunks to a server until stopped or the server dies, and what it acknowledged.
+
+    ``acked``: chunk id -> (user, text) of every chunk in a 200 answer; ``requests``/``failed``: requests
+    acknowledged, and cut or refused."""
+
+    def __init__(self, keys: dict[str, str], texts_per_request: int):
+        self.keys, self.texts_per_request = keys, texts_per_request
+        self.acked: dict[str, tuple[str, str]] = {}
+        self.requests = self.failed = 0
+        self.lock = threading.Lock()
+
+    def writer(self, server: ServerProcess):
+        """A ``writer(user, stop, seed)`` for :func:`kill_while_writing` that writes through ``server``."""
+        import httpx
+
+        def write(user: str, stop: threading.Event, wseed: int) -> None:
+            wrng = random.Random(wseed)
+            with _client(server.url, self.keys[user], timeout=60) as c:
+                while not stop.is_set():
+                    texts = [_sentence(wrng, user, _marker(wrng)) for _ in range(self.texts_per_request)]
+                    try:
+                        r = c.post("/v1/memories", json={"texts": texts})
+                    except httpx.HTTPError:  # the server died mid-request: not acknowledged
+                        with self.lock:
+                            self.failed += 1
+                        return
+                    with self.lock:
+                        if r.status_code != 200:
+                            self.failed += 1
+                            continue
+                        self.requests += 1
+                        self.acked.update({chunk["id"]: (user, chunk["text"]) for chunk in r.json()["data"]})
+        return write
+
+    def check(self, url: str, users: Sequence[str]) -> tuple[set[str], int]:
+        """Acknowledged chunks of ``users`` that the server at ``url`` does not list, and how many it lists with
+        another text."""
+        lost, changed = set(), 0
+        for user in users:
+            with _client(url, self.keys[user]) as c:
+                stored = _list_all(c)
+            for mid, (owner, text) in list(self.acked.items()):
+                if owner != user:
+                    continue
+                if mid not in stored:
+                    lost.add(mid)
+                elif stored[mid]["text"] != text:
+                    changed += 1
+        return lost, changed
+
+
 def kill_while_writing(server: ServerProcess, writer, users: Sequence[str], rng: random.Random,
                        kill_window_s: tuple[float, float]) -> None:
     """Run ``writer(user, stop, seed)`` in a thread per user, SIGKILL ``server`` after a random time in the window,
@@ -193,58 +245,26 @@ def run_durability(workdir: Path, *, model: str | None = None, kills: int = 20,
     Returns counts: kills, acknowledged chunks and requests, lost chunks (must be 0), chunks whose text
     changed, restarts that failed, payloads unreadable at the end, orphan blobs (unacknowledged writes).
     """
-    import httpx
-
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     memory = workdir / "durability.mem"
     users = [f"writer{i}" for i in range(writers)]
     keys = write_keys(workdir / "durability-keys.json", users, seed)
     server = ServerProcess(memory, workdir / "durability-keys.json", model=model)
-    acked: dict[str, tuple[str, str]] = {}  # chunk id -> (user, text)
-    acked_requests, failed_requests, lost, changed = 0, 0, set(), 0
-    lock = threading.Lock()
+    writes = AckedWrites(keys, texts_per_request)
+    acked, lost, changed = writes.acked, set(), 0
 
     def verify() -> None:
         nonlocal changed
-        for user in users:
-            with _client(server.url, keys[user]) as c:
-                stored = _list_all(c)
-            for mid, (owner, text) in list(acked.items()):
-                if owner != user:
-                    continue
-                if mid not in stored:
-                    lost.add(mid)
-                elif stored[mid]["text"] != text:
-                    changed += 1
-
-    def writer(user: str, stop: threading.Event, wseed: int) -> None:
-        nonlocal acked_requests, failed_requests
-        wrng = random.Random(wseed)
-        with _client(server.url, keys[user], timeout=60) as c:
-            while not stop.is_set():
-                texts = [_sentence(wrng, user, _marker(wrng)) for _ in range(texts_per_request)]
-                try:
-                    r = c.post("/v1/memories", json={"texts": texts})
-                except httpx.HTTPError:  # the server died mid-request: not acknowledged
-                    with lock:
-                        failed_requests += 1
-                    return
-                if r.status_code != 200:
-                    with lock:
-                        failed_requests += 1
-                    continue
-                body = r.json()
-                with lock:
-                    acked_requests += 1
-                    for chunk in body["data"]:
-                        acked[chunk["id"]] = (user, chunk["text"])
+        gone, diff = writes.check(server.url, users)
+        lost.update(gone)
+        changed += diff
 
     t0 = time.perf_counter()
     for k in range(kills):
         server.start()
         verify()
-        kill_while_writing(server, writer, users, rng, kill_window_s)
+        kill_while_writing(server, writes.writer(server), users, rng, kill_window_s)
         log(f"durability: kill {k + 1}/{kills}: {len(acked)} chunks acknowledged so far, {len(lost)} lost")
     server.start()
     verify()
@@ -264,8 +284,8 @@ def run_durability(workdir: Path, *, model: str | None = None, kills: int = 20,
     mem.close()
     del mem
     leaked_keys = sum(1 for k in keys.values() if k in log_text)
-    return {"kills": kills, "server_starts": server.starts, "acknowledged_requests": acked_requests,
-            "acknowledged_chunks": len(acked), "unacknowledged_requests": failed_requests,
+    return {"kills": kills, "server_starts": server.starts, "acknowledged_requests": writes.requests,
+            "acknowledged_chunks": len(acked), "unacknowledged_requests": writes.failed,
             "lost_acknowledged": len(lost | set(missing_in_store)), "changed_text": changed,
             "unreadable_payloads": check.details["unreadable"], "unreadable_acknowledged": len(unreadable_acked),
             "chunks_in_store": total, "orphan_blobs_removed": orphans, "api_keys_in_log": leaked_keys,

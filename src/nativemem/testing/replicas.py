@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import random
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .reliability import ServerProcess, _client, _list_all, _marker, _sentence, kill_while_writing, write_keys
+from .reliability import AckedWrites, ServerProcess, _client, _marker, kill_while_writing, write_keys
 
 __all__ = ["run_replicas"]
 
@@ -60,8 +59,6 @@ def run_replicas(workdir: Path, *, redis_url: str, model: str | None = None, kil
     Returns counts: acknowledged chunks, lost on B and on A after its restarts (both must be 0), changed texts,
     the injection check, the delete check, and how long A took to start again (model load and index replay).
     """
-    import httpx
-
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     users = [f"writer{i}" for i in range(writers)] + ["reader"]
@@ -71,48 +68,23 @@ def run_replicas(workdir: Path, *, redis_url: str, model: str | None = None, kil
     extra = ["--redis", redis_url, "--no-access-log"]
     a = ServerProcess(workdir / "a.mem", workdir / "replica-keys.json", model=model, extra=extra)
     b = ServerProcess(workdir / "b.mem", workdir / "replica-keys.json", model=model, extra=extra)
-    acked: dict[str, tuple[str, str]] = {}
-    lock = threading.Lock()
+    writes = AckedWrites(keys, texts_per_request)
+    acked, writing = writes.acked, users[:-1]
     t0 = time.perf_counter()
-
-    def writer(user: str, stop: threading.Event, wseed: int) -> None:
-        wrng = random.Random(wseed)
-        with _client(a.url, keys[user], timeout=60) as c:
-            while not stop.is_set():
-                texts = [_sentence(wrng, user, _marker(wrng)) for _ in range(texts_per_request)]
-                try:
-                    r = c.post("/v1/memories", json={"texts": texts})
-                except httpx.HTTPError:  # A died mid-request: not acknowledged
-                    return
-                if r.status_code == 200:
-                    with lock:
-                        acked.update({chunk["id"]: (user, chunk["text"]) for chunk in r.json()["data"]})
-
-    def missing(server: ServerProcess) -> tuple[set[str], int]:
-        lost, changed = set(), 0
-        for user in users[:-1]:
-            with _client(server.url, keys[user]) as c:
-                stored = _list_all(c)
-            for mid, (owner, text) in acked.items():
-                if owner == user and mid not in stored:
-                    lost.add(mid)
-                elif owner == user and stored[mid]["text"] != text:
-                    changed += 1
-        return lost, changed
 
     lost_b, lost_a, changed, restarts = set(), set(), 0, []
     with b:
         a.start()
         injection = _injection(a, b, keys["reader"], rng)
         for k in range(kills):
-            kill_while_writing(a, writer, users[:-1], rng, kill_window_s)
-            gone, diff = missing(b)
+            kill_while_writing(a, writes.writer(a), writing, rng, kill_window_s)
+            gone, diff = writes.check(b.url, writing)
             lost_b |= gone
             changed += diff
             started = time.perf_counter()
             a.start()
             restarts.append(time.perf_counter() - started)
-            gone, diff = missing(a)
+            gone, diff = writes.check(a.url, writing)
             lost_a |= gone
             changed += diff
             log(f"replicas: kill {k + 1}/{kills}: {len(acked)} chunks acknowledged by A, lost on B {len(lost_b)}, "

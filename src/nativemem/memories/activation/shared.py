@@ -101,9 +101,7 @@ class Link:
             conf = self.redis.config_get("append*")
         except redis.exceptions.RedisError:  # CONFIG is often disabled on managed servers: nothing to say then
             return
-        aof = conf.get(b"appendonly", conf.get("appendonly"))
-        fsync = conf.get(b"appendfsync", conf.get("appendfsync"))
-        if aof not in (b"yes", "yes") or fsync not in (b"always", "always"):
+        if conf.get("appendonly") != "yes" or conf.get("appendfsync") != "always":
             warnings.warn(f"Redis at {_shown(self.url)} runs without appendonly yes / appendfsync always: writes it "
                           "acknowledged are lost if Redis itself stops uncleanly", RuntimeWarning, stacklevel=4)
 
