@@ -143,7 +143,7 @@ def test_beir_loader_and_errors(beir, tmp_path):
 
 def test_scifact_rankers_on_a_tiny_corpus(beir, tmp_path, tiny_model):
     out = tmp_path / "run"
-    res = run_scifact(tiny_model, rankers=["bm25", "pooled", "tokens", "hybrid"], data=beir, fit_fraction=0.5,
+    res = run_scifact(tiny_model, arms=["bm25", "pooled", "tokens", "hybrid"], data=beir, fit_fraction=0.5,
                       out=out, progress=False)
     assert res["config"]["eval_queries"] == 3 and res["config"]["fit_queries"] == 3
     for name, arm in res["arms"].items():
@@ -154,7 +154,7 @@ def test_scifact_rankers_on_a_tiny_corpus(beir, tmp_path, tiny_model):
     lines = (out / "items.jsonl").read_text().splitlines()
     assert len(lines) == 4 * 3
     with pytest.raises(InputError, match="unknown ranker"):
-        run_scifact(tiny_model, rankers=["colbert"], data=beir, out=out)
+        run_scifact(tiny_model, arms=["colbert"], data=beir, out=out)
 
 
 def test_kept_benchmark_memory_is_reused_for_the_same_pool(squad_file, tiny_model, tmp_path, monkeypatch):

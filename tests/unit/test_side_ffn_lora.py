@@ -6,7 +6,8 @@ from testing import tiny_lm
 
 from nativemem.errors import InputError
 from nativemem.hooks import count_hooks
-from nativemem.memories.side_ffn import LoRABaseline, SideFFNConfig, SideFFNMemory, StreamOptions, stream
+from nativemem.bench.lora import LoRABaseline
+from nativemem.memories.side_ffn import SideFFNConfig, SideFFNMemory, StreamOptions, stream
 
 TEXT = "Marie Curie was born in Warsaw in 1867 and won two Nobel prizes. Paris is the capital of France. " * 3
 

@@ -274,7 +274,7 @@ def _register_optional() -> None:
             """LoRA (peft, all linear layers) trained on the facts with pkm's loop."""
 
             def prepare(self, facts):
-                from ..memories.side_ffn import LoRABaseline
+                from .lora import LoRABaseline
 
                 self.lora = LoRABaseline(self.lm, rank=int(self.options.get("lora_rank", 8)))
                 self._stack = contextlib.ExitStack()

@@ -148,7 +148,7 @@ class LoRAArm(MemoryArmBase):
     lora_config: ClassVar[dict[str, Any]] = {"rank": 8, "lr": 1e-3}
 
     def _lora(self):
-        from ..memories.side_ffn import LoRABaseline
+        from .lora import LoRABaseline
 
         cfg = {"rank": 8, **self.lora_config}
         return LoRABaseline(self.lm, rank=cfg["rank"], alpha=cfg.get("alpha"),

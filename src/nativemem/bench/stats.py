@@ -12,8 +12,9 @@ Two arms answer the same items, so every comparison is *paired*:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -24,6 +25,8 @@ __all__ = [
     "paired_bootstrap_ci",
     "bootstrap_mean_ci",
     "compare_paired",
+    "means_with_ci",
+    "paired_comparisons",
     "N_RESAMPLES",
 ]
 
@@ -178,4 +181,49 @@ def compare_paired(
     else:
         out["p_value"] = wilcoxon_p(x, y)
     out["ci95"] = list(paired_bootstrap_ci(x, y, n_resamples=n_resamples, seed=seed))
+    return out
+
+
+Scores = Mapping[Hashable, "Mapping[str, float] | None"]
+"""One arm's per-item scores: item id -> {metric: value}, None for a skipped item."""
+
+
+def means_with_ci(scores: Scores, *, seed: int = 0,
+                  metrics: Sequence[str] | None = None) -> tuple[dict[str, float | None], dict[str, list | None]]:
+    """Mean and bootstrap 95 % interval of each metric over the items that have it.
+
+    ``metrics``: which, in this order (default: every metric any item has, sorted).
+    """
+    rows = [s for s in scores.values() if s is not None]
+    names = list(metrics) if metrics is not None else sorted({m for s in rows for m in s})
+    means, ci95 = {}, {}
+    for name in names:
+        values = [s[name] for s in rows if name in s]
+        means[name] = float(np.mean(values)) if values else None
+        ci95[name] = list(bootstrap_mean_ci(values, seed=seed)) if values else None
+    return means, ci95
+
+
+def paired_comparisons(per_arm: Mapping[str, Scores], *, binary: Callable[[str], bool], seed: int = 0,
+                       pairs: Iterable[tuple[str, str]] | None = None,
+                       metrics: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """:func:`compare_paired` of arm ``a`` against arm ``b`` on every metric both scored, over the items both scored.
+
+    Args:
+        per_arm: arm -> its per-item scores (the same item ids across arms).
+        binary: whether a metric is binary (McNemar) or continuous (Wilcoxon).
+        pairs: (a, b) arm pairs (default: every pair, in ``per_arm`` order).
+        metrics: which metrics, in this order (default: every metric both arms have, sorted).
+    """
+    out: list[dict[str, object]] = []
+    for a, b in (combinations(list(per_arm), 2) if pairs is None else pairs):
+        sa, sb = per_arm[a], per_arm[b]
+        have = [{m for s in arm.values() if s for m in s} for arm in (sa, sb)]
+        names = [m for m in (metrics if metrics is not None else sorted(have[0] & have[1]))
+                 if m in have[0] and m in have[1]]
+        for metric in names:
+            both = [(sa[i][metric], sb[i][metric]) for i in sa
+                    if sa[i] and sb.get(i) and metric in sa[i] and metric in sb[i]]
+            out.append({"a": a, "b": b, "metric": metric,
+                        **compare_paired([x for x, _ in both], [y for _, y in both], binary=binary(metric), seed=seed)})
     return out

@@ -211,18 +211,16 @@ def needle(arms: Annotated[str, typer.Option(help="comma-separated arms")] = "lo
            k: Annotated[int, typer.Option(min=1, help="chunks retrieved")] = 3,
            max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
            seed: int = 0, model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-    """Needle in a haystack: recall by length x depth; writes results, items and heatmaps to --out."""
-    from .. import bench  # noqa: F401  (registers the built-in arms)
-    from ..bench import arms_activation  # noqa: F401
-    from ..bench.runner import run_benchmark
-    from ..bench.tasks.needle import NeedleTask, needle_heatmap
+    """Needle in a haystack (= `nativemem bench needle`): recall by length x depth, with heatmaps."""
+    from ..bench.catalog import check_task, run_task
+    from ..bench.tasks.needle import needle_heatmap
 
     arm_names = split_list(arms)
     options = {"lengths": split_list(lengths), "depths": split_list(depths), "needle_seed": seed}
-    NeedleTask(data=data, **options).data  # validate before loading the model
+    check_task("needle", arm_names, options, data=data)  # before the model loads
     lm = load(model, dtype, device)
-    run_benchmark("needle", lm, arms=arm_names, limit=None, out=out, seed=seed, data=data, k=k,
-                  max_new_tokens=max_new_tokens, **options)
+    run_task("needle", lm, arms=arm_names, out=out, seed=seed, data=data, k=k, max_new_tokens=max_new_tokens,
+             progress=True, **options)
     console.print(needle_heatmap(out), highlight=False, markup=False)
 
 @handle_errors
@@ -237,14 +235,16 @@ def scifact(rankers: Annotated[str, typer.Option(help="comma-separated: bm25, mi
             out: Annotated[Path, typer.Option(help="results folder")] = Path("results/scifact"),
             data: Annotated[Path | None, typer.Option(help="BEIR folder")] = None,
             seed: int = 0, model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-    """BEIR SciFact retrieval: nDCG@10 and Recall@100 of BM25, MiniLM and the model's own states."""
-    from ..bench.tasks.scifact import load_beir, run_scifact
+    """BEIR SciFact retrieval (= `nativemem bench scifact`): nDCG@10 and Recall@100 of BM25, MiniLM and the
+    model's own states."""
+    from ..bench.catalog import run_task
     from ..bench.tasks import data_root
+    from ..bench.tasks.scifact import load_beir
 
     load_beir(data or data_root() / "scifact", qrels)  # validate before loading the model
     lm = load(model, dtype, device)
-    res = run_scifact(lm, rankers=split_list(rankers), data=data, qrels=qrels, limit=limit,
-                      corpus_limit=corpus_limit, fit_fraction=fit_fraction, out=out, seed=seed)
+    res = run_task("scifact", lm, arms=split_list(rankers), data=data, qrels=qrels, limit=limit,
+                   corpus_limit=corpus_limit, fit_fraction=fit_fraction, out=out, seed=seed)
     for name, arm in res["arms"].items():
         m = arm["metrics"]
         console.print(f"{name:14s} nDCG@10 {m['nDCG@10']:.4f}  R@100 {m['R@100']:.4f}  (n={arm['n']})")

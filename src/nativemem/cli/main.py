@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -139,8 +139,8 @@ def demo(kind: Annotated[str, typer.Option(help="activation: the documents' own 
 @app.command()
 @_handle_errors
 def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = "squad",
-          arms: Annotated[str, typer.Option(help="comma-separated arm names (default: none,rag_bm25, or the "
-                                                       "task's own arms for pg19/mmlu/locomo/facts)")] = "",
+          arms: Annotated[str, typer.Option(help="comma-separated arm names (default: none,rag_bm25 for QA tasks, "
+                                                       "the task's own arms for the others; see --list)")] = "",
           limit: Annotated[int | None, typer.Option(min=1, help="first N items in seeded order (all if unset)")] = None,
           out: Annotated[Path, typer.Option(help="folder for results.json and items.jsonl")] = Path("results/bench"),
           seed: Annotated[int, typer.Option(help="seed of the item order and bootstrap")] = 0,
@@ -156,88 +156,41 @@ def bench(task: Annotated[str, typer.Argument(help="task name (see --list)")] = 
               "--memory-option", help="config of the memory that memory arms build, KEY=VALUE (JSON value), "
                                       "repeatable; e.g. --memory-option kv_dtype=int8")] = None,
           model: ModelOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu") -> None:
-    """Run a benchmark task over several arms; writes results.json and items.jsonl to --out."""
+    """Run a benchmark task over several arms; writes results.json (and items.jsonl) to --out."""
     _quiet_libraries()
-    from ..bench import get_arm, get_task, list_arms, list_tasks, report, run_benchmark
+    from ..bench import report
+    from ..bench.catalog import SCORES, TASKS, check_task, run_task, task_arms, task_entry
 
     if list_all:
-        runner = [t for t in list_tasks() if t not in _LOOP_TASKS]
-        console.print("tasks: " + ", ".join(sorted({*runner, *_LOOP_TASKS})) + " (all run as `nativemem bench TASK`)")
-        console.print(f"arms of {', '.join(runner)}: " + ", ".join(list_arms()))
-        console.print("arms of the others: " + "; ".join(f"{t}: {', '.join(a) or '-'}" for t, a in _LOOP_ARMS.items()))
+        for name, entry in TASKS.items():
+            arms_known = ", ".join(task_arms(name)) or "-"
+            console.print(f"{name} ({entry.scores}): {entry.summary}. Arms: {arms_known}", highlight=False,
+                          markup=False)
+        console.print("scores: " + "; ".join(f"{key} = {text}" for key, text in SCORES.items()), highlight=False,
+                      markup=False)
         return
-    arm_names = _split_list(arms) or ([] if task in _LOOP_TASKS else ["none", "rag_bm25"])  # []: the loop's own
+    entry = task_entry(task)
+    arm_names = _split_list(arms)
     from .memory_cmds import parse_options
 
     options = parse_options(option)
     memory_options = parse_options(memory_option)
-    if memory_options and task in _LOOP_TASKS:  # a loop without a memory refuses it as an unknown option
+    if memory_options:  # a task that builds no memory refuses it as an unknown option
         options["memory_options"] = memory_options
     if facts is not None:
         if task != "facts":
             raise InputError("--facts applies to the facts task only")
         options["num_facts"] = facts
-    if task in _LOOP_TASKS:  # tasks with their own loop (streaming, logits, training on facts)
-        _run_loop_task(task, arm_names, options, out=out, data=data, limit=limit, seed=seed, k=k,
-                       max_new_tokens=max_new_tokens, model=model, dtype=dtype, device=device)
+    check_task(task, arm_names, options, limit=limit, data=data)  # before the model loads
+    lm = _load(model, dtype, device)
+    results = run_task(task, lm, arms=arm_names, out=out, data=data, limit=limit, seed=seed, k=k,
+                       max_new_tokens=max_new_tokens, progress=True, **options)
+    if entry.driver is None:
+        console.print(report([out]), highlight=False, markup=False)
+        console.print(f"wrote {out / 'results.json'} (n={results['n']})")
         return
-    for a in arm_names:  # fail on unknown names and bad data before loading the model
-        get_arm(a)
-    get_task(task)(data=data)
-    lm = _load(model, dtype, device)
-    results = run_benchmark(task, lm, arms=arm_names, limit=limit, out=out, seed=seed, data=data, k=k,
-                            max_new_tokens=max_new_tokens, progress=True, memory_options=memory_options,
-                            **options)
-    console.print(report([out]), highlight=False, markup=False)
-    console.print(f"wrote {out / 'results.json'} (n={results['n']})")
-
-
-# tasks that run their own loop: module, function, the arms it knows
-_LOOP_TASKS = {"pg19": ("nativemem.bench.tasks.pg19", "run_pg19"),
-               "mmlu": ("nativemem.bench.tasks.mmlu", "run_mmlu"),
-               "locomo": ("nativemem.bench.tasks.locomo", "run_locomo"),
-               "facts": ("nativemem.bench.tasks.facts", "run_facts_benchmark"),
-               "write": ("nativemem.bench.write_speed", "run_write"),
-               "scale": ("nativemem.bench.scale", "run_scale"),
-               "boundary": ("nativemem.bench.boundary", "run_boundary"),
-               "relevance": ("nativemem.bench.relevance", "run_relevance"),
-               "scifact": ("nativemem.bench.tasks.scifact", "run_scifact"),
-               "conversation": ("nativemem.bench.conversation", "run_conversation")}
-_LOOP_ARMS = {"pg19": ("window_only", "side_ffn", "lora"), "mmlu": ("none", "side_ffn", "lora"),
-              "locomo": ("full_context", "rag_bm25", "side_ffn", "side_ffn_ctx", "lora", "lora_ctx"),
-              "facts": ("none", "pkm", "pkm_gated", "side_ffn", "lora", "rag_bm25"), "write": (),
-              "scale": (), "boundary": (),
-              "relevance": ("none", "activation", "activation_gated", "rag_bm25", "rag_bm25_gated"),
-              "scifact": (), "conversation": ()}
-
-
-def _run_loop_task(task: str, arms: list[str], options: dict[str, Any], *, out: Path, data, limit, seed, k,
-                   max_new_tokens, model, dtype, device) -> None:
-    import importlib
-    import inspect
-
-    module, name = _LOOP_TASKS[task]
-    fn = getattr(importlib.import_module(module), name)
-    known = inspect.signature(fn).parameters
-    default_arms = known["arms"].default if "arms" in known else []
-    common = {"arms": arms or default_arms, "out": out, "data": data, "limit": limit, "seed": seed, "k": k,
-              "max_new_tokens": max_new_tokens, "progress": True}
-    bad = sorted(set(options) - set(known))
-    if any(p.kind is p.VAR_KEYWORD for p in known.values()):
-        bad = []  # the loop checks its own options (e.g. pg19's PG19Options)
-    if bad:
-        raise InputError(f"unknown {task} options {bad}; known: {sorted(set(known) - set(common) - {'lm'})}")
-    unknown_arms = [a for a in arms if a not in _LOOP_ARMS[task]]
-    if unknown_arms:
-        raise InputError(f"unknown {task} arms {unknown_arms}; use {', '.join(_LOOP_ARMS[task])}")
-    kwargs = {key: value for key, value in common.items() if key in known}
-    if "limit" not in known and limit is not None:
-        raise InputError(f"--limit does not apply to {task}; see its options")
-    lm = _load(model, dtype, device)
-    results = fn(lm, **kwargs, **options)
     console.print(f"wrote {Path(out) / 'results.json'}", highlight=False)
-    summary = results.get("arms", {})
-    for arm, block in summary.items():
+    for arm, block in results.get("arms", {}).items():
         metrics = block.get("metrics", {})
         console.print(f"{arm}: " + ", ".join(f"{m} {v:.4g}" for m, v in metrics.items() if isinstance(v, float)),
                       highlight=False, markup=False)

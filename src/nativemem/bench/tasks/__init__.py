@@ -221,7 +221,6 @@ def list_tasks() -> list[str]:
 from . import squad, triviaqa  # noqa: E402,F401  (registers the built-in tasks)
 
 # tasks with heavier modules: registered lazily, so that `get_task("needle")` works without importing them first
-for _name, _target in {"needle": "needle:NeedleTask", "locomo": "locomo:LocomoTask", "mmlu": "mmlu:MMLUTask",
-                       "pg19": "pg19:PG19Task"}.items():
+for _name, _target in {"needle": "needle:NeedleTask", "locomo": "locomo:LocomoTask"}.items():
     if _name not in _TASKS.names():
         _TASKS.register(_name, f"nativemem.bench.tasks.{_target}")

@@ -322,20 +322,14 @@ def _metrics(scores: dict[str, list[float]], reference: dict[str, Any], mmlu, se
 
 def _comparisons(names: list[str], per_arm: dict[str, dict[str, list[float]]], seed: int) -> list[dict[str, Any]]:
     """Paired tests of every arm against ``none`` (and ``pkm_gated`` against ``pkm``)."""
-    from ..stats import compare_paired
+    from ..stats import paired_comparisons
 
-    comparisons = []
     pairs = [(a, "none") for a in names if a != "none"]
     if "pkm" in names and "pkm_gated" in names:
         pairs.append(("pkm_gated", "pkm"))
-    for a, b in pairs:
-        for metric, binary in (("recall", True), ("recall_paraphrase", True), ("recall_reverse", True),
-                               ("mmlu_acc", True), ("passage_nll", False)):
-            xs, ys = per_arm[a][metric], per_arm[b][metric]
-            if xs and ys:
-                comparisons.append({"a": a, "b": b, "metric": metric,
-                                    **compare_paired(xs, ys, binary=binary, seed=seed)})
-    return comparisons
+    metrics = ("recall", "recall_paraphrase", "recall_reverse", "mmlu_acc", "passage_nll")
+    per_item = {a: {(m, i): {m: v} for m in metrics for i, v in enumerate(per_arm[a][m])} for a in names}
+    return paired_comparisons(per_item, pairs=pairs, binary=lambda m: m != "passage_nll", seed=seed, metrics=metrics)
 
 
 def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated", "rag_bm25"), num_facts: int = 100,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
+from ..stats import means_with_ci, paired_comparisons
 from . import Chunk, QAItem, Task, TaskData, register_task
 from .locomo_metric import CATEGORIES, NOT_MENTIONED, locomo_score, resolve_option
 
@@ -226,14 +227,9 @@ def _run_conversation(arm, name: str, sid: str, lm, pool, items, task, k: int, c
 def _summarise(scores: dict[str, dict[str, float] | None], c: dict[str, Any], seed: int) -> dict[str, Any]:
     """An arm's metrics with bootstrap intervals, per-category counts and costs."""
     from ..runner import peak_rss_bytes
-    from ..stats import bootstrap_mean_ci
 
     per_item = list(scores.values())
-    metrics, ci95 = {}, {}
-    for m in sorted({m for s in per_item if s for m in s}):
-        vals = [s[m] for s in per_item if s is not None and m in s]
-        metrics[m] = sum(vals) / len(vals) if vals else None
-        ci95[m] = list(bootstrap_mean_ci(vals, seed=seed)) if vals else None
+    metrics, ci95 = means_with_ci(scores, seed=seed)
     scored = [s for s in per_item if s is not None]
     skipped = len(per_item) - len(scored)
     return {
@@ -250,24 +246,6 @@ def _summarise(scores: dict[str, dict[str, float] | None], c: dict[str, Any], se
                  "context_items": c["with_context"]},
         "notes": c["notes"],
     }
-
-
-def _compare(arms: list[str], arm_results: dict[str, Any], scores: dict[str, dict[str, Any]],
-             seed: int) -> list[dict[str, Any]]:
-    """Paired comparisons of every pair of arms on every metric both have."""
-    from ..stats import compare_paired
-
-    comparisons = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            names = sorted(set(arm_results[a]["metrics"]) & set(arm_results[b]["metrics"]))
-            for m in names:
-                pairs = [(scores[a][iid][m], scores[b][iid][m]) for iid in scores[a]
-                         if scores[a][iid] and scores[b].get(iid) and m in scores[a][iid] and m in scores[b][iid]]
-                comp = compare_paired([p[0] for p in pairs], [p[1] for p in pairs],
-                                      binary=m in ("f1_adversarial",) or m.startswith("hit@"), seed=seed)
-                comparisons.append({"a": a, "b": b, "metric": m, **comp})
-    return comparisons
 
 
 def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data: str | Path | None = None,
@@ -329,7 +307,8 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
                     setattr(arm, attr, value if attr == "max_prompt_tokens" else dict(value))
             records += _run_conversation(arm, name, sid, lm, pool, items, task, k, cost[name], scores[name], progress)
     arm_results = {name: _summarise(scores[name], cost[name], seed) for name in arms}
-    comparisons = _compare(arms, arm_results, scores, seed)
+    comparisons = paired_comparisons({a: scores[a] for a in arms}, seed=seed,
+                                     binary=lambda m: m == "f1_adversarial" or m.startswith("hit@"))
     results = {
         "schema_version": 1, "task": "locomo", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
         "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

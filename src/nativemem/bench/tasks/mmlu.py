@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -38,14 +37,14 @@ from typing import Any
 import torch
 
 from ...errors import DataError, InputError
-from . import Task, TaskData, data_root, register_task
+from . import data_root
 
-__all__ = ["MMLUItem", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "save_lora_state",
-           "load_lora_state", "MMLU_ARMS"]
+__all__ = ["MMLUItem", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "MMLU_ARMS"]
 
 MMLU_ARMS = ("none", "side_ffn", "lora")
 LETTERS = ("A", "B", "C", "D")
 VERSION = "1"
+DEFAULT_PATH = "mmlu"
 
 
 @dataclass(frozen=True)
@@ -116,51 +115,6 @@ def build_prompt(item: MMLUItem, shots: Sequence[MMLUItem]) -> tuple[str, str]:
     """(few-shot prefix, question part) of the 5-shot prompt."""
     head = f"The following are multiple choice questions (with answers) about {item.subject.replace('_', ' ')}.\n\n"
     return head + "".join(_format(s, True) for s in shots), _format(item, False)
-
-
-@register_task("mmlu")
-class MMLUTask(Task):
-    """MMLU drift after memorising a book (a logits task: use :func:`run_mmlu`)."""
-
-    version = VERSION
-    default_path = "mmlu"
-    arms = MMLU_ARMS
-
-    def load(self, path: Path) -> TaskData:
-        raise DataError("mmlu scores answer letters by their logits, not by generation: run it with "
-                        "nativemem.bench.tasks.mmlu.run_mmlu (arms none, side_ffn, lora)")
-
-    @classmethod
-    def run(cls, lm, **kwargs) -> dict[str, Any]:
-        return run_mmlu(lm, **kwargs)
-
-
-# ---------------------------------------------------------------------- LoRA states on disk
-def save_lora_state(lora, path: str | Path) -> Path:
-    """Save trained LoRA adapters (safetensors + a JSON with rank, alpha, targets and the model fingerprint)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in lora.snapshot().items()}, str(path / "lora.safetensors"))
-    meta = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": lora.target_modules, "seed": lora.seed,
-            "fingerprint": lora.lm.fingerprint.to_dict()}
-    (path / "lora.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return path
-
-
-def load_lora_state(lm, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(meta, tensors) of :func:`save_lora_state`; checks the model fingerprint."""
-    from safetensors.torch import load_file
-
-    from ...fingerprint import Fingerprint
-
-    path = Path(path)
-    if not (path / "lora.json").is_file():
-        raise DataError(f"{path}: no lora.json (save LoRA states with save_lora_state)")
-    meta = json.loads((path / "lora.json").read_text())
-    Fingerprint.from_dict(meta["fingerprint"]).check(lm.fingerprint, what="LoRA state")
-    return meta, load_file(str(path / "lora.safetensors"), device=str(lm.device))
 
 
 # ---------------------------------------------------------------------- scoring
@@ -267,99 +221,72 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
         progress: progress bars.
     """
     from ...memories import open_memory
-    from ...memories.side_ffn import LoRABaseline, SideFFNConfig, SideFFNMemory, StreamOptions, stream
+    from ..lora import LoRABaseline, load_lora_state
+    from ..streaming import stream_trained
     arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
     bad = [a for a in arms if a not in MMLU_ARMS]
     if bad or not arms:
         raise InputError(f"unknown mmlu arms {bad}; use {', '.join(MMLU_ARMS)}")
-    path = Path(data) if data is not None else data_root() / MMLUTask.default_path
+    path = Path(data) if data is not None else data_root() / DEFAULT_PATH
     dev, test = load_mmlu(path)
     items = select_items(test, per_subject, seed)[:limit]
     per_arm: dict[str, list[dict[str, Any]]] = {}
     info: dict[str, dict[str, Any]] = {}
     ids = None
-    opts = StreamOptions(window=window, context=context, steps=steps)
+    stream_opts = {"window": window, "context": context, "steps": steps}
     base_params = sum(p.numel() for p in lm.model.parameters())
     for arm in arms:
         t0, cpu0 = time.perf_counter(), time.process_time()
         block: dict[str, Any] = {}
         if arm == "none":
             per_arm[arm] = _evaluate(lm, items, dev, shots, None, progress, "mmlu/none")
-        elif arm == "side_ffn":
-            if side_ffn_memory is not None:
-                mem = open_memory(side_ffn_memory, lm)
-                st = mem.stats()
-                block.update(source=str(side_ffn_memory), book_tokens=st["tokens_trained"], steps=st["steps"])
-            else:
-                ids = ids or _book_ids(lm, book, book_max_tokens)
-                mem = SideFFNMemory(lm, SideFFNConfig(width=width, lr=lr, window=window, context=context,
-                                                      memorize_tokens=window + 1, seed=seed))
-                mem.memorize(ids[: window + 1])
-                res = stream(lm.model, ids, mem, StreamOptions(window=window, context=context, steps=steps, lr=lr),
-                             max_context=lm.max_context)
-                mem.record(res, metadata={"source": str(book)})
-                block.update(source=str(book), book_tokens=res.tokens, book_ppl=res.ppl, steps=res.steps,
-                             stopped=res.stopped, train_cpu_s=time.process_time() - cpu0)
-            block["extra_params"] = mem.num_parameters
+        elif arm == "side_ffn" and side_ffn_memory is not None:
+            mem = open_memory(side_ffn_memory, lm)
+            st = mem.stats()
+            block.update(source=str(side_ffn_memory), book_tokens=st["tokens_trained"], steps=st["steps"],
+                         extra_params=mem.num_parameters)
             per_arm[arm] = _evaluate(lm, items, dev, shots, mem, progress, "mmlu/side_ffn")
-        else:
-            if lora_state is not None:
-                meta, state = load_lora_state(lm, lora_state)
-                lora = LoRABaseline(lm, rank=meta["rank"], alpha=meta["alpha"], target_modules=meta["target_modules"],
-                                    seed=meta.get("seed", 0))
-                block["source"] = str(lora_state)
-            else:
-                meta, state = None, None
-                lora = LoRABaseline(lm, rank=lora_rank, seed=seed)
-            with lora:
-                if state is not None:
-                    lora.restore(state)
-                else:
-                    ids = ids or _book_ids(lm, book, book_max_tokens)
-                    res = lora.train_stream(ids, StreamOptions(window=window, context=context, steps=steps,
-                                                               lr=lora_lr))
-                    block.update(source=str(book), book_tokens=res.tokens, book_ppl=res.ppl, steps=res.steps,
-                                 stopped=res.stopped, train_cpu_s=time.process_time() - cpu0)
-                block["extra_params"] = lora.num_parameters
+        elif arm == "lora" and lora_state is not None:
+            meta, state = load_lora_state(lm, lora_state)
+            with LoRABaseline(lm, rank=meta["rank"], alpha=meta["alpha"], target_modules=meta["target_modules"],
+                              seed=meta.get("seed", 0)) as lora:
+                lora.restore(state)
+                block.update(source=str(lora_state), extra_params=lora.num_parameters)
                 per_arm[arm] = _evaluate(lm, items, dev, shots, None, progress, "mmlu/lora")
+        else:  # learn the book as pg19 streams it, then ask
+            ids = ids or _book_ids(lm, book, book_max_tokens)
+            with stream_trained(arm, lm, ids, stream=stream_opts, lr=lr, lora_lr=lora_lr, seed=seed,
+                                side_ffn={"width": width}, lora={"rank": lora_rank}, source=str(book)) as done:
+                res = done.result
+                block.update(source=str(book), book_tokens=res.tokens, book_ppl=res.ppl, steps=res.steps,
+                             stopped=res.stopped, train_cpu_s=time.process_time() - cpu0,
+                             extra_params=done.parameters)
+                per_arm[arm] = _evaluate(lm, items, dev, shots, done.memory, progress, f"mmlu/{arm}")
         block.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0)
         block["extra_params_pct"] = 100.0 * block.get("extra_params", 0) / base_params
         info[arm] = block
-    return _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, opts)
+    return _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, stream_opts)
 
 
 def _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, opts) -> dict[str, Any]:
     from ..results import write_items, write_results
-    from ..stats import bootstrap_mean_ci, compare_paired
+    from ..stats import means_with_ci, paired_comparisons
 
     arm_blocks, records = {}, []
-    by_id = {a: {r["id"]: r for r in per_arm[a]} for a in arms}
+    scores = {a: {r["id"]: None if r["skipped"] else {"accuracy": r["correct"], "logprob_correct": r["logprob_correct"]}
+                  for r in per_arm[a]} for a in arms}
     for a in arms:
-        scored = [r for r in per_arm[a] if not r["skipped"]]
-        acc = [r["correct"] for r in scored]
-        lp = [r["logprob_correct"] for r in scored]
+        skipped = sum(1 for r in per_arm[a] if r["skipped"])
+        metrics, ci95 = means_with_ci(scores[a], seed=seed, metrics=("accuracy", "logprob_correct"))
         arm_blocks[a] = {
-            "n": len(per_arm[a]), "scored": len(scored), "skipped": len(per_arm[a]) - len(scored),
-            "skipped_reasons": {"context_overflow": len(per_arm[a]) - len(scored)} if len(scored) < len(per_arm[a])
-            else {},
-            "metrics": {"accuracy": sum(acc) / len(acc) if acc else None,
-                        "logprob_correct": sum(lp) / len(lp) if lp else None},
-            "ci95": {"accuracy": list(bootstrap_mean_ci(acc, seed=seed)) if acc else None,
-                     "logprob_correct": list(bootstrap_mean_ci(lp, seed=seed)) if lp else None},
+            "n": len(per_arm[a]), "scored": len(per_arm[a]) - skipped, "skipped": skipped,
+            "skipped_reasons": {"context_overflow": skipped} if skipped else {}, "metrics": metrics, "ci95": ci95,
             "cost": {k: v for k, v in info[a].items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "memory": info[a],
         }
         records += [{"arm": a, **r} for r in per_arm[a]]
-    comparisons = []
-    for a in arms:
-        if a == "none" or "none" not in arms:
-            continue
-        keys = [k for k, r in by_id[a].items() if not r["skipped"] and not by_id["none"][k]["skipped"]]
-        for metric, binary in (("accuracy", True), ("logprob_correct", False)):
-            field = "correct" if metric == "accuracy" else metric
-            comp = compare_paired([by_id[a][k][field] for k in keys], [by_id["none"][k][field] for k in keys],
-                                  binary=binary, seed=seed)
-            comparisons.append({"a": a, "b": "none", "metric": metric, **comp})
+    comparisons = paired_comparisons(scores, pairs=[(a, "none") for a in arms if a != "none" and "none" in arms],
+                                     binary=lambda m: m == "accuracy", seed=seed, metrics=("accuracy", "logprob_correct"))
     drift = {c["a"]: {"points": 100 * c["diff"], "ci95_points": [100 * x for x in c["ci95"]] if c["ci95"] else None,
                       "p_value": c["p_value"]} for c in comparisons if c["metric"] == "accuracy"}
     results = {
@@ -367,8 +294,8 @@ def _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, 
         "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n": len(items), "seed": seed,
         "config": {"arms": list(arms), "data": str(Path(path).resolve()), "per_subject": per_subject, "shots": shots,
-                   "subjects": len({i.subject for i in items}), "window": opts.window, "context": opts.context,
-                   "steps": opts.steps, "answer_by": "argmax of the next-token logits of ' A', ' B', ' C', ' D'"},
+                   "subjects": len({i.subject for i in items}), "window": opts["window"], "context": opts["context"],
+                   "steps": opts["steps"], "answer_by": "argmax of the next-token logits of ' A', ' B', ' C', ' D'"},
         "higher_is_better": {"accuracy": True, "logprob_correct": True},
         "arms": arm_blocks, "comparisons": comparisons, "drift_vs_none": drift,
     }

@@ -34,12 +34,13 @@ from typing import Any
 
 from ...errors import DataError, InputError
 from ...text import check_text
-from . import Task, TaskData, data_root, register_task
+from ..streaming import STREAM_ARMS
+from . import data_root
 
-__all__ = ["Book", "PG19Options", "PG19Task", "cut_gutenberg", "load_books", "run_pg19", "STREAM_ARMS"]
+__all__ = ["Book", "PG19Options", "cut_gutenberg", "load_books", "run_pg19", "STREAM_ARMS"]
 
-STREAM_ARMS = ("window_only", "side_ffn", "lora")
 VERSION = "1"
+DEFAULT_PATH = "pg19"
 
 _START = re.compile(r"\*\*\*\s*START OF[^*]*\*\*\*", re.IGNORECASE)
 _END = re.compile(r"\*\*\*\s*END OF[^*]*\*\*\*", re.IGNORECASE)
@@ -133,55 +134,23 @@ class PG19Options:
         return opts
 
 
-@register_task("pg19")
-class PG19Task(Task):
-    """PG-19 online language modelling (a streaming task: use :func:`run_pg19`)."""
-
-    version = VERSION
-    default_path = "pg19"
-    arms = STREAM_ARMS
-
-    def load(self, path: Path) -> TaskData:
-        raise DataError("pg19 is a streaming perplexity task without questions: run it with "
-                        "nativemem.bench.tasks.pg19.run_pg19 (arms window_only, side_ffn, lora)")
-
-    @classmethod
-    def run(cls, lm, **kwargs) -> dict[str, Any]:
-        """Entry point for a runner that delegates to tasks with their own loop."""
-        return run_pg19(lm, **kwargs)
-
-
 def _stream_arm(arm: str, lm, ids, opts: PG19Options, seed: int, progress, save: Path | None = None
                 ) -> tuple[Any, int]:
     """Run one arm over one book's ids; returns (StreamResult, extra parameters). Saves the state to ``save``."""
-    from ...memories.side_ffn import LoRABaseline, SideFFNConfig, SideFFNMemory, StreamOptions, stream
+    from ..lora import save_lora_state
+    from ..streaming import stream_trained
 
     common = dict(window=opts.window, context=opts.context, steps=opts.steps, loss=opts.loss,
                   context_grad=opts.context_grad)
-    if arm == "window_only":
-        return stream(lm.model, ids, None, StreamOptions(**common), max_context=lm.max_context,
-                      progress=progress), 0
-    if arm == "side_ffn":
-        mem = SideFFNMemory(lm, SideFFNConfig(width=opts.width, layers=opts.layers, init=opts.init, lr=opts.lr,
-                                              window=opts.window, context=opts.context, seed=seed,
-                                              memorize_tokens=opts.window + 1))
-        mem.memorize(ids[: opts.window + 1])  # the first window (values zero: it is still scored unchanged)
-        result = stream(lm.model, ids, mem, StreamOptions(lr=opts.lr, **common), max_context=lm.max_context,
-                        progress=progress)
-        mem.record(result, metadata={"source": "pg19"})
-        if save is not None:
-            mem.save(save)
-        return result, mem.num_parameters
-    if arm == "lora":
-        with LoRABaseline(lm, rank=opts.lora_rank, alpha=opts.lora_alpha, target_modules=opts.lora_targets,
-                          seed=seed) as lora:
-            result = lora.train_stream(ids, StreamOptions(lr=opts.lora_lr, **common), progress=progress)
-            if save is not None:
-                from .mmlu import save_lora_state
-
-                save_lora_state(lora, save)
-            return result, lora.num_parameters
-    raise InputError(f"unknown pg19 arm {arm!r}; use {', '.join(STREAM_ARMS)}")
+    with stream_trained(arm, lm, ids, stream=common, lr=opts.lr, lora_lr=opts.lora_lr, seed=seed, progress=progress,
+                        side_ffn={"width": opts.width, "layers": opts.layers, "init": opts.init},
+                        lora={"rank": opts.lora_rank, "alpha": opts.lora_alpha, "target_modules": opts.lora_targets},
+                        source="pg19") as done:
+        if save is not None and done.memory is not None:
+            done.memory.save(save)
+        if save is not None and done.lora is not None:
+            save_lora_state(done.lora, save)
+        return done.result, done.parameters
 
 
 def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: str | Path | None = None,
@@ -218,7 +187,7 @@ def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: st
     opts = PG19Options.from_options(options)
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive number of books, got {limit}")
-    path = Path(data) if data is not None else data_root() / PG19Task.default_path
+    path = Path(data) if data is not None else data_root() / DEFAULT_PATH
     books = load_books(path)[:limit]
     base_params = sum(p.numel() for p in lm.model.parameters())
     threads_before = torch.get_num_threads()
@@ -289,7 +258,7 @@ def _relative_to_window_only(arms: dict[str, dict[str, Any]]) -> None:
 
 
 def _results(lm, arms, opts, path, limit, seed, base_params, books, per_arm, peak_rss) -> dict[str, Any]:
-    from ..stats import bootstrap_mean_ci, compare_paired
+    from ..stats import bootstrap_mean_ci, paired_comparisons
 
     ref = per_arm.get("window_only")
     arm_blocks = {}
@@ -311,14 +280,8 @@ def _results(lm, arms, opts, path, limit, seed, base_params, books, per_arm, pea
             "books_below_window_only": sum(1 for b in books if b["arms"][arm].get("below_window_only")),
             "stopped": acc["stopped"],
         }
-    comparisons = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            xa = {(bk, w): v for bk, w, v in per_arm[a]["window_nll"]}
-            xb = {(bk, w): v for bk, w, v in per_arm[b]["window_nll"]}
-            keys = [k for k in xa if k in xb]
-            comp = compare_paired([xa[k] for k in keys], [xb[k] for k in keys], binary=False, seed=seed)
-            comparisons.append({"a": a, "b": b, "metric": "nll", **comp})
+    windows = {a: {(bk, w): {"nll": v} for bk, w, v in per_arm[a]["window_nll"]} for a in arms}
+    comparisons = paired_comparisons(windows, binary=lambda m: False, seed=seed)
     return {
         "schema_version": 1, "task": "pg19", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
         "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

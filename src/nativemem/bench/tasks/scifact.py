@@ -81,7 +81,7 @@ def _doc_text(doc: dict) -> str:
     return f"{doc['title']} {doc['text']}".strip() if doc["title"] else doc["text"]
 
 
-def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None = None,
+def run_scifact(lm, *, arms: Sequence[str] = RANKERS, data: str | Path | None = None,
                 qrels: str | Path = "qrels/train.tsv", limit: int | None = None, corpus_limit: int | None = None,
                 fit_fraction: float = 0.3, out: str | Path = "results/scifact", seed: int = 0, depth: int = 100,
                 progress: bool = True, memory_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
 
     Args:
         lm: the LanguageModel whose own states are evaluated (the bm25 and minilm rankers ignore it).
-        rankers: names from :data:`RANKERS`.
+        arms: rankers, names from :data:`RANKERS`.
         data: BEIR folder (default ``scifact/`` under the data root).
         qrels: judgements, relative to ``data`` or absolute.
         limit: evaluate at most this many queries (after the fit split, seeded order).
@@ -102,8 +102,9 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
     from ir_measures import R, nDCG
 
     from ...retrieval import BM25Retriever, DenseRetriever
-    from ..stats import bootstrap_mean_ci, compare_paired
+    from ..stats import means_with_ci, paired_comparisons
 
+    rankers = list(arms)
     unknown = [r for r in rankers if r not in RANKERS]
     if unknown or not rankers:
         raise InputError(f"unknown ranker(s) {unknown}; choose from {', '.join(RANKERS)}")
@@ -149,25 +150,17 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
         costs[name] = {"index_s": index_s, "query_s_total": time.perf_counter() - start - index_s,
                        "bytes_stored": int(nbytes)}
     measures = [nDCG @ 10, R @ 100]
-    per_query: dict[str, dict[str, dict[str, float]]] = {}
+    per_item: dict[str, dict[str, dict[str, float]]] = {}  # ranker -> query -> measure (0 where none came back)
     results_arms = {}
     for name, run in runs.items():
         pq: dict[str, dict[str, float]] = {}
         for m in ir_measures.iter_calc(measures, eval_qrels, run):
             pq.setdefault(m.query_id, {})[str(m.measure)] = float(m.value)
-        per_query[name] = pq
         agg = {str(k): float(v) for k, v in ir_measures.calc_aggregate(measures, eval_qrels, run).items()}
-        ci = {k: list(bootstrap_mean_ci([pq.get(q, {}).get(k, 0.0) for q in eval_q], seed=seed)) for k in agg}
+        per_item[name] = {q: {k: pq.get(q, {}).get(k, 0.0) for k in agg} for q in eval_q}
+        ci = means_with_ci(per_item[name], seed=seed, metrics=list(agg))[1]
         results_arms[name] = {"n": len(eval_q), "metrics": agg, "ci95": ci, "cost": costs[name]}
-    comparisons = []
-    names = list(runs)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for metric in ("nDCG@10", "R@100"):
-                xs = [per_query[a].get(q, {}).get(metric, 0.0) for q in eval_q]
-                ys = [per_query[b].get(q, {}).get(metric, 0.0) for q in eval_q]
-                comparisons.append({"a": a, "b": b, "metric": metric, **compare_paired(xs, ys, binary=False,
-                                                                                       seed=seed)})
+    comparisons = paired_comparisons(per_item, binary=lambda m: False, seed=seed, metrics=("nDCG@10", "R@100"))
     fp = getattr(lm, "fingerprint", None)
     results = {
         "task": "scifact", "task_version": "1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -186,7 +179,7 @@ def run_scifact(lm, *, rankers: Sequence[str] = RANKERS, data: str | Path | None
             for q in eval_q:
                 top = sorted(run[q].items(), key=lambda t: -t[1])[:10]
                 f.write(json.dumps({"arm": name, "query_id": q, "query": queries[q], "relevant": eval_qrels[q],
-                                    "metrics": per_query[name].get(q, {}), "top10": [d for d, _ in top]}) + "\n")
+                                    "metrics": per_item[name][q], "top10": [d for d, _ in top]}) + "\n")
     if memory is not None:
         memory.close()
         del memory

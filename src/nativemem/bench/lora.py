@@ -1,4 +1,7 @@
-"""LoRA baseline (peft), trained by the same streaming loop as the side-FFN memory.
+"""The LoRA baseline of the benchmarks (peft), trained by the same streaming loop as the side-FFN memory.
+
+LoRA is not a memory kind of the library: it lives with the benchmark that compares against it. Every
+benchmark that runs a ``lora`` arm (QA per document, facts, PG-19, MMLU) builds it here.
 
 The Temp-LoRA recipe as Locas (arXiv 2602.05085) runs it (LoRA on all linear layers, values B = 0 so the start is
 an exact no-op) with our loop: the same windows, context, optimiser (AdamW, no weight decay), steps
@@ -13,17 +16,19 @@ before.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...errors import InputError
-from .ttt import StreamOptions, StreamResult, stream
+from ..errors import DataError, InputError
+from ..memories.side_ffn.ttt import StreamOptions, StreamResult, stream
 
-__all__ = ["LoRABaseline"]
+__all__ = ["LoRABaseline", "save_lora_state", "load_lora_state"]
 
 
 class LoRABaseline:
@@ -113,3 +118,30 @@ class LoRABaseline:
     def describe(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
                 "parameters": self.num_parameters}
+
+
+def save_lora_state(lora: LoRABaseline, path: str | Path) -> Path:
+    """Save trained LoRA adapters (safetensors + a JSON with rank, alpha, targets and the model fingerprint)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in lora.snapshot().items()}, str(path / "lora.safetensors"))
+    meta = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": lora.target_modules, "seed": lora.seed,
+            "fingerprint": lora.lm.fingerprint.to_dict()}
+    (path / "lora.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def load_lora_state(lm, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, tensors) of :func:`save_lora_state`; checks the model fingerprint."""
+    from safetensors.torch import load_file
+
+    from ..fingerprint import Fingerprint
+
+    path = Path(path)
+    if not (path / "lora.json").is_file():
+        raise DataError(f"{path}: no lora.json (save LoRA states with save_lora_state)")
+    meta = json.loads((path / "lora.json").read_text())
+    Fingerprint.from_dict(meta["fingerprint"]).check(lm.fingerprint, what="LoRA state")
+    return meta, load_file(str(path / "lora.safetensors"), device=str(lm.device))
