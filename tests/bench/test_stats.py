@@ -54,3 +54,18 @@ def test_compare_paired_fields():
     assert compare_paired([], [], binary=True)["p_value"] is None
     with pytest.raises(ValueError):
         compare_paired([1], [1, 0], binary=True)
+
+
+def test_paired_comparisons_pair_the_items_both_arms_scored_on_the_metrics_both_have():
+    from nativemem.bench.stats import means_with_ci, paired_comparisons
+
+    a = {"q1": {"em": 1.0, "f1": 0.5}, "q2": {"em": 0.0, "f1": 0.25}, "q3": None, "q4": {"em": 1.0, "f1": 1.0}}
+    b = {"q1": {"em": 0.0}, "q2": {"em": 0.0}, "q3": {"em": 1.0}}  # no f1; q4 not asked
+    rows = paired_comparisons({"a": a, "b": b}, binary=lambda m: m == "em")
+    assert [(r["a"], r["b"], r["metric"], r["n"], r["test"]) for r in rows] == [("a", "b", "em", 2, "mcnemar_exact")]
+    assert rows[0]["diff"] == 0.5 and rows[0]["n_ab"] == 1
+    back = paired_comparisons({"a": a, "b": b}, pairs=[("b", "a")], binary=lambda m: False, metrics=("f1", "em"))
+    assert [(r["a"], r["metric"], r["test"]) for r in back] == [("b", "em", "wilcoxon")]
+    means, ci = means_with_ci(a, metrics=("em", "f1", "hit@1"))
+    assert means == {"em": 2 / 3, "f1": 1.75 / 3, "hit@1": None} and ci["hit@1"] is None
+    assert ci["em"][0] <= 2 / 3 <= ci["em"][1]

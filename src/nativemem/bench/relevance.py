@@ -229,19 +229,18 @@ def _arm_block(arm: str, records: list[dict[str, Any]], seed: int) -> dict[str, 
 
 
 def _comparisons(arms: list[str], records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    from .stats import compare_paired
+    from .stats import paired_comparisons
 
-    out = []
-    rows = {"contains_answerable": ([r for r in records if r["kind"] == "answerable"], "contains"),
-            "agree_none_unanswerable": ([r for r in records if r["kind"] != "answerable"], "agree_none"),
-            "overall_per_question": (records, "score")}
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            for metric, (subset, key) in rows.items():
-                out.append({"a": a, "b": b, "metric": metric, **compare_paired(
-                    [r["arms"][a][key] for r in subset], [r["arms"][b][key] for r in subset], binary=True,
-                    seed=seed)})
-    return out
+    def scores(arm: str) -> dict[int, dict[str, float]]:
+        out = {}
+        for i, r in enumerate(records):
+            row = r["arms"][arm]
+            out[i] = {("contains_answerable" if r["kind"] == "answerable" else "agree_none_unanswerable"):
+                      row["contains" if r["kind"] == "answerable" else "agree_none"], "overall_per_question": row["score"]}
+        return out
+
+    return paired_comparisons({a: scores(a) for a in arms}, binary=lambda m: True, seed=seed,
+                              metrics=("contains_answerable", "agree_none_unanswerable", "overall_per_question"))
 
 
 def _calibration(records: list[dict[str, Any]]) -> dict[str, Any]:

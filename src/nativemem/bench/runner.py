@@ -33,7 +33,7 @@ from .arms import Arm, ArmOutput, get_arm
 from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
 from ..prompting import build_messages
 from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
-from .stats import bootstrap_mean_ci, compare_paired
+from .stats import compare_paired, means_with_ci
 from .tasks import QAItem, get_task
 
 __all__ = ["run_benchmark", "merge_runs", "peak_rss_bytes"]
@@ -127,11 +127,7 @@ def _summarise(
         for name in s or ():
             if name not in names:
                 names.append(name)
-    metrics, ci95 = {}, {}
-    for name in names:
-        values = [s[name] for s in scores if s is not None and name in s]
-        metrics[name] = _mean(values)
-        ci95[name] = list(bootstrap_mean_ci(values, seed=seed)) if values else None
+    metrics, ci95 = means_with_ci(dict(enumerate(scores)), seed=seed, metrics=names)
     cost.update(
         ttft_median_s=_median([o.ttft_s for o in scored if o.ttft_s is not None]),
         prompt_tokens_mean=_mean([o.prompt_tokens for o in scored]),
