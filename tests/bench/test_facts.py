@@ -119,6 +119,21 @@ def test_a_facts_file_and_unknown_arms(lm, data_dir, tmp_path):
     assert json.loads((tmp_path / "f" / "results.json").read_text())["config"]["data"] == str(path)
 
 
+def test_the_side_ffn_and_lora_arms_take_their_options(lm, data_dir, tmp_path):
+    common = dict(num_facts=2, data_dir=data_dir, paraphrase_limit=1, ppl_passages=1, passage_words=20, mmlu_limit=1,
+                  gate_passages=0, gate_questions=0, max_new_tokens=4, overhead=False, progress=False,
+                  memory_options={"phrasings": 2, "max_epochs": 2, "batch_size": 4})
+    sizes = []
+    for width, rank in ((2, 1), (4, 2)):
+        res = run_facts_benchmark(lm, arms=["side_ffn", "lora"], out=tmp_path / f"w{width}", baseline_lr=0.05,
+                                  side_ffn_options={"width": width, "layers": [1]}, lora_rank=rank, **common)
+        side, lora = res["arms"]["side_ffn"]["cost"], res["arms"]["lora"]["cost"]
+        assert side["phrasings"] == lora["phrasings"] == 2 and side["epochs"] <= 2
+        sizes.append((side["parameters"], lora["parameters"]))
+    assert sizes[1][0] == 2 * sizes[0][0] and sizes[1][1] == 2 * sizes[0][1]  # width and rank reached the arms
+    assert count_hooks(lm.model) == 0
+
+
 def test_forward_overhead_reports_both_times(lm):
     from nativemem.memories.pkm import PKMConfig, PKMMemory
 

@@ -338,7 +338,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
                         paraphrase_limit: int = 200, ppl_passages: int = 16, passage_words: int = 180,
                         mmlu_limit: int = 200, gate_passages: int = 32, gate_questions: int = 200, k: int = 3,
                         max_new_tokens: int = 24, memory_options: dict[str, Any] | None = None,
-                        overhead: bool = True, progress: bool = True) -> dict[str, Any]:
+                        side_ffn_options: dict[str, Any] | None = None, baseline_lr: float = 1e-3,
+                        lora_rank: int = 8, overhead: bool = True, progress: bool = True) -> dict[str, Any]:
     """Run the facts benchmark (see the module docstring) and write ``results.json`` and ``items.jsonl``.
 
     Args:
@@ -357,7 +358,11 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         gate_passages / gate_questions: extra closed-set examples for the gate (disjoint splits).
         k: sentences retrieved by ``rag_bm25``.
         max_new_tokens: generation cap per answer.
-        memory_options: PKMConfig overrides for the pkm arms (``num_keys`` grows with the facts by default).
+        memory_options: PKMConfig overrides for the pkm arms (``num_keys`` grows with the facts by default); its
+            ``phrasings``, ``batch_size``, ``max_epochs`` and ``margin`` also set the side_ffn and lora arms' loop.
+        side_ffn_options: SideFFNConfig overrides of the side_ffn arm (``width``, ``layers``, ...).
+        baseline_lr: Adam learning rate of the side_ffn and lora arms.
+        lora_rank: rank of the lora arm's adapters.
         overhead: measure the pkm arms' forward overhead at 512 tokens.
         progress: print progress lines.
 
@@ -393,6 +398,7 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         gate_q = [q["question"] for q in mmlu_items(root, split="dev", limit=gate_questions // 2, seed=seed)]
         gate_q += squad_questions(root, gate_questions - len(gate_q), seed)
     options = {"k": k, "memory_options": memory_options, "gate_negatives": gate_neg, "gate_questions": gate_q,
+               "side_ffn_options": side_ffn_options, "baseline_lr": baseline_lr, "lora_rank": lora_rank,
                "progress_fn": (lambda e, a, loss: log(f"  epoch {e}: {a} facts trained, loss {loss:.3f}"))
                if progress else None}
     log(f"{len(facts)} facts, {len(recall_facts)} asked, {len(para_items)} paraphrases, {len(passages)} passages, "
