@@ -44,10 +44,6 @@ def build_server(lm, memory, *, user_id: str | None = None, max_new_tokens: int 
         "A long-term memory that lives in a language model's own representations. Store texts with `add`, find "
         "them with `search`, and ask questions answered with the relevant memories injected with `ask`."))
 
-    def mine(memory_id: str) -> dict[str, Any] | None:
-        rows = memory.store.index.get([memory_id])
-        return rows[0][1] if rows and rows[0][1].get("user_id") == user else None
-
     def record(pid: str, p: dict[str, Any]) -> dict[str, Any]:
         return {"id": pid, "text": p.get("text", ""), "source_id": p.get("source_id"),
                 "chunk_index": p.get("chunk_index"), "created": p.get("created")}
@@ -71,16 +67,14 @@ def build_server(lm, memory, *, user_id: str | None = None, max_new_tokens: int 
     def list_chunks(limit: int = 100, offset: int = 0) -> dict[str, Any]:
         if limit < 1 or offset < 0:
             raise ValueError("limit must be >= 1 and offset >= 0")
-        rows = [r for r in memory.store.index.scroll(user_id=user) if r[1].get("user_id") == user]
-        rows.sort(key=lambda r: (r[1].get("created", 0.0), r[1].get("source_id", ""), r[1].get("chunk_index", 0)))
-        return {"total": len(rows), "data": [record(pid, p) for pid, p in rows[offset: offset + limit]]}
+        page = memory.items(user_id=user_id or None, limit=limit, offset=offset)
+        return {"total": memory.count(user_id=user_id or None), "data": [record(item["id"], item) for item in page]}
 
     @server.tool(description="Delete a chunk (by its id) or every chunk of a source (by its source id).")
     @_clear_errors
     def delete(memory_id: str) -> dict[str, Any]:
-        ids = [memory_id] if mine(memory_id) else [
-            pid for pid, p in memory.store.index.scroll(user_id=user, field_name="source_id", values=[memory_id])
-            if p.get("user_id") == user]
+        ids = [memory_id] if memory.get(memory_id, user_id=user_id or None) else [
+            item["id"] for item in memory.items(user_id=user_id or None, source_id=memory_id, limit=1 << 30)]
         if not ids:
             raise ValueError("no such memory")
         for pid in ids:

@@ -150,6 +150,7 @@ def test_lifecycle_operations_work_or_name_the_kind(kind, lm, tmp_path):
     ok, items = supported("items", lambda: mem.items(user_id="alice"))
     if not ok:
         for op, call in (("get", lambda: mem.get("x", user_id="alice")), ("reset", lambda: mem.reset("alice")),
+                         ("count", lambda: mem.count(user_id="alice")),
                          ("export", lambda: mem.export(tmp_path / "e.jsonl")),
                          ("import", lambda: mem.import_file(tmp_path / "e.jsonl"))):
             assert not supported(op, call)[0]
@@ -159,6 +160,11 @@ def test_lifecycle_operations_work_or_name_the_kind(kind, lm, tmp_path):
             assert sorted(i["text"] for i in items) == sorted(TEXTS)
         assert mem.get(items[0]["id"], user_id="alice") == items[0]
         assert mem.get(items[0]["id"], user_id="bob") is None  # another user's id answers as a missing one
+        assert mem.count(user_id="alice") == len(items) and mem.count(user_id="bob") == 0
+        assert mem.items(user_id="alice", limit=1, offset=1) == items[1:2]
+        source = items[0]["source_id"]
+        assert mem.items(user_id="alice", source_id=source) == [i for i in items if i["source_id"] == source]
+        assert mem.items(user_id="bob", source_id=source) == []
         mem.export(tmp_path / "e.jsonl", user_id="alice")
         other = nm.open_memory(tmp_path / "other", lm, kind=kind, **CONFIGS.get(kind, {}))
         assert other.import_file(tmp_path / "e.jsonl").details["imported"] == len(items)

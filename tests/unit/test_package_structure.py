@@ -51,6 +51,15 @@ def test_nothing_outside_bench_and_cli_imports_the_benchmark_package():
     assert not offenders, offenders
 
 
+def test_the_server_mcp_and_consolidation_use_only_the_memory_contract():
+    """No reaching into a memory's store (index, payloads, catalog): items/get/count/delete are the contract's."""
+    root = Path(nativemem.__file__).parent
+    files = [*sorted((root / "server").glob("*.py")), root / "mcp_server.py", root / "consolidate.py"]
+    offenders = [f"{path.name}:{n}" for path in files
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if ".store." in line]
+    assert not offenders, offenders
+
+
 def test_no_import_circles_at_module_level():
     modules = _modules()
     graph = {name: {m for m in _imports(name, path, top_level_only=True) if m in modules and m != name}

@@ -207,10 +207,15 @@ class Memory(ABC):
     def _unsupported(self, op: str, why: str = "") -> UnsupportedError:
         return UnsupportedError(f"memory kind {self.kind!r} does not support {op}" + (f": {why}" if why else ""))
 
-    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0,
+              source_id: str | None = None) -> list[dict[str, Any]]:
         """The user's stored items, oldest first: ``id``, ``text``, ``source_id``, ``chunk_index``, ``created``,
-        ``metadata``."""
+        ``metadata``; with ``source_id``, only the items of that source."""
         raise self._unsupported("items")
+
+    def count(self, *, user_id: str | None = None) -> int:
+        """How many items the user has stored."""
+        raise self._unsupported("count")
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         """One of the user's items by id (as :meth:`items` gives it), or None; another user's id is None too."""
@@ -387,10 +392,15 @@ class RecordLifecycle:
         owner = self._owner(user_id)
         return [r for r in self._records() if (r.get("user_id") or "") == owner]
 
-    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0,
+              source_id: str | None = None) -> list[dict[str, Any]]:
         if limit < 1 or offset < 0:
             raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
-        return [self._item(r) for r in self._mine(user_id)[offset: offset + limit]]
+        mine = [r for r in self._mine(user_id) if source_id is None or r.get("source_id") == source_id]
+        return [self._item(r) for r in mine[offset: offset + limit]]
+
+    def count(self, *, user_id: str | None = None) -> int:
+        return len(self._mine(user_id))
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         rec = next((r for r in self._mine(user_id) if r["id"] == str(memory_id)), None)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
-from ..memories.activation.memory import Turns, oldest_first
+from ..memories.activation.memory import Turns
 from ..memories.base import Injection
 from ..model import GREEDY, Generation, Sampling
 from ..text import check_text
@@ -41,7 +41,9 @@ from .schemas import MAX_METADATA_CHARS
 
 log = logging.getLogger("nativemem.server")
 
-__all__ = ["Engine", "Stop", "Cancelled", "Answer", "Chat", "public_record"]
+__all__ = ["Engine", "Stop", "Cancelled", "Answer", "Chat", "public_record", "public_item"]
+
+_ALL = 1 << 30  # "every item" for the contract's items()
 
 
 class Cancelled(Exception):
@@ -93,6 +95,11 @@ class Chat:
     def answer(self, gen: Generation, parametric: list[str] | None = None,
                warnings: list[str] | None = None) -> Answer:
         return Answer(gen, list(self.chosen), list(parametric or []), list(self.considered), list(warnings or []))
+
+
+def public_item(item: dict[str, Any]) -> dict[str, Any]:
+    """What a caller sees of one of its stored chunks (an item of the memory contract): no user id."""
+    return public_record(item["id"], item)
 
 
 def public_record(point_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -305,20 +312,21 @@ class Engine:
                 for source in sources:
                     self._delete_source(source, user_id)
             raise
-        with turns.store():
-            rows = self.memory.store.index.get(receipt.ids)  # in write order: text by text, chunk by chunk
-        return {"object": "memory.add", "ids": [pid for pid, _ in rows], "source_ids": sources,
-                "data": [public_record(pid, p) for pid, p in rows], "notes": list(receipt.notes)}
+        with turns.store():  # in write order: text by text, chunk by chunk
+            stored = [self.memory.get(pid, user_id=user_id or None) for pid in receipt.ids]
+        stored = [item for item in stored if item is not None]
+        return {"object": "memory.add", "ids": [item["id"] for item in stored], "source_ids": sources,
+                "data": [public_item(item) for item in stored], "notes": list(receipt.notes)}
 
     def _store_turns(self) -> Turns:
         """Turns for a write whose caller holds ``model_lock``: the store lock is taken for each store step."""
         return Turns(store=lambda: self.store_lock)
 
-    def _delete_source(self, source: str, user_id: str) -> None:
-        rows = self.memory.store.index.scroll(user_id=user_id, field_name="source_id", values=[source],
-                                              with_payload=["user_id"])
-        for pid, _ in rows:
+    def _delete_source(self, source: str, user_id: str) -> list[str]:
+        ids = [item["id"] for item in self.memory.items(user_id=user_id or None, source_id=source, limit=_ALL)]
+        for pid in ids:
             self.memory.delete(pid)
+        return ids
 
     def search(self, query: str, *, user_id: str, k: int) -> list[dict[str, Any]]:
         """The caller's top-k chunks for ``query`` (call under ``model_lock``)."""
@@ -330,35 +338,23 @@ class Engine:
 
     def list(self, *, user_id: str, limit: int, offset: int) -> dict[str, Any]:
         with self.store_lock:
-            rows = self.memory.store.index.scroll(user_id=user_id)
-        rows = [r for r in rows if r[1].get("user_id") == user_id]
-        rows.sort(key=oldest_first)
-        page = rows[offset: offset + limit]
-        return {"object": "list", "data": [public_record(pid, p) for pid, p in page], "total": len(rows),
-                "offset": offset, "has_more": offset + limit < len(rows)}
+            page = self.memory.items(user_id=user_id or None, limit=limit, offset=offset)
+            total = self.memory.count(user_id=user_id or None)
+        return {"object": "list", "data": [public_item(item) for item in page], "total": total,
+                "offset": offset, "has_more": offset + limit < total}
 
     def get(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
         with self.store_lock:
-            rows = self.memory.store.index.get([memory_id])
-        for pid, p in rows:
-            if p.get("user_id") == user_id:
-                return public_record(pid, p)
-        return None
+            item = self.memory.get(memory_id, user_id=user_id or None)
+        return public_item(item) if item is not None else None
 
     def delete(self, memory_id: str, *, user_id: str) -> list[str] | None:
         """Delete one chunk, or every chunk of one source, of the caller; None when the caller has neither."""
         with self.store_lock:
-            index = self.memory.store.index
-            rows = [r for r in index.get([memory_id]) if r[1].get("user_id") == user_id]
-            if not rows:
-                rows = index.scroll(user_id=user_id, field_name="source_id", values=[memory_id],
-                                    with_payload=["user_id"])
-                rows = [r for r in rows if r[1].get("user_id") == user_id]
-            if not rows:
-                return None
-            for pid, _ in rows:
-                self.memory.delete(pid)
-        return [pid for pid, _ in rows]
+            if self.memory.get(memory_id, user_id=user_id or None) is not None:
+                self.memory.delete(memory_id)
+                return [memory_id]
+            return self._delete_source(memory_id, user_id) or None
 
     def remember(self, answer: Answer, messages: list[dict[str, str]], *, user_id: str) -> None:
         """Write the finished exchange (last user message, the answer) into the caller's memory; the cost and ids go
@@ -384,8 +380,7 @@ class Engine:
             if self.memory.get(memory_id, user_id=user_id or None) is None:
                 return None
             self.memory.update(memory_id, text=text, metadata=metadata, user_id=user_id or None)
-            rows = self.memory.store.index.get([memory_id])
-        return public_record(*rows[0])
+            return public_item(self.memory.get(memory_id, user_id=user_id or None))
 
     def history(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
         with self.store_lock:
@@ -467,6 +462,3 @@ class Engine:
         out["details"].pop("user_id", None)
         return {"object": "memory.consolidation", "into": into, **out}
 
-    def count(self) -> int:
-        with self.store_lock:
-            return self.memory.store.index.count()

@@ -210,10 +210,15 @@ class CatalogView:
         rows = [(mid, rec) for mid, rec in self.catalog.state().live.items() if (rec.get("user_id") or "") == user]
         return sorted(rows, key=oldest_first)
 
-    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0,
+              source_id: str | None = None) -> list[dict[str, Any]]:
         from .memory import item_of
 
-        return [item_of(mid, rec) for mid, rec in self._rows(user_id)[offset: offset + limit]]
+        rows = [r for r in self._rows(user_id) if source_id is None or r[1].get("source_id") == source_id]
+        return [item_of(mid, rec) for mid, rec in rows[offset: offset + limit]]
+
+    def count(self, *, user_id: str | None = None) -> int:
+        return len(self._rows(user_id))
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         from .memory import item_of

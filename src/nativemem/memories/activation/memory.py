@@ -1013,10 +1013,15 @@ class ActivationMemory(Memory):
         rows.sort(key=oldest_first)
         return rows
 
-    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def items(self, *, user_id: str | None = None, limit: int = 100, offset: int = 0,
+              source_id: str | None = None) -> list[dict[str, Any]]:
         if limit < 1 or offset < 0:
             raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
-        return [item_of(pid, p) for pid, p in self._user_rows(user_id)[offset: offset + limit]]
+        rows = [r for r in self._user_rows(user_id) if source_id is None or r[1].get("source_id") == source_id]
+        return [item_of(pid, p) for pid, p in rows[offset: offset + limit]]
+
+    def count(self, *, user_id: str | None = None) -> int:
+        return len(self._user_rows(user_id))
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         user = _check_user(user_id)
