@@ -35,10 +35,10 @@ class PKMConfig(MemoryConfig):
     layers: tuple[float, ...] = field(default=(0.5, 0.7, 0.9), metadata={
         "help": "memory layers: an int is a decoder-layer index (negative allowed), a float in [0, 1] a fraction "
                 "of depth (round(f * (num_layers - 1))). Default 0.5/0.7/0.9 = layers 14/20/26 of SmolLM2's 30 "
-                "(measured against 7/15/23, the note's §6 choice: same recall, ~40% less training time)"})
+                "(measured against 7/15/23: same recall, ~40% less training time)"})
     num_keys: int = field(default=128, metadata={
-        "help": "keys per half codebook (N); the pool holds N**2 slots. 128 -> 16,384 slots (note §6: m=128 "
-                "for <=1k facts); use 256 (65,536 slots) for several thousand facts"})
+        "help": "keys per half codebook (N); the pool holds N**2 slots. 128 -> 16,384 slots (enough "
+                "for ~4k facts at 4 slots each); use 256 (65,536 slots) for several thousand facts"})
     heads: int = field(default=4, metadata={"help": "query heads (H); Meta and Lample use 4"})
     top_k: int = field(default=8, metadata={
         "help": "top-k per half and slots read per head (K); each token reads heads*top_k slots per layer"})
@@ -96,7 +96,7 @@ class PKMConfig(MemoryConfig):
                 "elsewhere) | soft: the memory output is scaled by the gate value"})
     gate_threshold: float = field(default=0.5, metadata={"help": "open/closed threshold of the hard gate"})
     gate_steps: int = field(default=300, metadata={"help": "Adam steps of gate training (batches of 1024 tokens)"})
-    gate_lr: float = field(default=2e-3, metadata={"help": "learning rate of gate training (note §4)"})
+    gate_lr: float = field(default=2e-3, metadata={"help": "learning rate of gate training (Adam)"})
     seed: int = field(default=0, metadata={"help": "seed of the random router and projections"})
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ Linear(h, 1) on the layer's normalised MLP input, and the memory output is multi
 (``soft``) or by 1[sigmoid(g) > threshold] (``hard``, the default: the memory is not even computed on
 closed tokens, so general text passes through unchanged).
 
-Training (:func:`fit_gates`, recipe of note §4 v6): backbone and memory frozen; gate inputs are cached
+Training (:func:`fit_gates`): backbone and memory frozen; gate inputs are cached
 with the memory on and the gate off. Labels per token:
 
 - **open (1)**: every token of a stored fact after the shared chat prefix (question, assistant header and

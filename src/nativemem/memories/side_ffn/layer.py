@@ -5,8 +5,9 @@ One :class:`SideFFNLayer` per decoder layer computes
     memory(x) = τ · clip(V)ᵀ (act(clip(G) x) ⊙ clip(K) x)        x: (B, T, D)
 
 with G, K, V of shape (M, D) (one row per memory neuron: gate, up/key, value), ``act`` the backbone
-MLP's own activation, τ = mean L2 norm of the backbone down-projection columns / width (research
-note §1.4), and clip(w) = w / max(‖w‖, 1) per row, a differentiable reparametrisation (§1.5). Its
+MLP's own activation, τ = mean L2 norm of the backbone down-projection columns / width (the
+output scale of Locas, arXiv 2602.05085), and clip(w) = w / max(‖w‖, 1) per row, a differentiable
+reparametrisation that bounds every neuron's norm. Its
 output is added to the frozen MLP's output by a forward hook on the MLP (the same input feeds both).
 
 Parameters are float32 whatever the backbone dtype; the output is cast back to the hidden dtype.
