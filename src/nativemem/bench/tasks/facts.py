@@ -31,7 +31,6 @@ question, the pool is the fact sentences, so the QA arms (``none``, ``rag_bm25``
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import re
@@ -162,20 +161,14 @@ def mmlu_items(root: Path, *, split: str = "test", limit: int = 200, seed: int =
     Raises:
         DataError: the folder is missing or a file is malformed.
     """
+    from .mmlu import read_mmlu_csv
+
     folder = root / "mmlu" / split
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise DataError(f"{folder}: no MMLU CSV files")
-    rows: list[dict[str, Any]] = []
-    for file in files:
-        with open(file, encoding="utf-8", newline="") as f:
-            for i, rec in enumerate(csv.DictReader(f)):
-                try:
-                    choices = [rec[f"choice{j}"] for j in range(4)]
-                    rows.append({"id": f"{file.stem}:{i}", "subject": file.stem.rsplit("_", 1)[0],
-                                 "question": rec["question"], "choices": choices, "answer": int(rec["answer"])})
-                except (KeyError, ValueError, TypeError) as e:
-                    raise DataError(f"{file}: row {i + 1} is not question,choice0..3,answer ({e})") from None
+    rows = [{"id": it.id, "subject": it.subject, "question": it.question, "choices": list(it.choices),
+             "answer": it.answer} for file in files for it in read_mmlu_csv(file)]
     rng = random.Random(f"mmlu-{split}-{seed}")
     rng.shuffle(rows)
     return rows[:limit]

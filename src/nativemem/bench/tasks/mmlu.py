@@ -39,7 +39,7 @@ import torch
 from ...errors import DataError, InputError
 from . import data_root
 
-__all__ = ["MMLUItem", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "MMLU_ARMS"]
+__all__ = ["MMLUItem", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "read_mmlu_csv", "MMLU_ARMS"]
 
 MMLU_ARMS = ("none", "side_ffn", "lora")
 LETTERS = ("A", "B", "C", "D")
@@ -56,7 +56,8 @@ class MMLUItem:
     answer: int  # 0-3
 
 
-def _read_csv(path: Path) -> list[MMLUItem]:
+def read_mmlu_csv(path: Path) -> list[MMLUItem]:
+    """The questions of one MMLU CSV (``question,choice0..choice3,answer``; subject = the file name before its last ``_``)."""
     subject = path.stem.rsplit("_", 1)[0]
     items = []
     try:
@@ -85,8 +86,8 @@ def load_mmlu(path: str | Path) -> tuple[dict[str, list[MMLUItem]], dict[str, li
     path = Path(path)
     if not (path / "dev").is_dir() or not (path / "test").is_dir():
         raise DataError(f"{path}: expected MMLU folders dev/ and test/ with <subject>_dev.csv / <subject>_test.csv")
-    dev = {p.stem.rsplit("_", 1)[0]: _read_csv(p) for p in sorted((path / "dev").glob("*_dev.csv"))}
-    test = {p.stem.rsplit("_", 1)[0]: _read_csv(p) for p in sorted((path / "test").glob("*_test.csv"))}
+    dev = {p.stem.rsplit("_", 1)[0]: read_mmlu_csv(p) for p in sorted((path / "dev").glob("*_dev.csv"))}
+    test = {p.stem.rsplit("_", 1)[0]: read_mmlu_csv(p) for p in sorted((path / "test").glob("*_test.csv"))}
     test = {s: items for s, items in test.items() if s in dev and items}
     if not test:
         raise DataError(f"{path}: no subject has both dev and test questions")
