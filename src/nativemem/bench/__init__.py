@@ -3,23 +3,27 @@
 Typical use::
 
     import nativemem as nm
-    from nativemem.bench import run_benchmark, report
+    from nativemem.bench import run_task, report
 
     lm = nm.load_model()
-    run_benchmark("squad", lm, arms=["none", "rag_bm25", "long_context"], limit=100, out="runs/squad")
+    run_task("squad", lm, arms=["none", "rag_bm25", "activation"], limit=100, out="runs/squad")
     print(report(["runs/squad"]))
 
-Tasks (``list_tasks()``): ``squad``, ``triviaqa``. Arms (``list_arms()``): ``none``, ``rag_bm25``,
-``rag_dense``, ``long_context``. Other modules add their own with :func:`register_task` and
-:func:`register_arm`.
+Every task is in :mod:`.catalog` (``TASKS``: its name, what it scores, its arms); :func:`run_task` runs any of
+them, as ``nativemem bench TASK`` does. QA tasks (``squad``, ``triviaqa``, ``needle``) go through
+:func:`run_benchmark` with the arms of :mod:`.arms`; other modules add their own with :func:`register_task`
+and :func:`register_arm`.
 """
 
 from .arms import Arm, ArmOutput, RetrievalArm, get_arm, list_arms, register_arm
+from .catalog import TASKS, run_task
 from .report import report
 from .runner import merge_runs, run_benchmark
 from .tasks import Chunk, QAItem, Task, TaskData, get_task, list_tasks, register_task
 
 __all__ = [
+    "run_task",
+    "TASKS",
     "run_benchmark",
     "merge_runs",
     "report",
