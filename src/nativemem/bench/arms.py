@@ -1,14 +1,17 @@
-"""Benchmark arms (ways of answering a question) and their registry.
+"""Benchmark arms of the QA tasks (ways of answering a question), their registry, and the text family.
 
 An arm is a small class: :meth:`Arm.prepare` is called once per run with the task's chunk pool and
-the model (build an index, write a memory, ...), then :meth:`Arm.answer` once per item. The
-built-in arms differ only in which passages go into the shared prompt (:mod:`.prompts`):
+the model (build an index, write a memory, ...), then :meth:`Arm.answer` once per item. One module per
+family: this one (text in the prompt), :mod:`.arms_activation`, :mod:`.arms_side_ffn`, :mod:`.arms_lora`
+(the facts task's arms are in :mod:`.arms_facts` and :mod:`.arms_pkm`). The text arms differ only in which
+passages go into the shared prompt (:mod:`nativemem.prompting`):
 
 - ``none``: the question alone (closed book).
 - ``rag_bm25``: the top-``k`` pool chunks by BM25 (bm25s).
 - ``rag_dense``: the top-``k`` pool chunks by cosine similarity of all-MiniLM-L6-v2 embeddings.
 - ``long_context``: the item's whole source in document order (for SQuAD, all paragraphs of the
   question's own article), only where it fits the model's window.
+- ``full_context``: the item's whole source, oldest chunks dropped until it fits (the truncation is recorded).
 
 A prompt that does not fit (prompt tokens + ``max_new_tokens`` > ``lm.max_context``) is never cut:
 :meth:`Arm.generate_answer` returns a skipped :class:`ArmOutput` with the reason instead.
@@ -270,6 +273,78 @@ class LongContextArm(Arm):
         return self.generate_answer(item, [c.text for c in self.task.source_of(item)])
 
 
+
+def fit_recent(lm, question: str, chunks: Sequence[str], budget: int) -> tuple[list[str], int]:
+    """The longest suffix of ``chunks`` whose prompt has at most ``budget`` tokens, and that prompt's size.
+
+    Binary search over how many of the most recent chunks are kept (prompt size grows with them).
+    """
+    def size(n: int) -> int:
+        return int(lm.chat_ids(build_messages(question, chunks[len(chunks) - n:] if n else [])).shape[-1])
+
+    lo, hi = 0, len(chunks)
+    if size(hi) <= budget:
+        return list(chunks), size(hi)
+    while lo < hi:  # largest n with size(n) <= budget
+        mid = (lo + hi + 1) // 2
+        if size(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return list(chunks[len(chunks) - lo:]) if lo else [], size(lo)
+
+
+
+class MemoryArmBase(Arm):
+    """Shared plumbing: per-item info, the full-context passages, documents of the pool."""
+
+    max_prompt_tokens: ClassVar[int | None] = None
+    uses_context: ClassVar[bool] = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.last_info: dict[str, Any] = {}
+
+    def prompt_budget(self) -> int:
+        limit = int(self.lm.max_context)
+        if self.max_prompt_tokens:
+            limit = min(limit, int(self.max_prompt_tokens))
+        return limit - self.max_new_tokens
+
+    def context_passages(self, item: QAItem) -> list[str]:
+        """The item's source, most recent chunks kept; records what was kept in ``last_info``."""
+        texts = [c.text for c in self.task.source_of(item)]
+        kept, tokens = fit_recent(self.lm, item.question, texts, self.prompt_budget())
+        self.last_info.update(context_chunks_kept=len(kept), context_chunks_total=len(texts),
+                              context_truncated=len(kept) < len(texts), context_prompt_tokens=tokens)
+        return kept
+
+    @staticmethod
+    def documents(pool: Sequence[Chunk]) -> dict[str, list[Chunk]]:
+        """Pool chunks grouped by ``doc_id`` (pool order kept)."""
+        docs: dict[str, list[Chunk]] = {}
+        for chunk in pool:
+            docs.setdefault(chunk.doc_id or chunk.id, []).append(chunk)
+        return docs
+
+    def doc_of(self, item: QAItem) -> str:
+        source = self.task.source_of(item)
+        if not source:
+            raise ValueError(f"item {item.id} has no source chunks: a memory arm needs to know its document")
+        return source[0].doc_id or source[0].id
+
+
+@register_arm("full_context")
+class FullContextArm(MemoryArmBase):
+    """The item's whole source, oldest chunks dropped until it fits (truncation recorded)."""
+
+    uses_context = True
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        self.last_info = {}
+        return self.generate_answer(item, self.context_passages(item))
+
+
 # arms of the memory kinds: registered lazily so that `get_arm("activation")` works without importing them first
 for _name, _target in {
     "activation": "ActivationArm", "activation_pooled": "ActivationPooledArm",
@@ -277,8 +352,6 @@ for _name, _target in {
     "activation_oracle": "OracleArm", "random_memory": "RandomMemoryArm", "text_same_order": "TextSameOrderArm",
 }.items():
     _ARMS.register(_name, f"nativemem.bench.arms_activation:{_target}")
-for _name, _target in {
-    "full_context": "FullContextArm", "side_ffn": "SideFFNArm", "side_ffn_ctx": "SideFFNContextArm",
-    "lora": "LoRAArm", "lora_ctx": "LoRAContextArm",
-}.items():
-    _ARMS.register(_name, f"nativemem.bench.memory_arms:{_target}")
+for _name, _target in {"side_ffn": "arms_side_ffn:SideFFNArm", "side_ffn_ctx": "arms_side_ffn:SideFFNContextArm",
+                       "lora": "arms_lora:LoRAArm", "lora_ctx": "arms_lora:LoRAContextArm"}.items():
+    _ARMS.register(_name, f"nativemem.bench.{_target}")

@@ -4,11 +4,11 @@ Each arm prepares once (train a memory, index the fact sentences) and is then as
 neutral text and on general QA through three small methods (:class:`FactArm`). The arms:
 
 - ``none``: the bare model (the reference every drift is measured against).
-- ``pkm``: a product-key memory trained on the facts, relevance gate off.
-- ``pkm_gated``: the same trained memory with the gate on (trained once, shared with ``pkm``).
 - ``rag_bm25``: the top-``k`` fact sentences by BM25 pasted into the question (the model is unchanged).
-- ``side_ffn`` / ``lora``: the side-FFN memory and a LoRA baseline trained on the same facts with the same
-  answer-only loop, stop rule and epoch cap as ``pkm`` (registered only when those kinds exist).
+- ``pkm`` / ``pkm_gated`` (:mod:`.arms_pkm`): a product-key memory trained on the facts, gate off / on.
+- ``side_ffn`` (:mod:`.arms_side_ffn`) / ``lora`` (:mod:`.arms_lora`): the side-FFN memory and a LoRA baseline
+  trained on the same facts with the same answer-only loop, stop rule and epoch cap as ``pkm``
+  (:func:`train_learner`).
 
 Every arm asks in the library's one prompt layout (:mod:`nativemem.prompting`, what ``LanguageModel.chat``
 and ``nativemem ask`` use); RAG adds a ``Context:`` block as ``chat(context=)`` does.
@@ -16,7 +16,6 @@ and ``nativemem ask`` use); RAG adds a ``Context:`` block as ``chat(context=)`` 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -98,85 +97,6 @@ class NoneArm(FactArm):
     """The bare model."""
 
 
-def _pkm_options(options: dict[str, Any], n: int) -> dict[str, Any]:
-    from ..memories.pkm.config import PKMConfig
-
-    cfg = {"system": FACTS_SYSTEM, **(options.get("memory_options") or {})}
-    per = cfg.get("slots_per_fact", PKMConfig.slots_per_fact)
-    if "num_keys" not in cfg:  # the default pool, or the smallest that holds the facts
-        keys = PKMConfig.num_keys
-        while keys * keys < n * per:
-            keys += 16
-        cfg["num_keys"] = keys
-    return cfg
-
-
-def trained_pkm(lm, facts: Sequence[Any], shared: dict[str, Any], options: dict[str, Any]):
-    """The run's pkm memory, trained on first use (then shared by ``pkm`` and ``pkm_gated``)."""
-    if "pkm" not in shared:
-        from ..memories.pkm import PKMConfig, PKMMemory
-
-        progress = options.get("progress_fn")
-        cfg = PKMConfig(**{**_pkm_options(options, len(facts)), "gate_auto": False})
-        mem = PKMMemory(lm, cfg)
-        start = time.perf_counter()
-        receipt = mem.add(list(facts), progress=progress)
-        train_s = time.perf_counter() - start
-        start = time.perf_counter()
-        gate = mem.train_gate(negatives=options.get("gate_negatives") or (),
-                              questions=options.get("gate_questions") or ())
-        shared["pkm"] = (mem, receipt, train_s, time.perf_counter() - start, gate)
-    return shared["pkm"]
-
-
-def _pkm_cost(mem, receipt, train_s: float, n: int) -> dict[str, Any]:
-    d = receipt.details
-    return {"train_s": train_s, "train_s_per_fact": train_s / max(1, n), "steps": receipt.steps,
-            "epochs": d.get("epochs"), "exposures_per_fact": d.get("exposures_per_fact"),
-            "train_recall": d.get("recall"), "final_loss": receipt.final_loss, "pool_slots": mem.num_slots,
-            "pool_slots_used": mem.slots_used(), "pool_bytes": mem.values.numel() * mem.values.element_size(),
-            "layers": list(mem.layer_ids), "polished": d.get("polished"), "stopped": d.get("stopped"),
-            **{k: d[k] for k in ("calibrate_s", "cache_s", "eval_s", "phrasings", "trained_phrasings",
-                                 "recall_phrasings", "augmentation", "templates_skipped", "recall_gated") if k in d}}
-
-
-@register_fact_arm("pkm")
-class PKMArm(FactArm):
-    """Product-key memory, relevance gate off."""
-
-    gate = False
-
-    def prepare(self, facts):
-        mem, receipt, train_s, gate_s, gate_report = trained_pkm(self.lm, facts, self.shared, self.options)
-        self.mem = mem
-        cost = _pkm_cost(mem, receipt, train_s, len(facts))
-        if self.gate:
-            cost.update(gate_train_s=gate_s, gate_report=gate_report)
-        return cost
-
-    def memory(self):
-        return self.mem
-
-    @contextmanager
-    def session(self):
-        before = self.mem.gate
-        self.mem.gate = self.gate
-        try:
-            yield
-        finally:
-            self.mem.gate = before
-
-    def bytes_stored(self) -> int:
-        return int(sum(t.numel() * t.element_size() for t in self.mem.state_dict().values()))
-
-
-@register_fact_arm("pkm_gated")
-class PKMGatedArm(PKMArm):
-    """The same product-key memory with the relevance gate on."""
-
-    gate = True
-
-
 @register_fact_arm("rag_bm25")
 class RagBM25Arm(FactArm):
     """BM25 over the fact sentences; the top ``k`` go into the prompt."""
@@ -207,7 +127,9 @@ def train_learner(lm, facts, *, params, scope, lowest: int, options: dict[str, A
 
     from ..memories.pkm.train import PrefixCache, cache_items, encode_fact, frozen, train_items
 
-    cfg = _pkm_options(options, len(facts))
+    from .arms_pkm import pkm_options
+
+    cfg = pkm_options(options, len(facts))
     from ..memories.pkm.config import PKMConfig
 
     from ..memories.pkm.augment import phrasings
@@ -245,54 +167,7 @@ def train_learner(lm, facts, *, params, scope, lowest: int, options: dict[str, A
             "final_loss": result.final_loss, "stopped": result.stopped, "parameters": sum(p.numel() for p in params)}
 
 
-def _register_optional() -> None:
-    from ..memories import memory_kinds
-
-    if "side_ffn" in memory_kinds():
-
-        @register_fact_arm("side_ffn", replace=True)
-        class SideFFNArm(FactArm):
-            """Side-FFN memory (cloned neurons from the fact sentences), trained with pkm's loop."""
-
-            def prepare(self, facts):
-                from ..memories.side_ffn import SideFFNConfig, SideFFNMemory
-
-                self.mem = SideFFNMemory(self.lm, SideFFNConfig(**(self.options.get("side_ffn_options") or {})))
-                self.mem.memorize(" ".join(f.sentence or f"{f.prompt} {f.answer}" for f in facts))
-                params = self.mem.trainable_parameters()
-                return train_learner(self.lm, facts, params=params, scope=lambda: self.mem.active(lm=self.lm),
-                                     lowest=min(self.mem.layers), options=self.options)
-
-            def memory(self):
-                return self.mem
-
-            def bytes_stored(self) -> int:
-                return int(sum(t.numel() * t.element_size() for t in self.mem.state_dict().values()))
-
-        @register_fact_arm("lora", replace=True)
-        class LoRAArm(FactArm):
-            """LoRA (peft, all linear layers) trained on the facts with pkm's loop."""
-
-            def prepare(self, facts):
-                from .lora import LoRABaseline
-
-                self.lora = LoRABaseline(self.lm, rank=int(self.options.get("lora_rank", 8)))
-                self._stack = contextlib.ExitStack()
-                self._stack.enter_context(self.lora)
-                try:
-                    return train_learner(self.lm, facts, params=self.lora.trainable_parameters(),
-                                         scope=contextlib.nullcontext, lowest=0, options=self.options)
-                except BaseException:
-                    self.close()
-                    raise
-
-            def bytes_stored(self) -> int:
-                return int(sum(p.numel() * p.element_size() for p in self.lora.trainable_parameters()))
-
-            def close(self) -> None:
-                stack, self._stack = getattr(self, "_stack", None), None
-                if stack is not None:
-                    stack.close()
-
-
-_register_optional()
+# the families' arms, registered lazily: the facts task knows every name without importing them
+for _name, _target in {"pkm": "arms_pkm:PKMArm", "pkm_gated": "arms_pkm:PKMGatedArm",
+                       "side_ffn": "arms_side_ffn:SideFFNFactArm", "lora": "arms_lora:LoRAFactArm"}.items():
+    _ARMS.register(_name, f"nativemem.bench.{_target}")

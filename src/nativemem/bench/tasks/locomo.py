@@ -272,7 +272,6 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         lora_config: rank, alpha, lr, target_modules for lora arms.
         progress: progress bars.
     """
-    from .. import memory_arms  # noqa: F401  (registers the memory arms)
     from ..arms import get_arm
     from ..results import write_items, write_results
 
