@@ -43,6 +43,12 @@ def test_items_and_get_are_per_user_and_reset_removes_one_users_items(lm, fast_d
     assert mem.get(a[0], user_id="alice")["text"] == ALICE[0]
     assert mem.get(a[0], user_id="bob") is None and mem.get("no-such-id", user_id="bob") is None
     assert mem.items(user_id="carol") == []
+    anonymous = mem.add(["A note written without a user."]).ids  # the default user counts apart from the others
+    assert [mem.count(), mem.count(user_id="alice"), mem.count(user_id="bob"), mem.count(user_id="carol")] == [
+        len(anonymous), len(a), len(b), 0]
+    source = items[1]["source_id"]
+    assert mem.items(user_id="alice", source_id=source) == [i for i in items if i["source_id"] == source]
+    assert mem.items(user_id="bob", source_id=source) == []
     receipt = mem.reset("alice")
     assert sorted(receipt.ids) == sorted(a)
     assert mem.items(user_id="alice") == [] and [i["id"] for i in mem.items(user_id="bob")] == b

@@ -313,8 +313,8 @@ class Engine:
                     self._delete_source(source, user_id)
             raise
         with turns.store():  # in write order: text by text, chunk by chunk
-            stored = [self.memory.get(pid, user_id=user_id or None) for pid in receipt.ids]
-        stored = [item for item in stored if item is not None]
+            stored = [item for source in sources
+                      for item in self.memory.items(user_id=user_id or None, source_id=source, limit=_ALL)]
         return {"object": "memory.add", "ids": [item["id"] for item in stored], "source_ids": sources,
                 "data": [public_item(item) for item in stored], "notes": list(receipt.notes)}
 

@@ -1006,10 +1006,11 @@ class ActivationMemory(Memory):
 
     # ------------------------------------------------------------------ the lifecycle
 
-    def _user_rows(self, user_id: str | None) -> list[tuple[str, dict[str, Any]]]:
+    def _user_rows(self, user_id: str | None, source_id: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         user = _check_user(user_id)
-        rows = [r for r in self.store.index.scroll(user_id=user, with_payload=list(self._CATALOG_FIELDS) + ["tokens"])
-                if r[1].get("user_id") == user]
+        by_source = {"field_name": "source_id", "values": [source_id]} if source_id is not None else {}
+        rows = [r for r in self.store.index.scroll(user_id=user, with_payload=list(self._CATALOG_FIELDS) + ["tokens"],
+                                                   **by_source) if r[1].get("user_id") == user]
         rows.sort(key=oldest_first)
         return rows
 
@@ -1017,11 +1018,10 @@ class ActivationMemory(Memory):
               source_id: str | None = None) -> list[dict[str, Any]]:
         if limit < 1 or offset < 0:
             raise InputError(f"limit must be >= 1 and offset >= 0, got {limit} and {offset}")
-        rows = [r for r in self._user_rows(user_id) if source_id is None or r[1].get("source_id") == source_id]
-        return [item_of(pid, p) for pid, p in rows[offset: offset + limit]]
+        return [item_of(pid, p) for pid, p in self._user_rows(user_id, source_id)[offset: offset + limit]]
 
     def count(self, *, user_id: str | None = None) -> int:
-        return len(self._user_rows(user_id))
+        return int(self.store.index.count(user_id=_check_user(user_id)))
 
     def get(self, memory_id: str, *, user_id: str | None = None) -> dict[str, Any] | None:
         user = _check_user(user_id)
