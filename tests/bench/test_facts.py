@@ -9,11 +9,11 @@ import pytest
 from testing import tiny_lm
 
 from nativemem.bench import list_tasks, run_benchmark
-from nativemem.bench.arms_facts import get_fact_arm, list_fact_arms
+from nativemem.bench.arms import get_arm, list_arms
 from nativemem.bench.results import load_results, read_items
 from nativemem.bench.tasks.facts import (FactsTask, forward_overhead, mmlu_items, neutral_passages,
                                          run_facts_benchmark)
-from nativemem.errors import DataError, UnknownNameError
+from nativemem.errors import DataError, InputError, UnknownNameError
 from nativemem.hooks import count_hooks
 from nativemem.memories.pkm import generate_facts, save_facts
 
@@ -144,6 +144,16 @@ def test_forward_overhead_reports_both_times(lm):
 
 
 def test_optional_arms_are_registered_when_their_kinds_exist():
-    assert {"none", "pkm", "pkm_gated", "rag_bm25"} <= set(list_fact_arms())
+    assert {"none", "pkm", "pkm_gated", "rag_bm25"} <= set(list_arms())
     with pytest.raises(UnknownNameError):
-        get_fact_arm("nope")
+        get_arm("nope")
+
+
+def test_one_arm_interface_serves_the_facts_task_in_the_qa_runner(lm, tmp_path):
+    # the pkm and lora arms the facts benchmark uses answer the QA runner on the same facts
+    res = run_benchmark("facts", lm, arms=["pkm_gated", "lora"], limit=3, out=tmp_path / "qa", progress=False,
+                        num_facts=3, memory_options={**TINY_PKM, "max_epochs": 3})
+    assert set(res["arms"]) == {"pkm_gated", "lora"} and res["arms"]["pkm_gated"]["scored"] == 3
+    assert count_hooks(lm.model) == 0 and not [n for n, _ in lm.model.named_parameters() if "lora_" in n]
+    with pytest.raises(InputError, match="facts task"):  # pkm learns facts, not documents
+        get_arm("pkm")().prepare([], lm, items=[], task=object())

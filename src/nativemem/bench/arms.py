@@ -1,10 +1,12 @@
 """Benchmark arms of the QA tasks (ways of answering a question), their registry, and the text family.
 
-An arm is a small class: :meth:`Arm.prepare` is called once per run with the task's chunk pool and
-the model (build an index, write a memory, ...), then :meth:`Arm.answer` once per item. One module per
-family: this one (text in the prompt), :mod:`.arms_activation`, :mod:`.arms_side_ffn`, :mod:`.arms_lora`
-(the facts task's arms are in :mod:`.arms_facts` and :mod:`.arms_pkm`). The text arms differ only in which
-passages go into the shared prompt (:mod:`nativemem.prompting`):
+An arm is a model plus an optional memory. :meth:`Arm.prepare` is called once per run with the task's
+chunk pool and the model (build an index, write a memory, train on the task's facts, ...); then
+:meth:`Arm.answer` generates the answer to one item, and tasks that score log-likelihood (the facts task's
+perplexity and MMLU letters) call the model with :meth:`Arm.memory` inside :meth:`Arm.session`. Every
+task uses the same arms from one registry. One module per family: this one (text in the prompt),
+:mod:`.arms_activation`, :mod:`.arms_side_ffn`, :mod:`.arms_lora`, :mod:`.arms_pkm`. The text arms differ
+only in which passages go into the shared prompt (:mod:`nativemem.prompting`):
 
 - ``none``: the question alone (closed book).
 - ``rag_bm25``: the top-``k`` pool chunks by BM25 (bm25s).
@@ -26,12 +28,13 @@ Adding an arm in another module::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from ..errors import ContextOverflowError
 from ..registry import Registry
@@ -97,6 +100,10 @@ class Arm:
         max_new_tokens: Generation cap.
         progress: Show progress bars while preparing.
         memory_options: Overrides of the memory config for arms that build a memory (e.g. ``kv_dtype``).
+        options: What a family's arms read besides: ``max_prompt_tokens`` (context arms), ``side_ffn``
+            (SideFFNConfig fields), ``lora`` (rank, alpha, lr, target_modules), ``baseline_lr`` (side_ffn and lora
+            trained on facts), ``gate_negatives`` / ``gate_questions`` (pkm_gated), ``progress_fn`` (called with
+            epoch, items trained, loss), ``shared`` (a dict the arms of one run share, e.g. one pkm training).
     """
 
     name: ClassVar[str] = ""
@@ -104,13 +111,17 @@ class Arm:
     """Whether the arm retrieves from the pool (then ``hit@k``/``ndcg@k`` are scored)."""
 
     def __init__(self, *, k: int = 3, max_new_tokens: int = 32, progress: bool = False,
-                 memory_options: dict[str, Any] | None = None) -> None:
+                 memory_options: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> None:
         self.k = k
         self.memory_options = dict(memory_options or {})
+        self.options = dict(options or {})
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.lm: Any = None
         self.task: Task | None = None
+        self.cost: dict[str, Any] = {}
+        """What preparing cost and did (seconds, steps, ...), set by arms that learn."""
+        self._open = False
 
     def prepare(self, pool: Sequence[Chunk], lm: Any, *, items: Sequence[QAItem], task: Task) -> None:
         """Called once per run before any :meth:`answer`.
@@ -131,6 +142,34 @@ class Arm:
     def bytes_stored(self) -> int:
         """Bytes of whatever the arm stored for the run (index, memory); 0 if none."""
         return 0
+
+    def memory(self) -> Any:
+        """The memory passed to ``lm`` calls outside :meth:`answer` (None: the bare model)."""
+        return None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Scope in which the model carries the arm's memory (adapters in, gate set); re-entrant."""
+        if self._open:
+            yield
+            return
+        with self.open_memory():
+            self._open = True
+            try:
+                yield
+            finally:
+                self._open = False
+
+    def open_memory(self) -> contextlib.AbstractContextManager:
+        """What :meth:`session` enters (families override)."""
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Release what the arm holds (called once after its evaluation)."""
+
+    def facts(self) -> Sequence[Any] | None:
+        """The facts of the run's task (the facts task), or None for a task of documents."""
+        return getattr(self.task, "facts", None)
 
     def generate_answer(
         self,
@@ -210,35 +249,13 @@ class RetrievalArm(Arm):
 
 
 _ARMS: Registry[type[Arm]] = Registry("arm")
-A = TypeVar("A", bound=type[Arm])
-
-
-def register_arm(name: str, *, replace: bool = False) -> Callable[[A], A]:
-    """Class decorator registering an :class:`Arm` subclass under ``name``.
-
-    Args:
-        name: Lower-case snake_case registry key.
-        replace: Allow replacing an arm registered under the same name.
-
-    Raises:
-        ValueError: If the name is taken by another class or is not lower-case snake_case.
-    """
-
-    return _ARMS.decorator(name, replace=replace)
-
-
-def get_arm(name: str) -> type[Arm]:
-    """The arm class registered as ``name``.
-
-    Raises:
-        UnknownNameError: If no arm has that name (the message suggests the closest).
-    """
-    return _ARMS.get(name)
-
-
-def list_arms() -> list[str]:
-    """Names of all registered arms, sorted."""
-    return _ARMS.names()
+register_arm = _ARMS.decorator
+"""Class decorator registering a :class:`Arm` subclass under a lower-case snake_case name (``replace=True``
+replaces one registered under that name; another class under a taken name is a ValueError)."""
+get_arm = _ARMS.get
+"""The arm class registered under a name (UnknownNameError suggests the closest)."""
+list_arms = _ARMS.names
+"""Names of every registered arm, sorted."""
 
 
 @register_arm("none")
@@ -298,7 +315,6 @@ def fit_recent(lm, question: str, chunks: Sequence[str], budget: int) -> tuple[l
 class MemoryArmBase(Arm):
     """Shared plumbing: per-item info, the full-context passages, documents of the pool."""
 
-    max_prompt_tokens: ClassVar[int | None] = None
     uses_context: ClassVar[bool] = False
 
     def __init__(self, **kwargs) -> None:
@@ -307,8 +323,8 @@ class MemoryArmBase(Arm):
 
     def prompt_budget(self) -> int:
         limit = int(self.lm.max_context)
-        if self.max_prompt_tokens:
-            limit = min(limit, int(self.max_prompt_tokens))
+        if self.options.get("max_prompt_tokens"):
+            limit = min(limit, int(self.options["max_prompt_tokens"]))
         return limit - self.max_new_tokens
 
     def context_passages(self, item: QAItem) -> list[str]:
@@ -353,5 +369,6 @@ for _name, _target in {
 }.items():
     _ARMS.register(_name, f"nativemem.bench.arms_activation:{_target}")
 for _name, _target in {"side_ffn": "arms_side_ffn:SideFFNArm", "side_ffn_ctx": "arms_side_ffn:SideFFNContextArm",
-                       "lora": "arms_lora:LoRAArm", "lora_ctx": "arms_lora:LoRAContextArm"}.items():
+                       "lora": "arms_lora:LoRAArm", "lora_ctx": "arms_lora:LoRAContextArm",
+                       "pkm": "arms_pkm:PKMArm", "pkm_gated": "arms_pkm:PKMGatedArm"}.items():
     _ARMS.register(_name, f"nativemem.bench.{_target}")

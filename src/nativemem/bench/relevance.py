@@ -289,7 +289,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
 
     from ..retrieval import BM25Retriever
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from .results import SCHEMA_VERSION, write_items, write_results
+    from .results import save_run
     from .tasks import data_root
     from .tasks.squad import load_squad
 
@@ -347,26 +347,22 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
         memory.close()
         shutil.rmtree(folder, ignore_errors=True)
 
-    results = {
-        "task": "relevance", "schema_version": SCHEMA_VERSION, "model": lm.name, "fingerprint": lm.fingerprint.short,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "n": len(records), "seed": seed,
-        "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
-        "config": {"data": str(squad_path), "mmlu": str(mmlu_path), "limit": limit, "k": k,
-                   "max_new_tokens": max_new_tokens, "pool_articles": sorted(pool_a, key=int),
-                   "fit_articles": sorted(fit_a, key=int), "pool_paragraphs": len(pool),
-                   "fit_pairs": len(pairs), "fit_unanswerable": len(fit_unanswerable), "memory": config,
-                   "gate_threshold": threshold, "bm25_threshold": bm25_threshold,
-                   "bm25_threshold_objective_on_fit": bm25_objective, "decoding": "greedy", "poison": poison},
-        "counts": {kind: sum(r["kind"] == kind for r in records)
-                   for kind in ("answerable", "other_article", "general")},
-        "relevance_fit": fit_receipt.details.get("relevance"), "calibration_test": _calibration(records),
-        "write_s": write_s, "arms": {arm: _arm_block(arm, records, seed) for arm in arms},
-        "comparisons": _comparisons(arms, records, seed),
-    }
-    if getattr(lm, "random_weights", False):
-        results["random_weights"] = True
-    write_results(Path(out), results)
-    write_items(Path(out), records)
+    config = {"data": str(squad_path), "mmlu": str(mmlu_path), "limit": limit, "k": k,
+              "max_new_tokens": max_new_tokens, "pool_articles": sorted(pool_a, key=int),
+              "fit_articles": sorted(fit_a, key=int), "pool_paragraphs": len(pool), "fit_pairs": len(pairs),
+              "fit_unanswerable": len(fit_unanswerable), "memory": config, "gate_threshold": threshold,
+              "bm25_threshold": bm25_threshold, "bm25_threshold_objective_on_fit": bm25_objective,
+              "decoding": "greedy", "poison": poison}
+    blocks = {arm: _arm_block(arm, records, seed) for arm in arms}
+    lower = ("inject_rate_unanswerable", "gate_over_ttft")  # and every time and poisoning rate
+    results = save_run(
+        out, lm, task="relevance", task_version="1", n=len(records), seed=seed, config=config, records=records,
+        arms=blocks, comparisons=_comparisons(arms, records, seed),
+        higher_is_better={m: not (m in lower or m.endswith("_s") or m.startswith("poison"))
+                          for b in blocks.values() for m in b["metrics"]},
+        device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), write_s=write_s,
+        counts={kind: sum(r["kind"] == kind for r in records) for kind in ("answerable", "other_article", "general")},
+        relevance_fit=fit_receipt.details.get("relevance"), calibration_test=_calibration(records))
     if progress:
         print(format_relevance(results), flush=True)
     return results
@@ -374,7 +370,7 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
 
 def format_relevance(results: dict[str, Any]) -> str:
     """A Markdown summary of one relevance run."""
-    lines = [f"relevance, model {results['model']}, n = {results['n']} ({results['counts']}), k = "
+    lines = [f"relevance, model {results['model_name']}, n = {results['n']} ({results['counts']}), k = "
              f"{results['config']['k']}, gate_threshold {results['config']['gate_threshold']}, BM25 threshold "
              f"{results['config']['bm25_threshold']:.3f}", "",
              "| arm | contains (answerable) | F1 | agree with none (unanswerable) | overall | injects (ans / unans) "

@@ -35,6 +35,7 @@ __all__ = [
     "validate_results",
     "to_jsonable",
     "has_random_weights",
+    "save_run",
 ]
 
 RESULTS_NAME = "results.json"
@@ -148,6 +149,36 @@ def write_items(out: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
         for rec in records:
             f.write(json.dumps(to_jsonable(rec), sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
     return path
+
+
+def save_run(out: str | Path, lm: Any, *, task: str, task_version: str, n: int, seed: int, config: dict[str, Any],
+             arms: dict[str, Any], comparisons: list[Any], records: Iterable[Mapping[str, Any]] | None = None,
+             higher_is_better: dict[str, bool] | None = None, **extra: Any) -> dict[str, Any]:
+    """Write a run's ``results.json`` (the common header of :class:`Results`, then the task's own blocks in
+    ``extra``) and, with ``records``, its ``items.jsonl``; returns the results as written.
+
+    ``higher_is_better`` defaults to True for every metric of every arm.
+    """
+    from datetime import datetime, timezone
+
+    fingerprint = getattr(lm, "fingerprint", None)
+    results = {
+        "schema_version": SCHEMA_VERSION, "task": task, "task_version": str(task_version),
+        "model": fingerprint.to_dict() if fingerprint is not None else {"name": getattr(lm, "name", "unknown")},
+        "model_name": str(getattr(lm, "name", "unknown")),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n": n, "seed": seed,
+        "config": config, "arms": arms, "comparisons": comparisons,
+        "higher_is_better": higher_is_better if higher_is_better is not None else {
+            m: True for block in arms.values() for m in block.get("metrics", {})},
+        **extra,
+    }
+    if getattr(lm, "random_weights", False):  # a random:NAME model: only timings and sizes mean anything
+        results["random_weights"] = True
+    results = to_jsonable(results)
+    write_results(out, results)
+    if records is not None:
+        write_items(out, records)
+    return results
 
 
 def has_random_weights(results: Mapping[str, Any]) -> bool:

@@ -23,7 +23,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ..errors import InputError
 from .arms import Arm, ArmOutput, get_arm
 from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
 from ..prompting import build_messages
-from .results import SCHEMA_VERSION, to_jsonable, write_items, write_results
+from .results import save_run, to_jsonable, write_items, write_results
 from .stats import compare_paired, means_with_ci
 from .tasks import QAItem, get_task
 
@@ -69,11 +68,6 @@ def _library_version() -> str:
         return version("nativemem")
     except PackageNotFoundError:
         return str(getattr(sys.modules.get("nativemem"), "__version__", "unknown"))
-
-
-def _model_info(lm: Any) -> dict[str, Any]:
-    fingerprint = getattr(lm, "fingerprint", None)
-    return fingerprint.to_dict() if fingerprint is not None else {"name": getattr(lm, "name", "unknown")}
 
 
 def _cuda_device(lm: Any) -> Any:
@@ -292,39 +286,12 @@ def run_benchmark(
                     for rank, (item, output, s) in enumerate(zip(items, outputs, scores))]
 
     arm_names = [name for name, _ in arm_classes]
-    metric_names = sorted({m for block in arm_results.values() for m in block["metrics"]})
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "task": task,
-        "task_version": task_cls.version,
-        "model": _model_info(lm),
-        "model_name": str(getattr(lm, "name", "unknown")),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n": len(items),
-        "seed": seed,
-        "config": {
-            "arms": arm_names,
-            "limit": limit,
-            "k": k,
-            "max_new_tokens": max_new_tokens,
-            "data": str(task_obj.path.resolve()),
-            "task_options": task_obj.options(),
-            "pool_size": len(pool),
-            "max_context": int(getattr(lm, "max_context", 0)) or None,
-            "decoding": "greedy",
-            "memory_options": dict(memory_options or {}),
-            "version": _library_version(),
-        },
-        "higher_is_better": dict.fromkeys(metric_names, True),
-        "arms": arm_results,
-        "comparisons": _compare(arm_names, all_scores, seed),
-    }
-    if getattr(lm, "random_weights", False):  # a random:NAME model: only timings and sizes mean anything
-        results["random_weights"] = True
-    results = to_jsonable(results)
-    write_results(out, results)
-    write_items(out, records)
-    return results
+    config = {"arms": arm_names, "limit": limit, "k": k, "max_new_tokens": max_new_tokens,
+              "data": str(task_obj.path.resolve()), "task_options": task_obj.options(), "pool_size": len(pool),
+              "max_context": int(getattr(lm, "max_context", 0)) or None, "decoding": "greedy",
+              "memory_options": dict(memory_options or {}), "version": _library_version()}
+    return save_run(out, lm, task=task, task_version=task_cls.version, n=len(items), seed=seed, config=config,
+                    arms=arm_results, comparisons=_compare(arm_names, all_scores, seed), records=records)
 
 
 _SAME_IN_MERGE = ("task", "task_version", "n", "seed")
@@ -388,8 +355,7 @@ def merge_runs(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     merged["arms"] = arms
     merged["config"] = {**first["config"], "arms": list(arms), "merged_from": [str(Path(d)) for d in dirs],
                         "memory_options_by_arm": {a: o for a, o in arms_options.items() if o}}
-    metric_names = sorted({m for block in arms.values() for m in block["metrics"]})
-    merged["higher_is_better"] = dict.fromkeys(metric_names, True)
+    merged["higher_is_better"] = {m: True for block in arms.values() for m in block["metrics"]}
     merged["comparisons"] = _compare(list(arms), scores, int(first["seed"]))
     merged = to_jsonable(merged)
     write_results(out, merged)

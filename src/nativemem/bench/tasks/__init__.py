@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from ...errors import DataError, InputError
 from ...registry import Registry
@@ -187,35 +187,13 @@ class Task(ABC):
 
 
 _TASKS: Registry[type[Task]] = Registry("task")
-T = TypeVar("T", bound=type[Task])
-
-
-def register_task(name: str, *, replace: bool = False) -> Callable[[T], T]:
-    """Class decorator registering a :class:`Task` subclass under ``name``.
-
-    Args:
-        name: Lower-case snake_case registry key.
-        replace: Allow replacing a task registered under the same name.
-
-    Raises:
-        ValueError: If the name is taken by another class or is not lower-case snake_case.
-    """
-
-    return _TASKS.decorator(name, replace=replace)
-
-
-def get_task(name: str) -> type[Task]:
-    """The task class registered as ``name``.
-
-    Raises:
-        UnknownNameError: If no task has that name (the message suggests the closest).
-    """
-    return _TASKS.get(name)
-
-
-def list_tasks() -> list[str]:
-    """Names of all registered tasks, sorted."""
-    return _TASKS.names()
+register_task = _TASKS.decorator
+"""Class decorator registering a :class:`Task` subclass under a lower-case snake_case name (``replace=True``
+replaces one registered under that name; another class under a taken name is a ValueError)."""
+get_task = _TASKS.get
+"""The task class registered under a name (UnknownNameError suggests the closest)."""
+list_tasks = _TASKS.names
+"""Names of every registered task, sorted."""
 
 
 from . import squad, triviaqa  # noqa: E402,F401  (registers the built-in tasks)

@@ -1,7 +1,7 @@
 """The ``facts`` benchmark: store synthetic facts, then measure recall, paraphrase recall and the drift they
 cause on neutral text and general QA.
 
-What :func:`run_facts_benchmark` measures, per arm (:mod:`nativemem.bench.arms_facts`), on identical items:
+What :func:`run_facts_benchmark` measures, per arm (:mod:`nativemem.bench.arms`, one registry for every task), on identical items:
 
 - ``recall``: greedy exact recall of every stored fact asked in its training phrasing: the generated
   answer (``max_new_tokens`` cap, post-processed as every benchmark answer) equals the fact's answer after
@@ -37,11 +37,11 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
+from ...prompting import DEFAULT_SYSTEM
 from . import Chunk, QAItem, Task, TaskData, data_root, register_task
 
 __all__ = ["FactsTask", "run_facts_benchmark", "neutral_passages", "mmlu_items", "forward_overhead", "load_facts_file"]
@@ -94,16 +94,22 @@ class FactsTask(Task):
                 "generated": self.generated}
 
     @property
+    def facts(self) -> list:
+        """The stored facts (what arms that learn facts train on)."""
+        if getattr(self, "_facts", None) is None:
+            self._facts = _facts(None if self.generated else self.path, self.num_facts, self.facts_seed)
+        return self._facts
+
+    @property
     def data(self) -> TaskData:
         if self._data is None:
             self._data = self.load(self.path)
         return self._data
 
     def load(self, path: Path) -> TaskData:
-        facts = _facts(None if self.generated else path, self.num_facts, self.facts_seed)
-        chunks = {f.id: Chunk(f.id, f.sentence or f"{f.prompt} {f.answer}") for f in facts}
+        chunks = {f.id: Chunk(f.id, f.sentence or f"{f.prompt} {f.answer}") for f in self.facts}
         items = []
-        for f in facts:
+        for f in self.facts:
             items.append(QAItem(f.id, f.prompt, (f.answer,), (f.id,), (f.id,), {"phrasing": "training"}))
             for j, p in enumerate(f.paraphrases[: self.paraphrases]):
                 items.append(QAItem(f"{f.id}:p{j + 1}", p, (f.answer,), (f.id,), (f.id,), {"phrasing": "paraphrase"}))
@@ -217,15 +223,10 @@ def forward_overhead(lm, memory, *, tokens: int = 512, reps: int = 5, text: str 
     return {"bare_s": b, "memory_s": m, "overhead": m / b - 1.0, "tokens": tokens, "reps": reps}
 
 
-def _answer(lm, arm, question: str, max_new_tokens: int) -> dict[str, Any]:
-    from ..arms_facts import FACTS_SYSTEM
-    from ...prompting import postprocess_answer
-
-    content, retrieved = arm.content(question)
-    ids = lm.chat_ids(content, system=FACTS_SYSTEM)
-    gen = lm.generate(ids, max_new_tokens=max_new_tokens, memory=arm.memory())
-    return {"output": postprocess_answer(gen.text), "raw_output": gen.text, "retrieved": retrieved,
-            "ttft_s": gen.ttft_s, "total_s": gen.total_s, "prompt_tokens": gen.prompt_tokens}
+def _answer(arm, fact, question: str, answer: str) -> dict[str, Any]:
+    out = arm.answer(QAItem(fact.id, question, (answer,), (fact.id,), (fact.id,)))
+    return {"output": out.text, "raw_output": out.raw_text, "retrieved": [cid for cid, _ in out.retrieved],
+            "ttft_s": out.ttft_s, "total_s": out.total_s or 0.0, "prompt_tokens": out.prompt_tokens}
 
 
 def _nll(lm, arm, text: str) -> tuple[float, int]:
@@ -234,17 +235,14 @@ def _nll(lm, arm, text: str) -> tuple[float, int]:
 
 
 def _mmlu_letter(lm, arm, item: dict[str, Any], letter_ids: list[int]) -> int:
-    from ..arms_facts import FACTS_SYSTEM
-
-    ids = lm.chat_ids(_mmlu_content(item), system=FACTS_SYSTEM)
+    ids = lm.chat_ids(_mmlu_content(item), system=DEFAULT_SYSTEM)
     logits = lm.logits(ids, memory=arm.memory())[0, -1].float()
     return int(logits[letter_ids].argmax())
 
 
 # ---------------------------------------------------------------------- the run
 def _evaluate(lm, arm, name: str, recall_facts, para_items, passages, mmlu, letter_ids, reference: dict[str, Any],
-              records: list[dict[str, Any]], max_new_tokens: int, log,
-              cost: dict[str, Any] | None) -> tuple[dict[str, list[float]], int, float]:
+              records: list[dict[str, Any]], log, cost: dict[str, Any] | None) -> tuple[dict[str, list[float]], int, float]:
     """Ask an arm every fact (training phrasing, then paraphrases), score the neutral passages and MMLU; the
     ``none`` arm sets ``reference``; with ``cost``, a pkm arm's forward overhead goes into it. Returns the
     per-item scores, the passage tokens and the generation time."""
@@ -262,7 +260,7 @@ def _evaluate(lm, arm, name: str, recall_facts, para_items, passages, mmlu, lett
                  ("_reverse", [(f, *f.meta["reverse"]) for f, _ in para_items if f.meta.get("reverse")]))
         for suffix, batch in asked:
             for f, question, answer in batch:
-                rec = _answer(lm, arm, question, max_new_tokens)
+                rec = _answer(arm, f, question, answer)
                 s = answer_scores(rec["output"], [answer])
                 gen_s += rec["total_s"]
                 scores[f"recall{suffix}"].append(s["em"])
@@ -337,7 +335,8 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
 
     Args:
         lm: the LanguageModel.
-        arms: facts arms (``list_fact_arms()``); ``none`` is always run first (the drift reference).
+        arms: arms (``list_arms()``: ``none``, ``rag_bm25``, ``pkm``, ``pkm_gated``, ``side_ffn``, ``lora``, ...);
+            ``none`` is always run first (the drift reference).
         num_facts: facts to store (generated with ``seed`` unless ``data`` names a facts file).
         out: output folder.
         seed: seed of the facts, of every sample and of the bootstrap.
@@ -362,19 +361,20 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
     Returns:
         The results mapping, as written to ``results.json``.
     """
-    from ..arms_facts import FACTS_SYSTEM, get_fact_arm
-    from ..results import SCHEMA_VERSION, to_jsonable, write_items, write_results
+    from ..arms import get_arm
+    from ..results import save_run
     from ..runner import peak_rss_bytes
 
     for name, value in (("num_facts", num_facts), ("max_new_tokens", max_new_tokens), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     names = ["none"] + [a for a in dict.fromkeys(arms) if a != "none"]
-    classes = [(name, get_fact_arm(name)) for name in names]  # unknown names fail before any work
+    classes = [(name, get_arm(name)) for name in names]  # unknown names fail before any work
     root = Path(data_dir) if data_dir is not None else data_root()
     log = (lambda msg: print(f"[facts] {msg}", flush=True)) if progress else (lambda msg: None)
 
-    facts = _facts(data, num_facts, seed)
+    task = FactsTask(data, num_facts=num_facts, facts_seed=seed)
+    facts = task.facts
     order = list(range(len(facts)))
     random.Random(f"facts-order-{seed}").shuffle(order)
     recall_facts = [facts[i] for i in order[: recall_limit or len(facts)]]
@@ -390,26 +390,27 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
     if gate_questions:
         gate_q = [q["question"] for q in mmlu_items(root, split="dev", limit=gate_questions // 2, seed=seed)]
         gate_q += squad_questions(root, gate_questions - len(gate_q), seed)
-    options = {"k": k, "memory_options": memory_options, "gate_negatives": gate_neg, "gate_questions": gate_q,
-               "side_ffn_options": side_ffn_options, "baseline_lr": baseline_lr, "lora_rank": lora_rank,
+    options = {"gate_negatives": gate_neg, "gate_questions": gate_q, "side_ffn": side_ffn_options or {},
+               "baseline_lr": baseline_lr, "lora": {"rank": lora_rank}, "shared": {},
                "progress_fn": (lambda e, a, loss: log(f"  epoch {e}: {a} facts trained, loss {loss:.3f}"))
                if progress else None}
     log(f"{len(facts)} facts, {len(recall_facts)} asked, {len(para_items)} paraphrases, {len(passages)} passages, "
         f"{len(mmlu)} MMLU questions; arms {names}")
 
-    shared: dict[str, Any] = {}
+    pool = list(task.data.chunks.values())
     records: list[dict[str, Any]] = []
     per_arm: dict[str, dict[str, list[float]]] = {}
     results_arms: dict[str, Any] = {}
     reference: dict[str, Any] = {}
     for name, cls in classes:
-        arm = cls(lm, shared=shared, options=options)
+        arm = cls(k=k, max_new_tokens=max_new_tokens, memory_options=memory_options, options=options)
         start = time.perf_counter()
         log(f"{name}: preparing")
-        cost = dict(arm.prepare(facts))
+        arm.prepare(pool, lm, items=[], task=task)
+        cost = dict(arm.cost)
         prepare_s = time.perf_counter() - start
         scores, tokens, gen_s = _evaluate(lm, arm, name, recall_facts, para_items, passages, mmlu, letter_ids,
-                                          reference, records, max_new_tokens, log, cost if overhead else None)
+                                          reference, records, log, cost if overhead else None)
         metrics, ci95 = _metrics(scores, reference, mmlu, seed)
         stored = int(arm.bytes_stored())
         cost.update(prepare_s=prepare_s, wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
@@ -422,25 +423,12 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
             f"(agree {metrics['mmlu_agree']:.3f}), stored {stored:,} bytes")
         arm.close()
 
-    comparisons = _comparisons(names, per_arm, seed)
-    results = {
-        "schema_version": SCHEMA_VERSION, "task": "facts", "task_version": FactsTask.version,
-        "model": lm.fingerprint.to_dict(), "model_name": lm.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n": len(recall_facts), "seed": seed,
-        "config": {"arms": names, "num_facts": len(facts), "recall_limit": recall_limit,
-                   "paraphrases": len(para_items), "ppl_passages": len(passages), "passage_words": passage_words,
-                   "mmlu_limit": len(mmlu), "gate_passages": len(gate_neg), "gate_questions": len(gate_q), "k": k,
-                   "max_new_tokens": max_new_tokens, "memory_options": memory_options or {},
-                   "data": str(data) if data is not None else f"generated (seed {seed})", "decoding": "greedy",
-                   "system_prompt": FACTS_SYSTEM},
-        "higher_is_better": {"recall": True, "recall_contains": True, "recall_paraphrase": True,
-                             "recall_paraphrase_contains": True, "recall_reverse": True,
-                             "recall_reverse_contains": True, "mmlu_acc": True,
-                             "mmlu_agree": True, "qa_drift": True, "ppl": False, "ppl_drift": False},
-        "arms": results_arms,
-        "comparisons": comparisons,
-    }
-    results = to_jsonable(results)
-    write_results(out, results)
-    write_items(out, records)
-    return results
+    config = {"arms": names, "num_facts": len(facts), "recall_limit": recall_limit, "paraphrases": len(para_items),
+              "ppl_passages": len(passages), "passage_words": passage_words, "mmlu_limit": len(mmlu),
+              "gate_passages": len(gate_neg), "gate_questions": len(gate_q), "k": k, "max_new_tokens": max_new_tokens,
+              "memory_options": memory_options or {}, "decoding": "greedy", "system_prompt": DEFAULT_SYSTEM,
+              "data": str(data) if data is not None else f"generated (seed {seed})"}
+    lower = ("ppl", "ppl_drift")
+    return save_run(out, lm, task="facts", task_version=FactsTask.version, n=len(recall_facts), seed=seed,
+                    config=config, arms=results_arms, comparisons=_comparisons(names, per_arm, seed), records=records,
+                    higher_is_better={m: m not in lower for m in next(iter(results_arms.values()))["metrics"]})

@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +273,7 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         progress: progress bars.
     """
     from ..arms import get_arm
-    from ..results import write_items, write_results
+    from ..results import save_run
 
     arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
     if not arms:
@@ -299,30 +299,19 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         items = items[:limit]
         pool = [task.data.chunks[cid] for cid in items[0].source_chunk_ids]
         for name in arms:
-            arm = arm_classes[name](k=k, max_new_tokens=max_new_tokens, progress=progress)
-            for attr, value in (("max_prompt_tokens", max_prompt_tokens), ("memory_config", memory_config),
-                                ("lora_config", lora_config)):
-                if value is not None:
-                    setattr(arm, attr, value if attr == "max_prompt_tokens" else dict(value))
+            arm = arm_classes[name](k=k, max_new_tokens=max_new_tokens, progress=progress, options={
+                "max_prompt_tokens": max_prompt_tokens, "side_ffn": memory_config, "lora": lora_config})
             records += _run_conversation(arm, name, sid, lm, pool, items, task, k, cost[name], scores[name], progress)
     arm_results = {name: _summarise(scores[name], cost[name], seed) for name in arms}
     comparisons = paired_comparisons({a: scores[a] for a in arms}, seed=seed,
                                      binary=lambda m: m == "f1_adversarial" or m.startswith("hit@"))
-    results = {
-        "schema_version": 1, "task": "locomo", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
-        "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n": len(scores[arms[0]]), "seed": seed,
-        "config": {"arms": arms, "conversations": selected, "limit_per_conversation": limit, "k": k,
-                   "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
-                   "chunk_words": chunk_words, "data": str(task.path.resolve()), "memory_config": memory_config or {},
-                   "lora_config": lora_config or {}, "max_context": lm.max_context, "decoding": "greedy",
-                   "scoring": "official LoCoMo F1 (Porter-stemmed tokens, category rules)"},
-        "higher_is_better": {m: True for block in arm_results.values() for m in block["metrics"]},
-        "arms": arm_results, "comparisons": comparisons,
-    }
-    write_results(out, results)
-    write_items(out, records)
-    return results
+    config = {"arms": arms, "conversations": selected, "limit_per_conversation": limit, "k": k,
+              "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "chunk_words": chunk_words,
+              "data": str(task.path.resolve()), "memory_config": memory_config or {}, "lora_config": lora_config or {},
+              "max_context": lm.max_context, "decoding": "greedy",
+              "scoring": "official LoCoMo F1 (Porter-stemmed tokens, category rules)"}
+    return save_run(out, lm, task="locomo", task_version=VERSION, n=len(scores[arms[0]]), seed=seed, config=config,
+                    arms=arm_results, comparisons=comparisons, records=records)
 
 
 def _median(values: list[float]) -> float | None:

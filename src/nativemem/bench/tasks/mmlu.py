@@ -30,7 +30,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +269,7 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
 
 
 def _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, opts) -> dict[str, Any]:
-    from ..results import write_items, write_results
+    from ..results import save_run
     from ..stats import means_with_ci, paired_comparisons
 
     arm_blocks, records = {}, []
@@ -290,16 +289,8 @@ def _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, 
                                      binary=lambda m: m == "accuracy", seed=seed, metrics=("accuracy", "logprob_correct"))
     drift = {c["a"]: {"points": 100 * c["diff"], "ci95_points": [100 * x for x in c["ci95"]] if c["ci95"] else None,
                       "p_value": c["p_value"]} for c in comparisons if c["metric"] == "accuracy"}
-    results = {
-        "schema_version": 1, "task": "mmlu", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
-        "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n": len(items), "seed": seed,
-        "config": {"arms": list(arms), "data": str(Path(path).resolve()), "per_subject": per_subject, "shots": shots,
-                   "subjects": len({i.subject for i in items}), "window": opts["window"], "context": opts["context"],
-                   "steps": opts["steps"], "answer_by": "argmax of the next-token logits of ' A', ' B', ' C', ' D'"},
-        "higher_is_better": {"accuracy": True, "logprob_correct": True},
-        "arms": arm_blocks, "comparisons": comparisons, "drift_vs_none": drift,
-    }
-    write_results(out, results)
-    write_items(out, records)
-    return results
+    config = {"arms": list(arms), "data": str(Path(path).resolve()), "per_subject": per_subject, "shots": shots,
+              "subjects": len({i.subject for i in items}), "window": opts["window"], "context": opts["context"],
+              "steps": opts["steps"], "answer_by": "argmax of the next-token logits of ' A', ' B', ' C', ' D'"}
+    return save_run(out, lm, task="mmlu", task_version=VERSION, n=len(items), seed=seed, config=config,
+                    arms=arm_blocks, comparisons=comparisons, records=records, drift_vs_none=drift)

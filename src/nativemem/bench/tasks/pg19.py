@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +176,6 @@ def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: st
     import torch
     from tqdm.auto import tqdm
 
-    from ..results import write_items, write_results
     from ..runner import peak_rss_bytes
 
     arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
@@ -230,9 +228,8 @@ def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: st
             book_blocks.append(block)
     finally:
         torch.set_num_threads(threads_before)
-    results = _results(lm, arms, opts, path, limit, seed, base_params, book_blocks, per_arm, peak_rss_bytes())
-    write_results(out, results)
-    write_items(out, records)
+    results = _results(lm, out, records, arms, opts, path, limit, seed, base_params, book_blocks, per_arm,
+                       peak_rss_bytes())
     _plot(book_blocks, arms, Path(out) / "pg19_ppl.png")
     (Path(out) / "pg19_report.md").write_text(summary_markdown(results), encoding="utf-8")
     return results
@@ -257,7 +254,9 @@ def _relative_to_window_only(arms: dict[str, dict[str, Any]]) -> None:
         block["below_window_only"] = block["ppl"] < ref["ppl"] if ref else None
 
 
-def _results(lm, arms, opts, path, limit, seed, base_params, books, per_arm, peak_rss) -> dict[str, Any]:
+def _results(lm, out, records, arms, opts, path, limit, seed, base_params, books, per_arm,
+             peak_rss) -> dict[str, Any]:
+    from ..results import save_run
     from ..stats import bootstrap_mean_ci, paired_comparisons
 
     ref = per_arm.get("window_only")
@@ -282,16 +281,12 @@ def _results(lm, arms, opts, path, limit, seed, base_params, books, per_arm, pea
         }
     windows = {a: {(bk, w): {"nll": v} for bk, w, v in per_arm[a]["window_nll"]} for a in arms}
     comparisons = paired_comparisons(windows, binary=lambda m: False, seed=seed)
-    return {
-        "schema_version": 1, "task": "pg19", "task_version": VERSION, "model": lm.fingerprint.to_dict(),
-        "model_name": lm.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n": sum(b["tokens"] for b in books), "seed": seed,
-        "config": {"arms": list(arms), "limit": limit, "data": str(Path(path).resolve()), "books": len(books),
-                   "base_params": base_params, "max_context": lm.max_context, **asdict(opts),
-                   "protocol": "score each window before training on it; cumulative ppl = exp(sum NLL / tokens)"},
-        "higher_is_better": {"ppl": False, "nll": False},
-        "arms": arm_blocks, "comparisons": comparisons, "books": books,
-    }
+    config = {"arms": list(arms), "limit": limit, "data": str(Path(path).resolve()), "books": len(books),
+              "base_params": base_params, "max_context": lm.max_context, **asdict(opts),
+              "protocol": "score each window before training on it; cumulative ppl = exp(sum NLL / tokens)"}
+    return save_run(out, lm, task="pg19", task_version=VERSION, n=sum(b["tokens"] for b in books), seed=seed,
+                    config=config, arms=arm_blocks, comparisons=comparisons, records=records,
+                    higher_is_better={"ppl": False, "nll": False}, books=books)
 
 
 def _plot(books: list[dict[str, Any]], arms: Sequence[str], path: Path) -> None:

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +101,7 @@ def run_scifact(lm, *, arms: Sequence[str] = RANKERS, data: str | Path | None = 
     from ir_measures import R, nDCG
 
     from ...retrieval import BM25Retriever, DenseRetriever
+    from ..results import save_run
     from ..stats import means_with_ci, paired_comparisons
 
     rankers = list(arms)
@@ -159,27 +159,18 @@ def run_scifact(lm, *, arms: Sequence[str] = RANKERS, data: str | Path | None = 
         agg = {str(k): float(v) for k, v in ir_measures.calc_aggregate(measures, eval_qrels, run).items()}
         per_item[name] = {q: {k: pq.get(q, {}).get(k, 0.0) for k in agg} for q in eval_q}
         ci = means_with_ci(per_item[name], seed=seed, metrics=list(agg))[1]
-        results_arms[name] = {"n": len(eval_q), "metrics": agg, "ci95": ci, "cost": costs[name]}
+        results_arms[name] = {"n": len(eval_q), "scored": len(eval_q), "skipped": 0, "skipped_reasons": {},
+                              "metrics": agg, "ci95": ci, "cost": costs[name]}
     comparisons = paired_comparisons(per_item, binary=lambda m: False, seed=seed, metrics=("nDCG@10", "R@100"))
-    fp = getattr(lm, "fingerprint", None)
-    results = {
-        "task": "scifact", "task_version": "1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": fp.to_dict() if fp is not None else {}, "n": len(eval_q), "seed": seed,
-        "config": {"rankers": list(rankers), "data": str(folder.resolve()), "qrels": str(qrels),
-                   "corpus_size": len(corpus), "fit_queries": len(fit_q), "eval_queries": len(eval_q),
-                   "fit_fraction": fit_fraction, "depth": depth, "limit": limit, "corpus_limit": corpus_limit},
-        "own_states": costs.get("_own_states"), "higher_is_better": {"nDCG@10": True, "R@100": True},
-        "arms": results_arms, "comparisons": comparisons,
-    }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-        for name, run in runs.items():
-            for q in eval_q:
-                top = sorted(run[q].items(), key=lambda t: -t[1])[:10]
-                f.write(json.dumps({"arm": name, "query_id": q, "query": queries[q], "relevant": eval_qrels[q],
-                                    "metrics": per_item[name][q], "top10": [d for d, _ in top]}) + "\n")
+    config = {"rankers": list(rankers), "data": str(folder.resolve()), "qrels": str(qrels),
+              "corpus_size": len(corpus), "fit_queries": len(fit_q), "eval_queries": len(eval_q),
+              "fit_fraction": fit_fraction, "depth": depth, "limit": limit, "corpus_limit": corpus_limit}
+    records = [{"arm": name, "query_id": q, "query": queries[q], "relevant": eval_qrels[q],
+                "metrics": per_item[name][q], "top10": [d for d, _ in sorted(run[q].items(), key=lambda t: -t[1])[:10]]}
+               for name, run in runs.items() for q in eval_q]
+    results = save_run(out, lm, task="scifact", task_version="1", n=len(eval_q), seed=seed, config=config,
+                       arms=results_arms, comparisons=comparisons, records=records,
+                       own_states=costs.get("_own_states"))
     if memory is not None:
         memory.close()
         del memory
