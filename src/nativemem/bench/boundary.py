@@ -46,7 +46,7 @@ def run_boundary(lm, *, out: str | Path, data: str | Path | None = None, limit: 
     from ..errors import InputError
     from .arms_activation import BENCH_MEMORY_CONFIG
     from ..prompting import build_messages
-    from .results import write_results
+    from .results import save_run
     from .scale import _pick
 
     for name, value in (("limit", limit), ("k", k), ("paragraphs", paragraphs)):
@@ -106,16 +106,13 @@ def run_boundary(lm, *, out: str | Path, data: str | Path | None = None, limit: 
                         "top1_agreement": statistics.mean(r["top1"] for r in rs),
                         "prefix_and_question_s_median": statistics.median(r["seconds"] for r in rs)}
                for n, rs in rows.items()}
-    results = {"task": "boundary", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(plan),
-               "device": str(lm.device),
-               "config": {"data": str(path), "limit": limit, "k": k, "paragraphs": len(pool), "seed": seed,
-                          "recompute": recompute, "memory": memory_config or {}},
-               "recompute": summary, "items": {str(n): rs for n, rs in rows.items()},
-               "arms": {f"recompute_{n}": {"metrics": {"top1_agreement": s["top1_agreement"], "kl_mean": s["kl_mean"]}}
-                        for n, s in summary.items()}}
-    if getattr(lm, "random_weights", False):
-        results["random_weights"] = True
-    write_results(Path(out), results)
+    config = {"data": str(path), "limit": limit, "k": k, "paragraphs": len(pool), "recompute": recompute,
+              "memory": memory_config or {}}
+    arms = {f"recompute_{n}": {"metrics": {"top1_agreement": s["top1_agreement"], "kl_mean": s["kl_mean"]}}
+            for n, s in summary.items()}
+    results = save_run(out, lm, task="boundary", task_version="1", n=len(plan), seed=seed, config=config, arms=arms,
+                       comparisons=[], higher_is_better={"top1_agreement": True, "kl_mean": False},
+                       device=str(lm.device), recompute=summary, items={str(n): rs for n, rs in rows.items()})
     if progress:
         for n, s in summary.items():
             print(f"recompute_tokens={n}: KL(text || injected) mean {s['kl_mean']:.4f} (median {s['kl_median']:.4f}), "

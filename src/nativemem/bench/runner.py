@@ -18,7 +18,6 @@ are means over the scored items only.
 from __future__ import annotations
 
 import inspect
-import statistics
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from .arms import Arm, ArmOutput, get_arm
 from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
 from ..prompting import build_messages
 from .results import save_run, to_jsonable, write_items, write_results
-from .stats import compare_paired, means_with_ci
+from .stats import compare_paired, mean_or_none, means_with_ci, median_or_none
 from .tasks import QAItem, get_task
 
 __all__ = ["run_benchmark", "merge_runs", "peak_rss_bytes"]
@@ -103,14 +102,6 @@ def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: i
     return scores
 
 
-def _median(values: Sequence[float]) -> float | None:
-    return float(statistics.median(values)) if values else None
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(statistics.fmean(values)) if values else None
-
-
 def _summarise(
     outputs: Sequence[ArmOutput], scores: Sequence[dict[str, float] | None], cost: dict[str, Any], seed: int
 ) -> dict[str, Any]:
@@ -123,16 +114,16 @@ def _summarise(
                 names.append(name)
     metrics, ci95 = means_with_ci(dict(enumerate(scores)), seed=seed, metrics=names)
     cost.update(
-        ttft_median_s=_median([o.ttft_s for o in scored if o.ttft_s is not None]),
-        prompt_tokens_mean=_mean([o.prompt_tokens for o in scored]),
-        prompt_tokens_median=_median([o.prompt_tokens for o in scored]),
-        new_tokens_mean=_mean([o.new_tokens for o in scored]),
+        ttft_median_s=median_or_none([o.ttft_s for o in scored if o.ttft_s is not None]),
+        prompt_tokens_mean=mean_or_none([o.prompt_tokens for o in scored]),
+        prompt_tokens_median=median_or_none([o.prompt_tokens for o in scored]),
+        new_tokens_mean=mean_or_none([o.new_tokens for o in scored]),
         generate_s_total=float(sum(o.total_s or 0.0 for o in scored)),
     )
     searched = [o for o in scored if o.search_s is not None and o.ttft_s is not None]
     if searched:  # retrieval arms: what a user waits for is the search and then the first token
-        cost.update(search_median_s=_median([o.search_s for o in searched]),
-                    end_to_end_median_s=_median([o.search_s + o.ttft_s for o in searched]))
+        cost.update(search_median_s=median_or_none([o.search_s for o in searched]),
+                    end_to_end_median_s=median_or_none([o.search_s + o.ttft_s for o in searched]))
     reasons = Counter(o.skip_reason for o in outputs if o.skipped)
     return {
         "n": len(outputs),

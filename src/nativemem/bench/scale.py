@@ -154,7 +154,7 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
 
     from ..errors import InputError
     from .arms_activation import BENCH_MEMORY_CONFIG
-    from .results import write_results
+    from .results import save_run
     from ..retrieval import BM25Retriever
     from .tasks import data_root
     from .write_speed import _forward_seconds, plain_sequences
@@ -208,34 +208,27 @@ def run_scale(lm, *, out: str | Path, data: str | Path | None = None, limit: int
 
     timings, steps, ratios = _medians(per_item)
     same = sum(r["activation_text"] == r["text_same_order_text"] for r in per_item)
-    results = {
-        "task": "scale", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(per_item),
-        "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
-        "device_name": _device_name(lm),
-        "config": {"data": str(path), "limit": limit, "k": k, "paragraphs": len(pool), "seed": seed,
-                   "max_new_tokens": max_new_tokens, "memory": {k_: v for k_, v in config.items()},
-                   "cudnn_attention": bool(cudnn_attention)},
-        "write": {"tokens": tokens, "forward_s": forward_s, "forward_runs_s": [before, after], "add_s": add_s,
-                  "forward_tokens_per_s": tokens / forward_s, "add_tokens_per_s": tokens / add_s,
-                  "add_over_forward": forward_s / add_s, "chunks": len(receipt.ids)},
-        "bytes": {"payload_per_token": stats["payload_bytes_per_token"],
-                  "index_vectors_per_token": stats["index_vector_bytes_per_token"],
-                  "fp16_kv_per_token": memory.geometry.bytes_per_token("float16"),
-                  "payload_over_fp16": stats["payload_bytes_per_token"] / memory.geometry.bytes_per_token("float16"),
-                  "payload_total": stats["payload_bytes"], "tokens": stats["tokens"]},
-        "ttft_median_s": timings, "ratios": ratios, "steps_median_s": steps,
-        "tokens_median": {"activation_prefilled": statistics.median(r["prompt_tokens"] for r in per_item),
-                          "activation_prefix": statistics.median(r["prefix_tokens"] for r in per_item),
-                          "text_same_order": statistics.median(r["text_same_order_tokens"] for r in per_item),
-                          "rag_bm25": statistics.median(r["rag_bm25_tokens"] for r in per_item)},
-        "agreement_activation_text_same_order": same / len(per_item),
-        "items": per_item,
-    }
-    if getattr(lm, "random_weights", False):
-        results["random_weights"] = True
-    results["arms"] = {name: {"metrics": {"ttft_median_s": value}} for name, value in timings.items()
-                       if value is not None}
-    write_results(Path(out), results)
+    config = {"data": str(path), "limit": limit, "k": k, "paragraphs": len(pool), "max_new_tokens": max_new_tokens,
+              "memory": dict(config), "cudnn_attention": bool(cudnn_attention)}
+    fp16 = memory.geometry.bytes_per_token("float16")
+    results = save_run(
+        out, lm, task="scale", task_version="1", n=len(per_item), seed=seed, config=config, comparisons=[],
+        arms={name: {"metrics": {"ttft_median_s": value}} for name, value in timings.items() if value is not None},
+        higher_is_better={"ttft_median_s": False}, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
+        device_name=_device_name(lm),
+        write={"tokens": tokens, "forward_s": forward_s, "forward_runs_s": [before, after], "add_s": add_s,
+               "forward_tokens_per_s": tokens / forward_s, "add_tokens_per_s": tokens / add_s,
+               "add_over_forward": forward_s / add_s, "chunks": len(receipt.ids)},
+        bytes={"payload_per_token": stats["payload_bytes_per_token"],
+               "index_vectors_per_token": stats["index_vector_bytes_per_token"], "fp16_kv_per_token": fp16,
+               "payload_over_fp16": stats["payload_bytes_per_token"] / fp16, "payload_total": stats["payload_bytes"],
+               "tokens": stats["tokens"]},
+        ttft_median_s=timings, ratios=ratios, steps_median_s=steps,
+        tokens_median={"activation_prefilled": statistics.median(r["prompt_tokens"] for r in per_item),
+                       "activation_prefix": statistics.median(r["prefix_tokens"] for r in per_item),
+                       "text_same_order": statistics.median(r["text_same_order_tokens"] for r in per_item),
+                       "rag_bm25": statistics.median(r["rag_bm25_tokens"] for r in per_item)},
+        agreement_activation_text_same_order=same / len(per_item), items=per_item)
     if progress:
         print(format_scale(results), flush=True)
     return results
@@ -261,7 +254,7 @@ def format_scale(results: dict[str, Any]) -> str:
     def ratio(x):
         return "–" if x is None else f"{x:.2f}×"
 
-    lines = [f"model {results['model']} on {results['device_name']} ({results['dtype']}), n = {results['n']}, "
+    lines = [f"model {results['model_name']} on {results['device_name']} ({results['dtype']}), n = {results['n']}, "
              f"k = {results['config']['k']}, kv_dtype {results['config']['memory'].get('kv_dtype', 'default')}, "
              f"cuDNN attention {'on' if results['config']['cudnn_attention'] else 'off'}"
              + (" — random weights: timings and sizes only" if results.get("random_weights") else ""), "",

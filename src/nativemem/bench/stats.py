@@ -12,6 +12,7 @@ Two arms answer the same items, so every comparison is *paired*:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -27,6 +28,8 @@ __all__ = [
     "compare_paired",
     "means_with_ci",
     "paired_comparisons",
+    "mean_or_none",
+    "median_or_none",
     "N_RESAMPLES",
 ]
 
@@ -227,3 +230,13 @@ def paired_comparisons(per_arm: Mapping[str, Scores], *, binary: Callable[[str],
             out.append({"a": a, "b": b, "metric": metric,
                         **compare_paired([x for x, _ in both], [y for _, y in both], binary=binary(metric), seed=seed)})
     return out
+
+
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean, or None for no values."""
+    return float(statistics.fmean(values)) if len(values) else None
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    """The median, or None for no values."""
+    return float(statistics.median(values)) if len(values) else None

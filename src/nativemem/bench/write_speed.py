@@ -73,7 +73,7 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
     import nativemem as nm
 
     from ..errors import InputError
-    from .results import write_results
+    from .results import save_run
     from .tasks import data_root
     from .tasks.squad import load_squad
 
@@ -106,20 +106,16 @@ def run_write(lm, *, out: str | Path, data: str | Path | None = None, limit: int
         shutil.rmtree(folder, ignore_errors=True)
     forward_s = (before + after) / 2
     tokens_forward = sum(map(len, sequences))
-    results = {
-        "task": "write", "model": lm.name, "fingerprint": lm.fingerprint.short, "n": len(texts),
-        "config": {"data": str(path), "limit": limit, "seed": seed, "batch_size": config.batch_size,
-                   "payload": config.payload, "kv_dtype": config.kv_dtype, "index_pooled": memory.indexes_pooled,
-                   "variant": config.variant, "chunks": len(sequences)},
-        "forward": {"seconds": forward_s, "seconds_runs": [before, after], "tokens": tokens_forward,
-                    "tokens_per_s": tokens_forward / forward_s},
-        "add": {"seconds": add_s, "tokens": tokens_forward, "tokens_stored": receipt.tokens,
-                "chunks": len(receipt.ids), "tokens_per_s": tokens_forward / add_s, "bytes_written": receipt.bytes_written,
-                "bytes_on_disk": stored, "bytes_per_token": receipt.details["bytes_per_token"]},
-    }
-    results["add_over_forward"] = results["add"]["tokens_per_s"] / results["forward"]["tokens_per_s"]
-    results["arms"] = {"forward": {"metrics": {"tokens_per_s": results["forward"]["tokens_per_s"]}},
-                       "add": {"metrics": {"tokens_per_s": results["add"]["tokens_per_s"],
-                                           "add_over_forward": results["add_over_forward"]}}}
-    write_results(Path(out), results)
-    return results
+    forward = {"seconds": forward_s, "seconds_runs": [before, after], "tokens": tokens_forward,
+               "tokens_per_s": tokens_forward / forward_s}
+    add = {"seconds": add_s, "tokens": tokens_forward, "tokens_stored": receipt.tokens, "chunks": len(receipt.ids),
+           "tokens_per_s": tokens_forward / add_s, "bytes_written": receipt.bytes_written, "bytes_on_disk": stored,
+           "bytes_per_token": receipt.details["bytes_per_token"]}
+    ratio = add["tokens_per_s"] / forward["tokens_per_s"]
+    config = {"data": str(path), "limit": limit, "batch_size": config.batch_size, "payload": config.payload,
+              "kv_dtype": config.kv_dtype, "index_pooled": memory.indexes_pooled, "variant": config.variant,
+              "chunks": len(sequences)}
+    arms = {"forward": {"metrics": {"tokens_per_s": forward["tokens_per_s"]}},
+            "add": {"metrics": {"tokens_per_s": add["tokens_per_s"], "add_over_forward": ratio}}}
+    return save_run(out, lm, task="write", task_version="1", n=len(texts), seed=seed, config=config, arms=arms,
+                    comparisons=[], forward=forward, add=add, add_over_forward=ratio)

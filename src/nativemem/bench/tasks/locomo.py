@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
-from ..stats import means_with_ci, paired_comparisons
+from ..stats import mean_or_none, means_with_ci, median_or_none, paired_comparisons
 from . import Chunk, QAItem, Task, TaskData, register_task
 from .locomo_metric import CATEGORIES, NOT_MENTIONED, locomo_score, resolve_option
 
@@ -239,8 +239,8 @@ def _summarise(scores: dict[str, dict[str, float] | None], c: dict[str, Any], se
         "n_per_category": {CATEGORIES[cat]: sum(1 for s in scored if f"f1_{CATEGORIES[cat]}" in s)
                            for cat in CATEGORIES},
         "cost": {"prepare_s": c["prepare_s"], "wall_s": c["prepare_s"] + c["answer_s"],
-                 "ttft_median_s": _median(c["ttft"]), "prompt_tokens_mean": _mean(c["prompt_tokens"]),
-                 "prompt_tokens_median": _median(c["prompt_tokens"]), "peak_rss_bytes": peak_rss_bytes(),
+                 "ttft_median_s": median_or_none(c["ttft"]), "prompt_tokens_mean": mean_or_none(c["prompt_tokens"]),
+                 "prompt_tokens_median": median_or_none(c["prompt_tokens"]), "peak_rss_bytes": peak_rss_bytes(),
                  "bytes_stored": c["bytes_stored"], "extra_params": c["extra_params"],
                  "train_steps": c["train_steps"], "context_truncated_items": c["truncated"],
                  "context_items": c["with_context"]},
@@ -312,13 +312,3 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
               "scoring": "official LoCoMo F1 (Porter-stemmed tokens, category rules)"}
     return save_run(out, lm, task="locomo", task_version=VERSION, n=len(scores[arms[0]]), seed=seed, config=config,
                     arms=arm_results, comparisons=comparisons, records=records)
-
-
-def _median(values: list[float]) -> float | None:
-    import statistics
-
-    return float(statistics.median(values)) if values else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
