@@ -201,3 +201,25 @@ def test_memory_options_reach_the_benchmark_memory(squad_file, tiny_model, tmp_p
         run_benchmark("squad", tiny_model, arms=["activation"], limit=1, out=tmp_path / "x", data=squad_file, k=1,
                       progress=False, memory_options={"kv_dtype": "int3"})
     _SHARED.clear()
+
+
+def test_the_gated_arm_injects_what_the_memory_selects(squad_file, tiny_model):
+    from nativemem.bench.arms import get_arm
+
+    task = get_task("squad")(data=squad_file)
+    items = task.select(2, seed=0)
+    pool = task.pool_for(items)
+    arms = {}
+    for label, name, options in (("fixed", "activation", {}), ("open", "activation_gated", {"gate_threshold": 0.0}),
+                                 ("shut", "activation_gated", {"gate_threshold": 2.0})):
+        arms[label] = get_arm(name)(k=2, max_new_tokens=3, options=options)
+        arms[label].prepare(pool, tiny_model, items=items, task=task)
+    for item in items:
+        fixed, open_, shut = (arms[a].answer(item) for a in ("fixed", "open", "shut"))
+        # gate open: the memory's own choice is the activation arm's top k, so the same prefix and answer
+        assert [c for c, _ in open_.retrieved] == [c for c, _ in fixed.retrieved]
+        assert (open_.prefix_tokens, open_.text) == (fixed.prefix_tokens, fixed.text) and fixed.prefix_tokens > 0
+        # gate shut: nothing injected, every hit considered is recorded as refused
+        assert shut.prefix_tokens == 0 and shut.retrieved == ()
+        assert arms["shut"].last_info["hits"] and not any(h["injected"] for h in arms["shut"].last_info["hits"])
+    assert arms["open"].memory.config.gate_threshold == arms["shut"].memory.config.gate_threshold  # restored

@@ -9,7 +9,8 @@ task uses the same arms from one registry. One module per family: this one (text
 only in which passages go into the shared prompt (:mod:`nativemem.prompting`):
 
 - ``none``: the question alone (closed book).
-- ``rag_bm25``: the top-``k`` pool chunks by BM25 (bm25s).
+- ``rag_bm25``: the top-``k`` pool chunks by BM25 (bm25s); with the ``min_score`` option, only those scoring at
+  least that (the relevance benchmark's ``rag_bm25_gated``).
 - ``rag_dense``: the top-``k`` pool chunks by cosine similarity of all-MiniLM-L6-v2 embeddings.
 - ``long_context``: the item's whole source in document order (for SQuAD, all paragraphs of the
   question's own article), only where it fits the model's window.
@@ -236,9 +237,11 @@ class RetrievalArm(Arm):
         self.retriever.index(pool, progress=self.progress)
 
     def answer(self, item: QAItem) -> ArmOutput:
-        """Retrieve ``k`` chunks for the question and answer from them."""
+        """Retrieve ``k`` chunks for the question (those scoring at least the ``min_score`` option, when set) and
+        answer from them."""
         start = time.perf_counter()
-        hits = tuple(self.retriever.search(item.question, self.k))
+        floor = self.options.get("min_score")
+        hits = tuple((c, s) for c, s in self.retriever.search(item.question, self.k) if floor is None or s >= floor)
         search_s = time.perf_counter() - start
         out = self.generate_answer(item, [self.chunks[cid].text for cid, _ in hits], hits)
         return dataclasses.replace(out, search_s=search_s)
@@ -363,7 +366,7 @@ class FullContextArm(MemoryArmBase):
 
 # arms of the memory kinds: registered lazily so that `get_arm("activation")` works without importing them first
 for _name, _target in {
-    "activation": "ActivationArm", "activation_pooled": "ActivationPooledArm",
+    "activation": "ActivationArm", "activation_gated": "ActivationGatedArm", "activation_pooled": "ActivationPooledArm",
     "activation_tokens": "ActivationTokensArm", "activation_hybrid": "ActivationHybridArm",
     "activation_oracle": "OracleArm", "random_memory": "RandomMemoryArm", "text_same_order": "TextSameOrderArm",
 }.items():

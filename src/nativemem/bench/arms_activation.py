@@ -212,6 +212,42 @@ class ActivationArm(_MemoryArm):
         return dataclasses.replace(self.answer_with(item, ids, retrieved), search_s=self.last_search_s)
 
 
+@register_arm("activation_gated")
+class ActivationGatedArm(_MemoryArm):
+    """The memory chooses what to inject, as in a chat: the top-``k`` hits whose calibrated relevance passes
+    ``gate_threshold`` (the option of that name, else the memory's own; 0 injects the top ``k`` always).
+
+    The ``memory`` option (with ``user_id``) answers from a memory the caller wrote instead of the run's
+    shared one. ``last_info`` holds every hit considered (``hits``) and the gate's time (``gate_s``).
+    """
+
+    uses_retrieval = True
+
+    def prepare(self, pool, lm, *, items, task) -> None:
+        if self.options.get("memory") is None:
+            super().prepare(pool, lm, items=items, task=task)
+            self.user_id = BENCH_USER
+        else:
+            Arm.prepare(self, pool, lm, items=items, task=task)
+            self.memory, self.user_id = self.options["memory"], self.options.get("user_id", BENCH_USER)
+
+    def answer(self, item: QAItem) -> ArmOutput:
+        cfg = self.memory.config
+        before = cfg.gate_threshold
+        cfg.gate_threshold = self.options.get("gate_threshold", before)
+        try:
+            out = self.generate_answer(item, memory=self.memory, user_id=self.user_id, query=item.question)
+        finally:
+            cfg.gate_threshold = before
+        sel = self.memory.last_selection
+        self.last_info = {"hits": sel.get("hits", []), "gate_s": float(sel.get("gate_s", 0.0))}
+        return dataclasses.replace(out, retrieved=tuple(
+            (str(h.get("source_id") or h["id"]), float(h["score"])) for h in self.last_info["hits"] if h["injected"]))
+
+    def bytes_stored(self) -> int:
+        return self.shared.bytes_stored() if self.options.get("memory") is None else 0
+
+
 @register_arm("activation_pooled")
 class ActivationPooledArm(ActivationArm):
     """As ``activation``, retrieving by the pooled KV-Embedding vector."""

@@ -137,34 +137,37 @@ def _bm25_threshold(squad, fit_items, fit_unanswerable, k: int, seed: int) -> tu
     return choose_threshold(scores, gold)
 
 
-def _answer(lm, arm: str, q: dict[str, Any], *, memory, threshold: float, bm25, bm25_threshold: float,
-            texts: dict[str, str], max_new_tokens: int) -> dict[str, Any]:
-    """One arm's answer to one question, with what it injected or pasted and its cost."""
-    from ..prompting import build_messages, postprocess_answer
+def _arms(names: Sequence[str], lm, pool, *, memory, bm25_threshold: float, k: int, max_new_tokens: int) -> dict:
+    """The benchmark's arms, prepared: ``activation`` is ``activation_gated`` with the gate at 0 (top ``k``
+    always), ``rag_bm25_gated`` is ``rag_bm25`` above the BM25 threshold chosen on the fit articles; both
+    activation arms answer from the run's memory."""
+    from .arms import get_arm
 
-    aux_s, injected, hits_info, kw, passages = 0.0, [], None, {}, []
-    if arm in ("activation", "activation_gated"):
-        memory.config.gate_threshold = threshold if arm == "activation_gated" else 0.0
-        kw = {"memory": memory, "user_id": USER, "query": q["question"]}
-    elif arm.startswith("rag_bm25"):
-        start = time.perf_counter()
-        hits = bm25.search(q["question"], memory.config.top_k)
-        if arm == "rag_bm25_gated":
-            hits = [(c, s) for c, s in hits if s >= bm25_threshold]
-        aux_s = time.perf_counter() - start  # retrieval, before the prompt exists (outside TTFT)
-        hits_info = [{"id": c, "score": s} for c, s in hits]
-        injected = [c for c, _ in hits]
-        passages = [texts[c] for c in injected]
-    gen = lm.generate(lm.chat_ids(build_messages(q["question"], passages)), max_new_tokens=max_new_tokens, **kw)
-    if kw:
-        sel = memory.last_selection
-        hits_info = sel.get("hits", [])
-        injected = [h["id"] for h in hits_info if h["injected"]]
-        aux_s = float(sel.get("gate_s", 0.0)) if arm == "activation_gated" else 0.0  # the gate, inside TTFT
-    return {"output": postprocess_answer(gen.text), "raw_output": gen.text, "ttft_s": gen.ttft_s,
-            "e2e_s": gen.ttft_s + (aux_s if arm.startswith("rag") else 0.0), "aux_s": aux_s,
-            "prompt_tokens": gen.prompt_tokens, "prefix_tokens": gen.prefix_tokens, "injected": len(injected),
-            "hits": hits_info}
+    mem = {"memory": memory, "user_id": USER}
+    spec = {"activation": ("activation_gated", {**mem, "gate_threshold": 0.0}),
+            "activation_gated": ("activation_gated", mem), "rag_bm25_gated": ("rag_bm25", {"min_score": bm25_threshold})}
+    out = {}
+    for name in names:
+        cls, options = spec.get(name, (name, {}))
+        out[name] = get_arm(cls)(k=k, max_new_tokens=max_new_tokens, options=options)
+        out[name].prepare(pool, lm, items=[], task=None)
+    return out
+
+
+def _answer(name: str, arm, q: dict[str, Any]) -> dict[str, Any]:
+    """One arm's answer to one question, with what it injected or pasted and its cost."""
+    from .tasks import QAItem
+
+    out = arm.answer(QAItem(q["id"], q["question"], tuple(q["answers"])))
+    if name.startswith("activation"):
+        hits = arm.last_info["hits"]
+        injected = sum(bool(h["injected"]) for h in hits)
+        aux_s = arm.last_info["gate_s"] if name == "activation_gated" else 0.0  # the gate, inside TTFT
+    else:  # retrieval happens before the prompt exists (outside TTFT)
+        hits, injected, aux_s = [{"id": c, "score": s} for c, s in out.retrieved], len(out.retrieved), out.search_s or 0.0
+    return {"output": out.text, "raw_output": out.raw_text, "ttft_s": out.ttft_s,
+            "e2e_s": out.ttft_s + (aux_s if name.startswith("rag") else 0.0), "aux_s": aux_s,
+            "prompt_tokens": out.prompt_tokens, "prefix_tokens": out.prefix_tokens, "injected": injected, "hits": hits}
 
 
 def _score(rec: dict[str, Any]) -> None:
@@ -287,7 +290,6 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
     import nativemem as nm
     from tqdm.auto import tqdm
 
-    from ..retrieval import BM25Retriever
     from .arms_activation import BENCH_MEMORY_CONFIG
     from .results import save_run
     from .tasks import data_root
@@ -326,24 +328,20 @@ def run_relevance(lm, *, out: str | Path, data: str | Path | None = None, mmlu: 
     memory.add([c.text for c in pool], user_id=USER, source_ids=[c.id for c in pool])
     threshold = memory.config.gate_threshold
     write_s = time.perf_counter() - t0
-    bm25 = BM25Retriever()
-    bm25.index(pool)
     bm25_threshold, bm25_objective = _bm25_threshold(squad, fit_items, fit_unanswerable, k, seed)
-
-    texts = {c.id: c.text for c in pool}
     records = []
     try:
+        prepared = _arms(arms, lm, pool, memory=memory, bm25_threshold=bm25_threshold, k=k,
+                         max_new_tokens=max_new_tokens)
         for q in tqdm(questions, desc="relevance", disable=not progress):
             rec = {**{key: q[key] for key in ("id", "kind", "question", "answers", "gold")}, "arms": {}}
-            for arm in arms:
-                rec["arms"][arm] = _answer(lm, arm, q, memory=memory, threshold=threshold, bm25=bm25,
-                                           bm25_threshold=bm25_threshold, texts=texts, max_new_tokens=max_new_tokens)
+            for name, arm in prepared.items():
+                rec["arms"][name] = _answer(name, arm, q)
             _score(rec)
             if poison:
                 _poison_marks(rec)
             records.append(rec)
     finally:
-        memory.config.gate_threshold = threshold
         memory.close()
         shutil.rmtree(folder, ignore_errors=True)
 
