@@ -28,11 +28,11 @@ from typing import Any
 
 from ..errors import InputError
 from .arms import Arm, ArmOutput, get_arm
-from .metrics import ANSWER_METRICS, answer_scores, hit_at_k, is_binary_metric, per_query_retrieval
+from .metrics import ANSWER_METRICS, hit_at_k, is_binary_metric, per_query_retrieval
 from ..prompting import build_messages
 from .results import save_run, to_jsonable, write_items, write_results
 from .stats import compare_paired, mean_or_none, means_with_ci, median_or_none
-from .tasks import QAItem, get_task
+from .tasks import QAItem, Task, get_task
 
 __all__ = ["run_benchmark", "merge_runs", "peak_rss_bytes"]
 
@@ -79,7 +79,8 @@ def _cuda_device(lm: Any) -> Any:
     return None
 
 
-def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: int) -> list[dict[str, float] | None]:
+def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: int,
+           task: Task) -> list[dict[str, float] | None]:
     """Per-item metrics (None for skipped items)."""
     scores: list[dict[str, float] | None] = []
     qrels: dict[str, dict[str, int]] = {}
@@ -88,7 +89,7 @@ def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: i
         if out.skipped:
             scores.append(None)
             continue
-        s = answer_scores(out.text, item.answers)
+        s = task.score_answer(out.text, item)
         if arm.uses_retrieval and item.gold_chunk_ids:
             s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out.retrieved], item.gold_chunk_ids, k)
             qrels[item.id] = dict.fromkeys(item.gold_chunk_ids, 1)
@@ -102,12 +103,11 @@ def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: i
     return scores
 
 
-def _summarise(
-    outputs: Sequence[ArmOutput], scores: Sequence[dict[str, float] | None], cost: dict[str, Any], seed: int
-) -> dict[str, Any]:
-    """The per-arm block of results.json."""
+def _summarise(outputs: Sequence[ArmOutput], scores: Sequence[dict[str, float] | None], cost: dict[str, Any],
+               seed: int, first: Sequence[str]) -> dict[str, Any]:
+    """The per-arm block of results.json (``first``: the task's answer metrics, listed first)."""
     scored = [o for o in outputs if not o.skipped]
-    names: list[str] = list(ANSWER_METRICS)
+    names: list[str] = list(first)
     for s in scores:
         for name in s or ():
             if name not in names:
@@ -132,6 +132,7 @@ def _summarise(
         "skipped_reasons": dict(sorted(reasons.items())),
         "metrics": metrics,
         "ci95": ci95,
+        "n_per_metric": {m: sum(1 for x in scores if x is not None and m in x) for m in names},
         "cost": dict(sorted(cost.items())),
     }
 
@@ -140,14 +141,14 @@ def _has(scores: Sequence[dict[str, float] | None], metric: str) -> bool:
     return any(s is not None and metric in s for s in scores)
 
 
-def _compare(
-    arm_names: Sequence[str], scores: dict[str, list[dict[str, float] | None]], seed: int
-) -> list[dict[str, Any]]:
-    """Paired comparisons of every pair of arms on every metric both have."""
+def _compare(arm_names: Sequence[str], scores: dict[str, list[dict[str, float] | None]], seed: int,
+             first: Sequence[str] = ANSWER_METRICS) -> list[dict[str, Any]]:
+    """Paired comparisons of every pair of arms on every metric both have (``first``: the task's answer
+    metrics, compared even when one arm scored nothing)."""
     comparisons = []
     for a, b in combinations(arm_names, 2):
         metric_names = []
-        for name in (*ANSWER_METRICS, *sorted({m for s in scores[a] + scores[b] if s for m in s})):
+        for name in (*first, *sorted({m for s in scores[a] + scores[b] if s for m in s})):
             if name not in metric_names:
                 metric_names.append(name)
         for metric in metric_names:
@@ -156,10 +157,11 @@ def _compare(
                 for sa, sb in zip(scores[a], scores[b])
                 if sa is not None and sb is not None and metric in sa and metric in sb
             ]
-            if metric not in ANSWER_METRICS and not (_has(scores[a], metric) and _has(scores[b], metric)):
+            if metric not in first and not (_has(scores[a], metric) and _has(scores[b], metric)):
                 continue  # the metric does not exist for one of the arms (e.g. hit@k for `none`)
             xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-            comp = compare_paired(xs, ys, binary=is_binary_metric(metric), seed=seed)
+            binary = is_binary_metric(metric) or all(v in (0.0, 1.0) for v in (*xs, *ys))  # e.g. LoCoMo's adversarial F1
+            comp = compare_paired(xs, ys, binary=binary, seed=seed)
             comparisons.append({"a": a, "b": b, "metric": metric, **comp})
     return comparisons
 
@@ -182,8 +184,9 @@ def _resolve_arms(arms: Sequence[str]) -> list[tuple[str, type[Arm]]]:
     return [(name, get_arm(name)) for name in names]
 
 
-def _run_arm(arm, label: str, lm, pool, items, task_obj, cuda, progress: bool) -> tuple[list, dict[str, Any]]:
-    """Prepare ``arm`` on the pool and answer every item; returns the outputs and the arm's cost."""
+def _run_arm(make, label: str, lm, groups, task_obj, cuda, progress: bool) -> tuple[Arm, list, list, dict[str, Any]]:
+    """Prepare a fresh arm (``make()``) on each group's pool and answer its items; returns the last arm, the
+    outputs, what each answer left in the arm's ``last_info``, and the arm's cost."""
     from tqdm.auto import tqdm
 
     if cuda is not None:
@@ -191,25 +194,43 @@ def _run_arm(arm, label: str, lm, pool, items, task_obj, cuda, progress: bool) -
 
         torch.cuda.reset_peak_memory_stats(cuda)
     start = time.perf_counter()
-    arm.prepare(pool, lm, items=items, task=task_obj)
-    prepare_s = time.perf_counter() - start
-    outputs = [arm.answer(item) for item in tqdm(items, desc=label, disable=not progress)]
-    cost: dict[str, Any] = {"prepare_s": prepare_s, "wall_s": time.perf_counter() - start,
-                            "peak_rss_bytes": peak_rss_bytes(), "bytes_stored": int(arm.bytes_stored())}
+    outputs, infos = [], []
+    cost: dict[str, Any] = {"prepare_s": 0.0, "bytes_stored": 0}
+    for pool, items in groups:
+        arm = make()
+        t0 = time.perf_counter()
+        arm.prepare(pool, lm, items=items, task=task_obj)
+        cost["prepare_s"] += time.perf_counter() - t0
+        for item in tqdm(items, desc=label, disable=not progress, leave=len(groups) == 1):
+            outputs.append(arm.answer(item))
+            infos.append(dict(getattr(arm, "last_info", None) or {}))
+        cost["bytes_stored"] += int(arm.bytes_stored())
+        receipts = list(getattr(arm, "receipts", {}).values())  # arms that train per document
+        if receipts or hasattr(arm, "extra_params"):
+            cost["extra_params"] = max(cost.get("extra_params", 0), int(getattr(arm, "extra_params", 0)))
+            cost["train_steps"] = cost.get("train_steps", 0) + sum(r.get("steps", 0) for r in receipts)
+        cost.update(arm.cost)
+    with_context = [i for i in infos if "context_truncated" in i]
+    if with_context:
+        cost.update(context_items=len(with_context), context_truncated_items=sum(
+            int(i["context_truncated"]) for i in with_context))
+    cost.update(wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
     if cuda is not None:
         cost["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(cuda))
-    return outputs, cost
+    return arm, outputs, infos, cost
 
 
-def _item_record(arm: str, rank: int, item, output, scores: dict[str, float] | None) -> dict[str, Any]:
-    """One line of ``items.jsonl``: the question, what the arm answered and retrieved, its scores and costs."""
+def _item_record(arm: str, rank: int, item, output, scores: dict[str, float] | None,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """One line of ``items.jsonl``: the question, what the arm answered and retrieved, its scores and costs
+    (and what the arm noted about the answer, e.g. how much context it kept)."""
     return {"arm": arm, "rank": rank, "item_id": item.id, "question": item.question, "answers": item.answers,
             "gold_chunk_ids": item.gold_chunk_ids, "output": output.text, "raw_output": output.raw_text,
             "skipped": output.skipped, "skip_reason": output.skip_reason, "skip_detail": output.skip_detail,
             "metrics": scores, "ttft_s": output.ttft_s, "search_s": output.search_s, "total_s": output.total_s,
             "prompt_tokens": output.prompt_tokens, "new_tokens": output.new_tokens,
             "prefix_tokens": output.prefix_tokens, "retrieved": [cid for cid, _ in output.retrieved],
-            "retrieved_scores": [score for _, score in output.retrieved], "meta": item.meta}
+            "retrieved_scores": [score for _, score in output.retrieved], "meta": item.meta, **info}
 
 
 def run_benchmark(
@@ -225,6 +246,7 @@ def run_benchmark(
     max_new_tokens: int = 32,
     progress: bool = True,
     memory_options: dict[str, Any] | None = None,
+    arm_options: dict[str, Any] | None = None,
     **task_options: Any,
 ) -> dict[str, Any]:
     """Run ``task`` with every arm in ``arms`` on ``lm`` and write the results to ``out``.
@@ -241,6 +263,8 @@ def run_benchmark(
         max_new_tokens: Generation cap per answer.
         progress: Show progress bars.
         memory_options: Config overrides of the memory that memory arms build (e.g. ``{"kv_dtype": "int8"}``).
+        arm_options: What the arm families read (:class:`~nativemem.bench.arms.Arm`'s ``options``: e.g.
+            ``max_prompt_tokens``, ``side_ffn``, ``lora``).
         **task_options: Task-specific options (e.g. ``evidence_dir`` for ``triviaqa``).
 
     Returns:
@@ -260,7 +284,8 @@ def run_benchmark(
     _check_task_options(task, task_cls, task_options)
     task_obj = task_cls(data=data, **task_options)
     items = task_obj.select(limit, seed)
-    pool = task_obj.pool_for(items)
+    groups = task_obj.groups(items)
+    items = [item for _, group in groups for item in group]
     cuda = _cuda_device(lm)
     _warm_up(lm)
 
@@ -268,21 +293,25 @@ def run_benchmark(
     arm_results: dict[str, Any] = {}
     all_scores: dict[str, list[dict[str, float] | None]] = {}
     for name, cls in arm_classes:
-        arm = cls(k=k, max_new_tokens=max_new_tokens, progress=progress, memory_options=memory_options)
-        outputs, cost = _run_arm(arm, f"{task}/{name}", lm, pool, items, task_obj, cuda, progress)
-        scores = _score(arm, items, outputs, k)
+        def make(cls=cls):
+            return cls(k=k, max_new_tokens=max_new_tokens, progress=progress, memory_options=memory_options,
+                       options=arm_options)
+
+        arm, outputs, infos, cost = _run_arm(make, f"{task}/{name}", lm, groups, task_obj, cuda, progress)
+        scores = _score(arm, items, outputs, k, task_obj)
         all_scores[name] = scores
-        arm_results[name] = _summarise(outputs, scores, cost, seed)
-        records += [_item_record(name, rank, item, output, s)
-                    for rank, (item, output, s) in enumerate(zip(items, outputs, scores))]
+        arm_results[name] = _summarise(outputs, scores, cost, seed, task_obj.metrics)
+        records += [_item_record(name, rank, *row) for rank, row in enumerate(zip(items, outputs, scores, infos))]
 
     arm_names = [name for name, _ in arm_classes]
     config = {"arms": arm_names, "limit": limit, "k": k, "max_new_tokens": max_new_tokens,
-              "data": str(task_obj.path.resolve()), "task_options": task_obj.options(), "pool_size": len(pool),
+              "data": str(task_obj.path.resolve()), "task_options": task_obj.options(),
+              "pool_size": sum(len(pool) for pool, _ in groups), "arm_options": dict(arm_options or {}),
               "max_context": int(getattr(lm, "max_context", 0)) or None, "decoding": "greedy",
               "memory_options": dict(memory_options or {}), "version": _library_version()}
     return save_run(out, lm, task=task, task_version=task_cls.version, n=len(items), seed=seed, config=config,
-                    arms=arm_results, comparisons=_compare(arm_names, all_scores, seed), records=records)
+                    arms=arm_results, comparisons=_compare(arm_names, all_scores, seed, task_obj.metrics),
+                    records=records)
 
 
 _SAME_IN_MERGE = ("task", "task_version", "n", "seed")

@@ -120,6 +120,8 @@ class Task(ABC):
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     default_path: ClassVar[str] = ""
+    metrics: ClassVar[tuple[str, ...]] = ("em", "f1", "contains")
+    """The answer metrics :meth:`score_answer` gives every scored item (reported even when none is scored)."""
 
     def __init__(self, data: str | Path | None = None, **options: Any) -> None:
         if options:
@@ -184,6 +186,17 @@ class Task(ABC):
     def source_of(self, item: QAItem) -> list[Chunk]:
         """The chunks of an item's whole source, in document order."""
         return [self.data.chunks[cid] for cid in item.source_chunk_ids]
+
+    def groups(self, items: Sequence[QAItem]) -> list[tuple[list[Chunk], list[QAItem]]]:
+        """``(pool, items)`` pairs an arm is prepared on and asked in turn: one pool for all by default
+        (:meth:`pool_for`); a task of separate documents (LoCoMo's conversations) gives one per document."""
+        return [(self.pool_for(items), list(items))]
+
+    def score_answer(self, prediction: str, item: QAItem) -> dict[str, float]:
+        """Metrics of one answer (default: SQuAD EM, F1 and contains, max over the accepted answers)."""
+        from ..metrics import answer_scores
+
+        return answer_scores(prediction, item.answers)
 
 
 _TASKS: Registry[type[Task]] = Registry("task")

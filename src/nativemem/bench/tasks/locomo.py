@@ -14,23 +14,22 @@ and "Not mentioned in the conversation" in a per-item seeded order, and a bare l
 to its option. Scoring is :mod:`.locomo_metric` (stemmed token F1, category rules). The prompt itself
 is the harness's shared prompt (:mod:`nativemem.bench.prompts`), identical for every arm.
 
-:func:`run_locomo` runs conversation by conversation (so each memory or LoRA is trained on its own
-conversation only) and writes ``results.json`` and ``items.jsonl`` with ``f1`` overall and
-``f1_<category>`` per category, bootstrap intervals and paired comparisons.
+The task gives the runner one group per conversation (:meth:`LocomoTask.groups`), so each arm is prepared on
+its own conversation only (each memory or LoRA trained on it, BM25 indexing it); :func:`run_locomo` runs it
+through :func:`~nativemem.bench.runner.run_benchmark` and writes ``results.json`` and ``items.jsonl`` with
+``f1`` overall and ``f1_<category>`` per category, bootstrap intervals and paired comparisons.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
-from ..stats import mean_or_none, means_with_ci, median_or_none, paired_comparisons
 from . import Chunk, QAItem, Task, TaskData, register_task
 from .locomo_metric import CATEGORIES, NOT_MENTIONED, locomo_score, resolve_option
 
@@ -155,97 +154,58 @@ def score_item(prediction: str, item: QAItem) -> dict[str, float]:
 
 @register_task("locomo")
 class LocomoTask(Task):
-    """LoCoMo QA items; a conversation is one source document."""
+    """LoCoMo QA items; a conversation is one source document and one group of the run.
+
+    Args:
+        data: a LoCoMo-format JSON file (default: the shared ``locomo8.json``).
+        chunk_words: words per dialogue chunk.
+        conversations: the first N conversations (file order); None for all. ``limit`` counts questions per
+            conversation (the first N in seeded order).
+    """
 
     version = VERSION
     default_path = "locomo/locomo8.json"
     retrieval_scope = "source"  # a question is asked about its own conversation
+    metrics = ("f1",)
 
-    def __init__(self, data: str | Path | None = None, *, chunk_words: int = 200) -> None:
+    def __init__(self, data: str | Path | None = None, *, chunk_words: int = 200,
+                 conversations: int | None = None) -> None:
         super().__init__(data)
         if chunk_words < 10:
             raise InputError(f"chunk_words must be >= 10, got {chunk_words}")
-        self.chunk_words = chunk_words
+        if conversations is not None and (not isinstance(conversations, int) or conversations < 1):
+            raise InputError(f"conversations must be a positive integer, got {conversations!r}")
+        self.chunk_words, self.conversations = chunk_words, conversations
 
     def load(self, path: Path) -> TaskData:
         return load_locomo(path, chunk_words=self.chunk_words)
 
     def options(self) -> dict[str, Any]:
-        return {"chunk_words": self.chunk_words}
+        return {"chunk_words": self.chunk_words, "conversations": self.conversations}
+
+    def select(self, limit: int | None, seed: int) -> list[QAItem]:
+        """Per conversation (the first ``conversations``), its first ``limit`` questions in seeded order."""
+        if limit is not None and limit < 1:
+            raise InputError(f"limit must be a positive number of items, got {limit}")
+        convs: dict[str, list[QAItem]] = {}
+        for item in self.data.items:
+            convs.setdefault(item.meta["sample_id"], []).append(item)
+        out = []
+        for sid in list(convs)[:self.conversations]:
+            items = list(convs[sid])
+            random.Random(seed).shuffle(items)
+            out += items[:limit]
+        return out
+
+    def groups(self, items: Sequence[QAItem]) -> list[tuple[list[Chunk], list[QAItem]]]:
+        """One group per conversation: its chunks in order, its questions."""
+        convs: dict[str, list[QAItem]] = {}
+        for item in items:
+            convs.setdefault(item.meta["sample_id"], []).append(item)
+        return [([self.data.chunks[cid] for cid in its[0].source_chunk_ids], its) for its in convs.values()]
 
     def score_answer(self, prediction: str, item: QAItem) -> dict[str, float]:
-        """Per-item metrics in place of the SQuAD ones (for a runner that asks the task)."""
         return score_item(prediction, item)
-
-    @classmethod
-    def run(cls, lm, **kwargs) -> dict[str, Any]:
-        return run_locomo(lm, **kwargs)
-
-
-def _run_conversation(arm, name: str, sid: str, lm, pool, items, task, k: int, c: dict[str, Any],
-                      scores: dict[str, dict[str, float] | None], progress: bool) -> list[dict[str, Any]]:
-    """Prepare ``arm`` on one conversation and answer its questions; adds to its cost ``c`` and ``scores``,
-    returns the item records."""
-    from tqdm.auto import tqdm
-
-    from ..metrics import hit_at_k
-
-    t0 = time.perf_counter()
-    arm.prepare(pool, lm, items=items, task=task)
-    c["prepare_s"] += time.perf_counter() - t0
-    c["extra_params"] = max(c["extra_params"], int(getattr(arm, "extra_params", 0)))
-    c["train_steps"] += sum(r.get("steps", 0) for r in getattr(arm, "receipts", {}).values())
-    c["notes"] += [f"{sid}: {n}" for r in getattr(arm, "receipts", {}).values() for n in r.get("notes", [])]
-    records = []
-    t0 = time.perf_counter()
-    for item in tqdm(items, desc=f"locomo/{sid}/{name}", disable=not progress, leave=False):
-        out_ = arm.answer(item)
-        info = dict(getattr(arm, "last_info", {}) or {})
-        s = None
-        if not out_.skipped:
-            s = score_item(out_.text, item)
-            if arm.uses_retrieval and item.gold_chunk_ids:
-                s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out_.retrieved], item.gold_chunk_ids, k)
-            c["ttft"].append(out_.ttft_s)
-            c["prompt_tokens"].append(out_.prompt_tokens)
-        if "context_truncated" in info:
-            c["with_context"] += 1
-            c["truncated"] += int(info["context_truncated"])
-        scores[item.id] = s
-        records.append({"arm": name, "item_id": item.id, "conversation": sid, "question": item.question,
-                        "answers": item.answers, "category": item.meta["category"], "output": out_.text,
-                        "raw_output": out_.raw_text, "skipped": out_.skipped, "skip_reason": out_.skip_reason,
-                        "skip_detail": out_.skip_detail, "metrics": s, "ttft_s": out_.ttft_s,
-                        "total_s": out_.total_s, "prompt_tokens": out_.prompt_tokens,
-                        "retrieved": [cid for cid, _ in out_.retrieved],
-                        "gold_chunk_ids": item.gold_chunk_ids, **info})
-    c["answer_s"] += time.perf_counter() - t0
-    c["bytes_stored"] += int(arm.bytes_stored())
-    return records
-
-
-def _summarise(scores: dict[str, dict[str, float] | None], c: dict[str, Any], seed: int) -> dict[str, Any]:
-    """An arm's metrics with bootstrap intervals, per-category counts and costs."""
-    from ..runner import peak_rss_bytes
-
-    per_item = list(scores.values())
-    metrics, ci95 = means_with_ci(scores, seed=seed)
-    scored = [s for s in per_item if s is not None]
-    skipped = len(per_item) - len(scored)
-    return {
-        "n": len(per_item), "scored": len(scored), "skipped": skipped,
-        "skipped_reasons": {"context_overflow": skipped} if skipped else {},
-        "metrics": metrics, "ci95": ci95,
-        "n_per_category": {CATEGORIES[cat]: sum(1 for s in scored if f"f1_{CATEGORIES[cat]}" in s)
-                           for cat in CATEGORIES},
-        "cost": {"prepare_s": c["prepare_s"], "wall_s": c["prepare_s"] + c["answer_s"],
-                 "ttft_median_s": median_or_none(c["ttft"]), "prompt_tokens_mean": mean_or_none(c["prompt_tokens"]),
-                 "prompt_tokens_median": median_or_none(c["prompt_tokens"]), "peak_rss_bytes": peak_rss_bytes(),
-                 "bytes_stored": c["bytes_stored"], "extra_params": c["extra_params"],
-                 "train_steps": c["train_steps"], "context_truncated_items": c["truncated"],
-                 "context_items": c["with_context"]},
-        "notes": c["notes"],
-    }
 
 
 def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data: str | Path | None = None,
@@ -272,43 +232,10 @@ def run_locomo(lm, *, arms: Sequence[str] = DEFAULT_ARMS, out: str | Path, data:
         lora_config: rank, alpha, lr, target_modules for lora arms.
         progress: progress bars.
     """
-    from ..arms import get_arm
-    from ..results import save_run
+    from ..runner import run_benchmark
 
-    arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
-    if not arms:
-        raise InputError("at least one arm is needed")
-    arm_classes = {a: get_arm(a) for a in arms}
-    for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("limit", limit),
-                        ("conversations", conversations)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    task = LocomoTask(data, chunk_words=chunk_words)
-    convs: dict[str, list[QAItem]] = {}
-    for item in task.data.items:
-        convs.setdefault(item.meta["sample_id"], []).append(item)
-    selected = list(convs)[:conversations]
-    records: list[dict[str, Any]] = []
-    scores: dict[str, dict[str, dict[str, float] | None]] = {a: {} for a in arms}
-    cost: dict[str, dict[str, Any]] = {a: {"prepare_s": 0.0, "answer_s": 0.0, "ttft": [], "prompt_tokens": [],
-                                           "truncated": 0, "with_context": 0, "bytes_stored": 0, "extra_params": 0,
-                                           "train_steps": 0, "notes": []} for a in arms}
-    for sid in selected:
-        items = list(convs[sid])
-        random.Random(seed).shuffle(items)
-        items = items[:limit]
-        pool = [task.data.chunks[cid] for cid in items[0].source_chunk_ids]
-        for name in arms:
-            arm = arm_classes[name](k=k, max_new_tokens=max_new_tokens, progress=progress, options={
-                "max_prompt_tokens": max_prompt_tokens, "side_ffn": memory_config, "lora": lora_config})
-            records += _run_conversation(arm, name, sid, lm, pool, items, task, k, cost[name], scores[name], progress)
-    arm_results = {name: _summarise(scores[name], cost[name], seed) for name in arms}
-    comparisons = paired_comparisons({a: scores[a] for a in arms}, seed=seed,
-                                     binary=lambda m: m == "f1_adversarial" or m.startswith("hit@"))
-    config = {"arms": arms, "conversations": selected, "limit_per_conversation": limit, "k": k,
-              "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "chunk_words": chunk_words,
-              "data": str(task.path.resolve()), "memory_config": memory_config or {}, "lora_config": lora_config or {},
-              "max_context": lm.max_context, "decoding": "greedy",
-              "scoring": "official LoCoMo F1 (Porter-stemmed tokens, category rules)"}
-    return save_run(out, lm, task="locomo", task_version=VERSION, n=len(scores[arms[0]]), seed=seed, config=config,
-                    arms=arm_results, comparisons=comparisons, records=records)
+    return run_benchmark("locomo", lm, arms=[arms] if isinstance(arms, str) else list(arms), limit=limit, out=out,
+                         seed=seed, data=data, k=k, max_new_tokens=max_new_tokens, progress=progress,
+                         arm_options={"max_prompt_tokens": max_prompt_tokens, "side_ffn": memory_config,
+                                      "lora": lora_config},
+                         chunk_words=chunk_words, conversations=conversations)
