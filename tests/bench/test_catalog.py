@@ -40,6 +40,13 @@ def test_unknown_names_and_options_are_refused_before_a_model_is_loaded():
     assert "rag_bm25" in task_arms("squad") and "activation" in task_arms("needle")
 
 
+def test_arms_that_learn_facts_are_offered_and_accepted_only_where_there_are_facts():
+    assert {"pkm", "pkm_gated"} <= set(task_arms("facts"))
+    assert not {"pkm", "pkm_gated"} & set(task_arms("squad")) and {"side_ffn", "lora"} <= set(task_arms("squad"))
+    with pytest.raises(InputError, match="learns facts"):
+        check_task("squad", ["none", "pkm_gated"], {})
+
+
 def test_a_driven_task_and_a_qa_task_run_through_run_task(tmp_path, tiny_model):
     res = run_task("conversation", tiny_model, out=tmp_path / "conv", limit=2, max_new_tokens=2)
     assert set(res["arms"]) >= {"none"} and (tmp_path / "conv" / "results.json").exists()

@@ -110,6 +110,8 @@ class Arm:
     name: ClassVar[str] = ""
     uses_retrieval: ClassVar[bool] = False
     """Whether the arm retrieves from the pool (then ``hit@k``/``ndcg@k`` are scored)."""
+    needs_facts: ClassVar[bool] = False
+    """Whether the arm learns facts only (then it runs on the facts task, not on a task of documents)."""
 
     def __init__(self, *, k: int = 3, max_new_tokens: int = 32, progress: bool = False,
                  memory_options: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> None:

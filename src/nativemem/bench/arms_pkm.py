@@ -69,6 +69,7 @@ class PKMArm(Arm):
     """Product-key memory trained on the task's facts, relevance gate off."""
 
     gate = False
+    needs_facts = True  # a task of documents has nothing for it to learn
 
     def prepare(self, pool: Sequence[Chunk], lm: Any, *, items: Sequence[QAItem], task: Task) -> None:
         super().prepare(pool, lm, items=items, task=task)

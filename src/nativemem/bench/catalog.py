@@ -102,13 +102,13 @@ def task_entry(name: str) -> TaskEntry:
 
 
 def task_arms(name: str) -> list[str]:
-    """The arms task ``name`` can run (for a QA task: every registered arm)."""
+    """The arms task ``name`` can run (for a QA task: every registered arm but those that learn facts only)."""
     entry = task_entry(name)
     if entry.arms is not None:
         return list(entry.arms)
-    from .arms import list_arms
+    from .arms import get_arm, list_arms
 
-    return list_arms()
+    return [a for a in list_arms() if not get_arm(a).needs_facts]
 
 
 _COMMON = ("arms", "out", "data", "limit", "seed", "k", "max_new_tokens", "progress")
@@ -127,7 +127,8 @@ def check_task(name: str, arms: Sequence[str], options: dict[str, Any], *, limit
         from .tasks import get_task
 
         for a in arms:
-            get_arm(a)
+            if get_arm(a).needs_facts:
+                raise InputError(f"the {a} arm learns facts: run it with `nativemem bench facts`, not on {name}")
         get_task(name)(data=data, **{k: v for k, v in options.items() if k != "memory_options"})
         return
     known = inspect.signature(entry.function()).parameters
