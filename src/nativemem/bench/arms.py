@@ -167,9 +167,6 @@ class Arm:
         """What :meth:`session` enters (families override)."""
         return contextlib.nullcontext()
 
-    def close(self) -> None:
-        """Release what the arm holds (called once after its evaluation)."""
-
     def facts(self) -> Sequence[Any] | None:
         """The facts of the run's task (the facts task), or None for a task of documents."""
         return getattr(self.task, "facts", None)

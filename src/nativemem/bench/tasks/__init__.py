@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from ...errors import DataError, InputError
 from ...registry import Registry
 from ...retrieval import Chunk
+from ..metrics import ANSWER_METRICS, answer_scores
 
 __all__ = [
     "Chunk",
@@ -120,7 +121,7 @@ class Task(ABC):
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     default_path: ClassVar[str] = ""
-    metrics: ClassVar[tuple[str, ...]] = ("em", "f1", "contains")
+    metrics: ClassVar[tuple[str, ...]] = ANSWER_METRICS
     """The answer metrics :meth:`score_answer` gives every scored item (reported even when none is scored)."""
 
     def __init__(self, data: str | Path | None = None, **options: Any) -> None:
@@ -194,8 +195,6 @@ class Task(ABC):
 
     def score_answer(self, prediction: str, item: QAItem) -> dict[str, float]:
         """Metrics of one answer (default: SQuAD EM, F1 and contains, max over the accepted answers)."""
-        from ..metrics import answer_scores
-
         return answer_scores(prediction, item.answers)
 
 

@@ -421,7 +421,6 @@ def run_facts_benchmark(lm, *, arms: Sequence[str] = ("none", "pkm", "pkm_gated"
         per_arm[name] = scores
         log(f"{name}: ppl drift {metrics['ppl_drift']:+.4f}, MMLU {metrics['mmlu_acc']:.3f} "
             f"(agree {metrics['mmlu_agree']:.3f}), stored {stored:,} bytes")
-        arm.close()
 
     config = {"arms": names, "num_facts": len(facts), "recall_limit": recall_limit, "paraphrases": len(para_items),
               "ppl_passages": len(passages), "passage_words": passage_words, "mmlu_limit": len(mmlu),
