@@ -258,3 +258,24 @@ def test_an_answer_over_the_limit_is_refused_before_training(lm):
     with pytest.raises(InputError, match="max_answer_tokens=4"):
         mem.add([("What is the long answer?", "one two three four five six seven eight")])
     assert not mem.records and mem.slots_used() == 0
+
+
+def test_a_phrasing_share_below_one_stops_once_own_prompts_and_that_share_are_recalled(lm):
+    facts = generate_facts(4, seed=4)
+    full = memory(lm, phrasings=3).add(facts).details
+    part = memory(lm, phrasings=3, phrasing_recall=0.5).add(facts).details
+    assert full["recall_phrasings"] == 1.0 and full["phrasing_recall_target"] == 1.0
+    # own prompts are always all recalled; the other phrasings only up to the share asked for
+    assert part["recall"] == 1.0 and part["recall_phrasings"] >= 0.5 and part["phrasing_recall_target"] == 0.5
+    assert part["epochs"] <= full["epochs"] and sum(part["epoch_active"]) <= sum(full["epoch_active"])
+    with pytest.raises(InputError, match="phrasing_recall"):
+        PKMConfig(phrasing_recall=0.0)
+
+
+def test_recalled_enough_needs_every_required_item_and_the_share():
+    from nativemem.memories.pkm.train import recalled_enough
+
+    m = torch.tensor([1.0, 0.5, -0.2, 2.0])
+    own = torch.tensor([True, False, False, True])
+    assert not recalled_enough(m) and recalled_enough(m, 0.75) and not recalled_enough(m, 0.8)
+    assert recalled_enough(m, 0.5, own) and not recalled_enough(m, 0.5, torch.tensor([False, False, True, False]))

@@ -76,6 +76,10 @@ class PKMConfig(MemoryConfig):
                 "declarative sentences, surface variants of a plain question (augment.py), plus a reverse question "
                 "where the relation has one; 1 = its own prompt only (stores the string, not the fact). On 100 facts "
                 "held-out paraphrase recall was 0.12 at 1, 0.53 at 4, 0.92 at 8, at 5.4x the training time of 1"})
+    phrasing_recall: float = field(default=1.0, metadata={
+        "help": "training stops once every fact is recalled in its own prompt and this share of all trained "
+                "phrasings is (1.0: every phrasing). Below 1 it trades the last phrasings, which keep slipping "
+                "back at 1,000 facts and more, for time"})
     max_answer_tokens: int = field(default=64, metadata={
         "help": "a fact whose answer is longer than this many tokens is refused (a memory of facts, not texts)"})
     system: str | None = field(default=DEFAULT_SYSTEM, metadata={
@@ -122,6 +126,8 @@ class PKMConfig(MemoryConfig):
         for name in ("lr", "projection_lr", "temperature", "gate_lr"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.phrasing_recall <= 1.0:
+            raise InputError(f"phrasing_recall must be in (0, 1], got {self.phrasing_recall}")
         if self.margin < 0:
             raise InputError(f"margin must be >= 0, got {self.margin}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -45,7 +45,7 @@ from .facts import Fact, parse_facts
 from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
 from .layer import PKMLayer
 from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_fact, evaluate_items, fact_margins,
-                    forward_answers, frozen, prefix_batches, train_items)
+                    forward_answers, frozen, prefix_batches, recalled_enough, train_items)
 
 __all__ = ["PKMMemory"]
 
@@ -417,6 +417,7 @@ class PKMMemory(RecordLifecycle, Memory):
             self.signatures[f.id] = torch.unique(torch.cat([sigs[it.index] for it in items if it.fact == n]))
         details: dict[str, Any] = {
             "recall": recall, "recall_phrasings": result.recall, "facts": len(new), "phrasings": cfg.phrasings,
+            "phrasing_recall_target": cfg.phrasing_recall,
             "trained_phrasings": len(items), "augmentation": {k: sum(it.kind == k for it in items) for k in KINDS},
             "templates_skipped": skipped, "sentences_as_facts": as_facts, "sentences_as_text": as_text,
             "epochs": result.epochs, "exposures_per_fact": result.exposures,
@@ -473,13 +474,20 @@ class PKMMemory(RecordLifecycle, Memory):
                       recheck_every=cfg.recheck_every, progress=progress, loss_hook=loss_hook)
         for p in params:
             p.requires_grad_(True)
+        own = torch.tensor([it.kind == "own prompt" for it in items])
+
+        def unmet(margins: torch.Tensor) -> list[Item]:  # what the float32 check says still needs training
+            enough = recalled_enough(margins, cfg.phrasing_recall, own)
+            return [it for it, m, o in zip(items, margins, own) if m <= 0 and (o or not enough)]
+
         try:
             with frozen(self.lm.model):
                 result = train_items(self.lm.model, items, self.lowest_layer, prefixes, max_epochs=cfg.max_epochs,
-                                     seed=cfg.seed + len(self.records), autocast=autocast, **common)
+                                     seed=cfg.seed + len(self.records), autocast=autocast,
+                                     share=cfg.phrasing_recall, required=own, **common)
                 # the loop stops on margins measured during training (bf16, before each step); the final float32
                 # check may still miss a few facts: train those in float32 until the check passes
-                missed = [it for it, m in zip(items, result.margins) if m <= 0]
+                missed = unmet(result.margins)
                 rounds = 0
                 while missed and rounds < 5 and result.epochs < cfg.max_epochs and not result.stopped.startswith(
                         "non-finite"):
@@ -500,7 +508,7 @@ class PKMMemory(RecordLifecycle, Memory):
                     result.margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
                                                     lambda: self._scope())
                     result.eval_s += polish.eval_s + time.perf_counter() - t0
-                    missed = [it for it, m in zip(items, result.margins) if m <= 0]
+                    missed = unmet(result.margins)
         finally:
             for p in params:
                 p.requires_grad_(False)

@@ -39,7 +39,7 @@ from ...turns import model_step
 from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
-           "forward_answers", "fact_margins", "train_items", "evaluate_items", "TrainResult", "prefix_batches"]
+           "forward_answers", "fact_margins", "train_items", "recalled_enough", "evaluate_items", "TrainResult", "prefix_batches"]
 
 
 @dataclass(eq=False)
@@ -329,7 +329,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
                 optimizers: Sequence[torch.optim.Optimizer], params: Sequence[nn.Parameter], batch_size: int,
                 max_epochs: int, margin: float, max_grad_norm: float | None = None, seed: int = 0,
                 autocast: torch.dtype | None = None, recheck_every: int = 3, progress=None,
-                loss_hook=None) -> TrainResult:
+                loss_hook=None, share: float = 1.0, required: torch.Tensor | None = None) -> TrainResult:
     """Train until every item is recalled (or ``max_epochs``); see the module docstring.
 
     Each epoch trains the items whose last measured margin is <= ``margin``. Items left out are checked
@@ -343,6 +343,8 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         autocast: dtype of the backbone's matmuls during training (e.g. bfloat16 on CPUs with bf16 units).
         progress: called with (epoch, active facts, mean loss) after every epoch.
         loss_hook: test hook, called with the loss of every step (may return a replacement).
+        share / required: stop once every ``required`` item (a bool mask; None = none) and at least this
+            share of all items are recalled (1.0: every item).
     """
     result = TrainResult()
     rng = random.Random(seed)
@@ -400,7 +402,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         # items left out this epoch may have slipped: check them now and then, and before stopping
         trained = {id(it) for it in active}
         rest = [it for it in items if id(it) not in trained]
-        looks_done = bool((margins > 0).all())
+        looks_done = recalled_enough(margins, share, required)
         if rest and (looks_done or (epoch + 1) % recheck_every == 0):
             t0 = time.perf_counter()
             with cast():
@@ -410,7 +412,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
             eval_s += time.perf_counter() - t0
         if progress is not None:
             progress(epoch + 1, len(active), result.epoch_losses[-1])
-        if bool((margins > 0).all()):
+        if recalled_enough(margins, share, required):
             result.stopped = "recalled"
             break
     else:
@@ -423,6 +425,14 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
     if result.final_loss is not None and not math.isfinite(result.final_loss):
         result.final_loss = None
     return result
+
+
+def recalled_enough(margins: torch.Tensor, share: float = 1.0, required: torch.Tensor | None = None) -> bool:
+    """Whether every ``required`` item and at least ``share`` of all items have a positive margin."""
+    ok = margins > 0
+    if required is not None and not bool(ok[required].all()):
+        return False
+    return bool(ok.all()) if share >= 1.0 else float(ok.float().mean()) >= share
 
 
 @contextmanager
