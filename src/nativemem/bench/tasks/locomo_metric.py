@@ -1,4 +1,4 @@
-"""LoCoMo's official answer scoring (snap-research/locomo ``task_eval/evaluation.py``), re-implemented.
+"""LoCoMo's official answer scoring (snap-research/locomo ``task_eval/evaluation.py``).
 
 Rules, per question category (1 multi-hop, 2 temporal, 3 open-domain, 4 single-hop, 5 adversarial):
 
@@ -12,15 +12,12 @@ Rules, per question category (1 multi-hop, 2 temporal, 3 open-domain, 4 single-h
   (case-insensitive), else 0. The question offers the two options "(a) … (b) …" and a bare letter
   answer is mapped to its option first (:func:`resolve_option`).
 
-The official code uses NLTK's ``PorterStemmer`` (default ``NLTK_EXTENSIONS`` mode). NLTK is not a
-dependency here, so :func:`porter_stem` implements the Porter (1980) algorithm with NLTK's
-extensions (short words kept, irregular forms, ``ies``/``ied`` on 4-letter words, ``y`` → ``i`` only
-after a consonant, the ``bli``/``logi``/``fulli``/``lessli`` step-2 rules); rare words may stem
-differently from NLTK.
+Stemming is NLTK's ``PorterStemmer`` in its default ``NLTK_EXTENSIONS`` mode, as in the official code.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -31,123 +28,18 @@ __all__ = ["porter_stem", "normalize_answer", "f1_score", "multi_answer_f1", "lo
 CATEGORIES = {1: "multi_hop", 2: "temporal", 3: "open_domain", 4: "single_hop", 5: "adversarial"}
 NOT_MENTIONED = "Not mentioned in the conversation"
 
-_VOWELS = frozenset("aeiou")
-_IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
-              "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
-              "cannings": "canning", "canning": "canning", "howe": "howe", "proceed": "proceed",
-              "exceed": "exceed", "succeed": "succeed"}
+
+@functools.lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem.porter import PorterStemmer  # imported on first use: nltk takes about a second to import
+
+    return PorterStemmer()
 
 
-def _is_cons(w: str, i: int) -> bool:
-    if w[i] in _VOWELS:
-        return False
-    if w[i] == "y":
-        return i == 0 or not _is_cons(w, i - 1)
-    return True
-
-
-def _measure(stem: str) -> int:
-    """m in [C](VC)^m[V]."""
-    forms = "".join("c" if _is_cons(stem, i) else "v" for i in range(len(stem)))
-    return len(re.findall(r"v+c+", forms))
-
-
-def _has_vowel(stem: str) -> bool:
-    return any(not _is_cons(stem, i) for i in range(len(stem)))
-
-
-def _double_cons(w: str) -> bool:
-    return len(w) >= 2 and w[-1] == w[-2] and _is_cons(w, len(w) - 1)
-
-
-def _cvc(w: str) -> bool:
-    """Ends consonant-vowel-consonant, the last not w, x or y (or is a 2-letter vowel-consonant word)."""
-    if len(w) >= 3:
-        return (_is_cons(w, len(w) - 3) and not _is_cons(w, len(w) - 2) and _is_cons(w, len(w) - 1)
-                and w[-1] not in "wxy")
-    return len(w) == 2 and not _is_cons(w, 0) and _is_cons(w, 1)
-
-
-def _replace(w: str, rules, condition) -> str:
-    """Apply the rule with the longest matching suffix (if its condition holds on the stem)."""
-    for suffix, repl in rules:
-        if w.endswith(suffix):
-            stem = w[: len(w) - len(suffix)]
-            return stem + repl if condition(stem) else w
-    return w
-
-
-_STEP2 = sorted([("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
-                 ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
-                 ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
-                 ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
-                 ("fulli", "ful"), ("lessli", "less"), ("logi", "log")], key=lambda r: -len(r[0]))
-_STEP3 = sorted([("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""),
-                 ("ness", "")], key=lambda r: -len(r[0]))
-_STEP4 = sorted(["al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou",
-                 "ism", "ate", "iti", "ous", "ive", "ize"], key=len, reverse=True)
-
-
+@functools.lru_cache(maxsize=65536)
 def porter_stem(word: str) -> str:
-    """Porter stem of one lower-case word (NLTK extensions mode; see the module docstring)."""
-    w = word.lower()
-    if w in _IRREGULAR:
-        return _IRREGULAR[w]
-    if len(w) <= 2:
-        return w
-    # step 1a
-    if w.endswith("sses"):
-        w = w[:-2]
-    elif w.endswith("ies"):
-        w = w[:-1] if len(w) == 4 else w[:-2]
-    elif w.endswith("ss"):
-        pass
-    elif w.endswith("s"):
-        w = w[:-1]
-    # step 1b
-    if w.endswith("ied"):
-        w = w[:-1] if len(w) == 4 else w[:-2]
-    elif w.endswith("eed"):
-        if _measure(w[:-3]) > 0:
-            w = w[:-1]
-    else:
-        for suffix in ("ed", "ing"):
-            if w.endswith(suffix) and _has_vowel(w[: -len(suffix)]):
-                w = w[: -len(suffix)]
-                if w.endswith(("at", "bl", "iz")):
-                    w += "e"
-                elif _double_cons(w) and w[-1] not in "lsz":
-                    w = w[:-1]
-                elif _measure(w) == 1 and _cvc(w):
-                    w += "e"
-                break
-    # step 1c: y -> i after a consonant (not the first letter)
-    if w.endswith("y") and len(w) > 2 and _is_cons(w, len(w) - 2):
-        w = w[:-1] + "i"
-    # step 2
-    if w.endswith("alli") and _measure(w[:-4]) > 0:  # NLTK: alli -> al, then step 2 again
-        w = w[:-2]
-        w = _replace(w, _STEP2, lambda s: _measure(s) > 0)
-    else:
-        w = _replace(w, _STEP2, lambda s: _measure(s) > 0)
-    # step 3
-    w = _replace(w, _STEP3, lambda s: _measure(s) > 0)
-    # step 4
-    for suffix in _STEP4:
-        if w.endswith(suffix):
-            stem = w[: len(w) - len(suffix)]
-            if _measure(stem) > 1 and (suffix != "ion" or stem.endswith(("s", "t"))):
-                w = stem
-            break
-    # step 5
-    if w.endswith("e"):
-        stem = w[:-1]
-        m = _measure(stem)
-        if m > 1 or (m == 1 and not _cvc(stem)):
-            w = stem
-    if w.endswith("ll") and _measure(w[:-1]) > 1:
-        w = w[:-1]
-    return w
+    """NLTK's Porter stem of one word (lower-cased)."""
+    return _stemmer().stem(word)
 
 
 _PUNCT = frozenset(string.punctuation)
