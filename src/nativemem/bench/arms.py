@@ -73,6 +73,8 @@ class ArmOutput:
         skip_reason: Short reason key (e.g. ``"context_overflow"``) if the item was not answered.
         skip_detail: Human-readable explanation of the skip.
         search_s: Retrieval time in seconds (retrieval arms; outside ``ttft_s``, which starts at generation).
+        scores: Metrics measured while answering, added to the item's scores (e.g. the log-probability of the
+            right option on a task that scores log-likelihoods).
     """
 
     text: str = ""
@@ -86,6 +88,7 @@ class ArmOutput:
     skip_reason: str | None = None
     skip_detail: str | None = None
     search_s: float | None = None
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -149,6 +152,13 @@ class Arm:
     def memory(self) -> Any:
         """The memory passed to ``lm`` calls outside :meth:`answer` (None: the bare model)."""
         return None
+
+    @contextlib.contextmanager
+    def scoring(self, item: QAItem) -> Iterator[Any]:
+        """The arm's model as it would answer ``item``, for tasks that score log-likelihoods instead of generating:
+        yields the memory to pass to ``lm`` calls (None: none); adapters are in the model inside."""
+        with self.session():
+            yield self.memory()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:

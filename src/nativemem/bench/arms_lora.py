@@ -6,8 +6,9 @@
   only inside :meth:`~.arms.Arm.session` (each answer opens one), so no other arm ever sees them.
 - ``lora_ctx``: the same adapters plus the full-context passages.
 
-The ``lora`` option (rank, alpha, lr, target_modules) configures the adapters; on documents the
-``side_ffn`` option sets the windows, context and steps.
+The ``lora`` option (rank, alpha, lr, target_modules, seed) configures the adapters; on documents the
+``side_ffn`` option sets the windows, context and steps. The ``lora_state`` option (a folder of
+:func:`~.lora.save_lora_state`, e.g. from PG-19's ``save_dir``) asks every item with those adapters instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..errors import InputError
 from .arms import ArmOutput, MemoryArmBase, register_arm
 from .tasks import Chunk, QAItem, Task
 
@@ -29,7 +31,7 @@ class LoRAArm(MemoryArmBase):
     def _lora(self):
         from .lora import LoRABaseline
 
-        cfg = {"rank": 8, **(self.options.get("lora") or {})}
+        cfg = {"rank": 8, **(self.options.get("lora") or {}), **self._saved_shape}
         return LoRABaseline(self.lm, rank=int(cfg["rank"]), alpha=cfg.get("alpha"),
                             target_modules=cfg.get("target_modules", "all-linear"), seed=cfg.get("seed", 0))
 
@@ -43,6 +45,16 @@ class LoRAArm(MemoryArmBase):
         self.receipts: dict[str, dict[str, Any]] = {}
         self.num_parameters = 0
         self._doc: str | None = None
+        self._saved_shape: dict[str, Any] = {}
+        if self.options.get("lora_state") is not None:
+            from .lora import load_lora_state
+
+            meta, self.states[None] = load_lora_state(lm, self.options["lora_state"])
+            self._saved_shape = {"rank": meta["rank"], "alpha": meta["alpha"], "target_modules": meta["target_modules"],
+                                 "seed": meta.get("seed", 0)}
+            with self._lora() as lora:
+                self.num_parameters = lora.num_parameters
+            return
         facts = self.facts()
         if facts:
             from .arms_pkm import train_learner
@@ -54,7 +66,11 @@ class LoRAArm(MemoryArmBase):
             return
         cfg = SideFFNConfig(**(self.options.get("side_ffn") or {}))  # the same windows, context, steps as side_ffn
         lr = (self.options.get("lora") or {}).get("lr", 1e-3)
-        for doc, chunks in tqdm(self.documents(pool).items(), desc=f"{self.name}: training", disable=not self.progress):
+        docs = self.documents(pool)
+        if not docs:
+            raise InputError(f"the {self.name} arm learns the task's documents or facts, and this run has none "
+                             "(or pass the lora_state option)")
+        for doc, chunks in tqdm(docs.items(), desc=f"{self.name}: training", disable=not self.progress):
             ids = token_stream(lm, "\n\n".join(c.text for c in chunks))
             opts = stream_options(cfg, n_targets=len(ids) - 1, max_context=lm.max_context, lr=lr)
             with self._lora() as lora:
@@ -73,11 +89,14 @@ class LoRAArm(MemoryArmBase):
             lora.restore(self.states[self._doc])
             yield
 
+    def scoring(self, item: QAItem) -> contextlib.AbstractContextManager:
+        self._doc = None if None in self.states else self.doc_of(item)
+        return super().scoring(item)
+
     def answer(self, item: QAItem) -> ArmOutput:
         self.last_info = {}
         passages = self.context_passages(item) if self.uses_context else []
-        self._doc = None if None in self.states else self.doc_of(item)
-        with self.session():
+        with self.scoring(item):
             return self.generate_answer(item, passages)
 
     def bytes_stored(self) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "write_items",
     "load_results",
     "read_items",
+    "read_jsonl",
     "validate_results",
     "to_jsonable",
     "has_random_weights",
@@ -246,14 +247,18 @@ def load_results(folder: str | Path) -> dict[str, Any]:
 
 
 def read_items(folder: str | Path) -> list[dict[str, Any]]:
-    """Read ``items.jsonl`` from a run folder.
+    """Read ``items.jsonl`` from a run folder (DataError if it is missing or a line is not JSON)."""
+    return read_jsonl(Path(folder) / ITEMS_NAME)
+
+
+def read_jsonl(path: Path, missing: str = "file not found") -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, blank lines skipped.
 
     Raises:
-        DataError: If the file is missing or a line is not JSON.
+        DataError: ``path: missing`` when there is no such file, or naming the first line that is not JSON.
     """
-    path = Path(folder) / ITEMS_NAME
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

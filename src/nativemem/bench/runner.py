@@ -22,16 +22,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from .arms import Arm, ArmOutput, get_arm
-from .metrics import ANSWER_METRICS, hit_at_k, is_binary_metric, per_query_retrieval
+from .metrics import ANSWER_METRICS, hit_at_k, per_query_retrieval
 from ..prompting import build_messages
 from .results import save_run, to_jsonable, write_items, write_results
-from .stats import compare_paired, mean_or_none, means_with_ci, median_or_none
+from .stats import mean_or_none, means_with_ci, median_or_none, paired_comparisons
 from .tasks import QAItem, Task, get_task
 
 __all__ = ["run_benchmark", "merge_runs", "peak_rss_bytes"]
@@ -89,7 +88,7 @@ def _score(arm: Arm, items: Sequence[QAItem], outputs: Sequence[ArmOutput], k: i
         if out.skipped:
             scores.append(None)
             continue
-        s = task.score_answer(out.text, item)
+        s = {**task.score_answer(out.text, item), **out.scores}
         if arm.uses_retrieval and item.gold_chunk_ids:
             s[f"hit@{k}"] = hit_at_k([cid for cid, _ in out.retrieved], item.gold_chunk_ids, k)
             qrels[item.id] = dict.fromkeys(item.gold_chunk_ids, 1)
@@ -137,33 +136,11 @@ def _summarise(outputs: Sequence[ArmOutput], scores: Sequence[dict[str, float] |
     }
 
 
-def _has(scores: Sequence[dict[str, float] | None], metric: str) -> bool:
-    return any(s is not None and metric in s for s in scores)
-
-
 def _compare(arm_names: Sequence[str], scores: dict[str, list[dict[str, float] | None]], seed: int,
              first: Sequence[str] = ANSWER_METRICS) -> list[dict[str, Any]]:
     """Paired comparisons of every pair of arms on every metric both have (``first``: the task's answer
     metrics, compared even when one arm scored nothing)."""
-    comparisons = []
-    for a, b in combinations(arm_names, 2):
-        metric_names = []
-        for name in (*first, *sorted({m for s in scores[a] + scores[b] if s for m in s})):
-            if name not in metric_names:
-                metric_names.append(name)
-        for metric in metric_names:
-            pairs = [
-                (sa[metric], sb[metric])
-                for sa, sb in zip(scores[a], scores[b])
-                if sa is not None and sb is not None and metric in sa and metric in sb
-            ]
-            if metric not in first and not (_has(scores[a], metric) and _has(scores[b], metric)):
-                continue  # the metric does not exist for one of the arms (e.g. hit@k for `none`)
-            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-            binary = is_binary_metric(metric) or all(v in (0.0, 1.0) for v in (*xs, *ys))  # e.g. LoCoMo's adversarial F1
-            comp = compare_paired(xs, ys, binary=binary, seed=seed)
-            comparisons.append({"a": a, "b": b, "metric": metric, **comp})
-    return comparisons
+    return paired_comparisons({a: dict(enumerate(scores[a])) for a in arm_names}, seed=seed, always=first)
 
 
 def _check_task_options(task: str, task_cls: type, options: dict[str, Any]) -> None:
@@ -202,13 +179,14 @@ def _run_arm(make, label: str, lm, groups, task_obj, cuda, progress: bool) -> tu
         arm.prepare(pool, lm, items=items, task=task_obj)
         cost["prepare_s"] += time.perf_counter() - t0
         for item in tqdm(items, desc=label, disable=not progress, leave=len(groups) == 1):
-            outputs.append(arm.answer(item))
+            outputs.append(task_obj.ask(arm, item))
             infos.append(dict(getattr(arm, "last_info", None) or {}))
         cost["bytes_stored"] += int(arm.bytes_stored())
         receipts = list(getattr(arm, "receipts", {}).values())  # arms that train per document
         if receipts or hasattr(arm, "extra_params"):
             cost["extra_params"] = max(cost.get("extra_params", 0), int(getattr(arm, "extra_params", 0)))
             cost["train_steps"] = cost.get("train_steps", 0) + sum(r.get("steps", 0) for r in receipts)
+            cost["train_tokens"] = cost.get("train_tokens", 0) + sum(r.get("tokens", 0) for r in receipts)
         cost.update(arm.cost)
     with_context = [i for i in infos if "context_truncated" in i]
     if with_context:

@@ -207,28 +207,34 @@ def means_with_ci(scores: Scores, *, seed: int = 0,
     return means, ci95
 
 
-def paired_comparisons(per_arm: Mapping[str, Scores], *, binary: Callable[[str], bool], seed: int = 0,
-                       pairs: Iterable[tuple[str, str]] | None = None,
-                       metrics: Sequence[str] | None = None) -> list[dict[str, object]]:
+def paired_comparisons(per_arm: Mapping[str, Scores], *, binary: Callable[[str], bool] | None = None, seed: int = 0,
+                       pairs: Iterable[tuple[str, str]] | None = None, metrics: Sequence[str] | None = None,
+                       always: Sequence[str] = ()) -> list[dict[str, object]]:
     """:func:`compare_paired` of arm ``a`` against arm ``b`` on every metric both scored, over the items both scored.
 
     Args:
         per_arm: arm -> its per-item scores (the same item ids across arms).
-        binary: whether a metric is binary (McNemar) or continuous (Wilcoxon).
+        binary: whether a metric is binary (McNemar) or continuous (Wilcoxon); None: binary when its name says
+            so (:func:`~.metrics.is_binary_metric`) or every compared value is 0 or 1 (e.g. LoCoMo's adversarial F1).
         pairs: (a, b) arm pairs (default: every pair, in ``per_arm`` order).
         metrics: which metrics, in this order (default: every metric both arms have, sorted).
+        always: metrics compared first and even when an arm scored none of them (then with n = 0).
     """
+    from .metrics import is_binary_metric
+
     out: list[dict[str, object]] = []
     for a, b in (combinations(list(per_arm), 2) if pairs is None else pairs):
         sa, sb = per_arm[a], per_arm[b]
         have = [{m for s in arm.values() if s for m in s} for arm in (sa, sb)]
         names = [m for m in (metrics if metrics is not None else sorted(have[0] & have[1]))
-                 if m in have[0] and m in have[1]]
-        for metric in names:
+                 if m in have[0] and m in have[1] and m not in always]
+        for metric in (*always, *names):
             both = [(sa[i][metric], sb[i][metric]) for i in sa
                     if sa[i] and sb.get(i) and metric in sa[i] and metric in sb[i]]
-            out.append({"a": a, "b": b, "metric": metric,
-                        **compare_paired([x for x, _ in both], [y for _, y in both], binary=binary(metric), seed=seed)})
+            xs, ys = [x for x, _ in both], [y for _, y in both]
+            is_binary = binary(metric) if binary is not None else (
+                is_binary_metric(metric) or all(v in (0.0, 1.0) for v in (*xs, *ys)))
+            out.append({"a": a, "b": b, "metric": metric, **compare_paired(xs, ys, binary=is_binary, seed=seed)})
     return out
 
 

@@ -193,6 +193,12 @@ class Task(ABC):
         (:meth:`pool_for`); a task of separate documents (LoCoMo's conversations) gives one per document."""
         return [(self.pool_for(items), list(items))]
 
+    def ask(self, arm: Any, item: QAItem) -> Any:
+        """Put ``item`` to a prepared ``arm`` and return its :class:`~nativemem.bench.arms.ArmOutput` (default: the
+        arm generates an answer; a task that scores log-likelihoods reads the arm's model through
+        :meth:`~nativemem.bench.arms.Arm.scoring`)."""
+        return arm.answer(item)
+
     def score_answer(self, prediction: str, item: QAItem) -> dict[str, float]:
         """Metrics of one answer (default: SQuAD EM, F1 and contains, max over the accepted answers)."""
         return answer_scores(prediction, item.answers)
@@ -211,6 +217,6 @@ list_tasks = _TASKS.names
 from . import squad, triviaqa  # noqa: E402,F401  (registers the built-in tasks)
 
 # tasks with heavier modules: registered lazily, so that `get_task("needle")` works without importing them first
-for _name, _target in {"needle": "needle:NeedleTask", "locomo": "locomo:LocomoTask"}.items():
+for _name, _target in {"needle": "needle:NeedleTask", "locomo": "locomo:LocomoTask", "mmlu": "mmlu:MMLUTask"}.items():
     if _name not in _TASKS.names():
         _TASKS.register(_name, f"nativemem.bench.tasks.{_target}")

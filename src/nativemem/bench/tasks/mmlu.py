@@ -15,11 +15,12 @@ The answer is the letter among `` A``/`` B``/`` C``/`` D`` with the highest next
 final ``Answer:`` (no generation). When a prompt would not fit the window, shots are dropped from the
 front and the number of shots is recorded per item.
 
-Arms: ``none`` (the bare model), ``side_ffn`` and ``lora``, each after streaming a whole book through
-the same score-then-train loop (or loaded from the states a PG-19 run saved with ``save_dir``).
-Reported: accuracy per arm with a bootstrap interval, the drift of each arm against ``none`` as a
-paired difference (McNemar p, paired bootstrap interval), and the mean log-probability of the correct
-letter (a continuous, more sensitive drift measure).
+Arms: ``none`` (the bare model), ``side_ffn`` and ``lora``, each after learning a whole book as the task's one
+document (memorize, then the same score-then-train streaming loop as PG-19), or loaded from the states a
+PG-19 run saved with ``save_dir``. The runner drives it (:class:`MMLUTask` asks each arm's model for the
+letters' log-probabilities instead of generating). Reported: accuracy per arm with a bootstrap interval,
+every pair of arms as a paired difference (McNemar p, paired bootstrap interval; against ``none`` it is the
+drift), and the mean log-probability of the correct letter (a continuous, more sensitive drift measure).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import copy
 import csv
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from ...errors import DataError, InputError
-from . import data_root
+from . import Chunk, QAItem, Task, TaskData, register_task
 
-__all__ = ["MMLUItem", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "read_mmlu_csv", "MMLU_ARMS"]
+__all__ = ["MMLUItem", "MMLUTask", "load_mmlu", "select_items", "build_prompt", "run_mmlu", "read_mmlu_csv",
+           "MMLU_ARMS"]
 
 MMLU_ARMS = ("none", "side_ffn", "lora")
 LETTERS = ("A", "B", "C", "D")
@@ -152,48 +153,104 @@ class _Scorer:
         return torch.log_softmax(logits.float()[self.letter_ids], dim=-1).cpu()
 
 
-def _evaluate(lm, items: Sequence[MMLUItem], dev: dict[str, list[MMLUItem]], shots: int, memory, progress: bool,
-              desc: str) -> list[dict[str, Any]]:
-    from contextlib import nullcontext
+@register_task("mmlu")
+class MMLUTask(Task):
+    """MMLU through the runner: the fixed seeded subset, 5-shot, answered by the best of the four letters' logits.
 
-    from tqdm.auto import tqdm
+    The arms' pool is the ``book`` (one document) when one is given: ``side_ffn`` and ``lora`` learn it as they
+    learn any document (memorize, then the streaming loop), or ask with a saved state (their ``side_ffn_memory``
+    and ``lora_state`` options); ``none`` is the bare model. Metrics: ``accuracy`` and ``logprob_correct`` (the
+    log-probability of the right letter among the four, a finer measure of drift). The shots a prompt kept are
+    recorded per item.
 
-    scorer = _Scorer(lm)
-    out = []
-    scope = memory.active(lm=lm) if memory is not None else nullcontext()
-    with scope:
-        for item in tqdm(sorted(items, key=lambda i: i.subject), desc=desc, disable=not progress, leave=False):
-            used = dev[item.subject][:shots]
-            while True:  # drop shots from the front until the prompt fits (recorded)
-                prefix, question = build_prompt(item, used)
-                n = len(lm.tokenizer(prefix + question)["input_ids"])
-                if n <= lm.max_context or not used:
-                    break
-                used = used[1:]
-            if n > lm.max_context:
-                out.append({"id": item.id, "subject": item.subject, "skipped": True, "prompt_tokens": n})
-                continue
-            lp = scorer.letter_logprobs(prefix, question)
-            pred = int(lp.argmax())
-            out.append({"id": item.id, "subject": item.subject, "answer": item.answer, "prediction": pred,
-                        "correct": float(pred == item.answer), "logprob_correct": float(lp[item.answer]),
-                        "shots": len(used), "prompt_tokens": n, "skipped": False})
-    return out
+    Args:
+        data: an MMLU folder with ``dev/`` and ``test/`` (default: the shared one).
+        per_subject: test questions per subject in the fixed subset.
+        shots: dev examples per prompt, dropped from the front while a prompt does not fit.
+        book: a text file (or a :class:`~.pg19.Book`) the memory arms learn.
+    """
+
+    version = VERSION
+    default_path = DEFAULT_PATH
+    metrics = ("accuracy", "logprob_correct")
+
+    def __init__(self, data: str | Path | None = None, *, per_subject: int = 2, shots: int = 5,
+                 book: str | Path | Any | None = None) -> None:
+        super().__init__(data)
+        if per_subject < 1 or shots < 0:
+            raise InputError(f"per_subject must be >= 1 and shots >= 0, got {per_subject} and {shots}")
+        self.per_subject, self.shots, self.book = per_subject, shots, book
+        self._scorer: tuple[Any, _Scorer] | None = None
+
+    def options(self) -> dict[str, Any]:
+        book = getattr(self.book, "id", self.book)
+        return {"per_subject": self.per_subject, "shots": self.shots, "book": None if book is None else str(book)}
+
+    def load(self, path: Path) -> TaskData:
+        from .pg19 import Book, load_books
+
+        self.dev, self.test = load_mmlu(path)
+        chunks: dict[str, Chunk] = {}
+        if self.book is not None:
+            books = [self.book] if isinstance(self.book, Book) else load_books(self.book)
+            if len(books) != 1:
+                raise InputError(f"book= must name one text file, got {len(books)} books")
+            chunks["book"] = Chunk("book", books[0].text, title=books[0].title, doc_id=books[0].id)
+        self.questions = {q.id: q for qs in self.test.values() for q in qs}
+        items = tuple(QAItem(q.id, q.question, (LETTERS[q.answer],), source_chunk_ids=tuple(chunks),
+                             meta={"subject": q.subject, "answer": q.answer}) for q in self.questions.values())
+        return TaskData(items, chunks)
+
+    def select(self, limit: int | None, seed: int) -> list[QAItem]:
+        if limit is not None and limit < 1:
+            raise InputError(f"limit must be a positive number of items, got {limit}")
+        by_id = {item.id: item for item in self.data.items}
+        return [by_id[q.id] for q in select_items(self.test, self.per_subject, seed)[:limit]]
+
+    def ask(self, arm, item: QAItem):
+        from contextlib import nullcontext
+
+        from ..arms import SKIP_CONTEXT_OVERFLOW, ArmOutput
+
+        lm, question_item = arm.lm, self.questions[item.id]
+        used = self.dev[question_item.subject][: self.shots]
+        while True:  # drop shots from the front until the prompt fits (recorded)
+            prefix, question = build_prompt(question_item, used)
+            n = len(lm.tokenizer(prefix + question)["input_ids"])
+            if n <= lm.max_context or not used:
+                break
+            used = used[1:]
+        arm.last_info = {"shots": len(used)}
+        if n > lm.max_context:
+            return ArmOutput(prompt_tokens=n, skip_reason=SKIP_CONTEXT_OVERFLOW,
+                             skip_detail=f"{n} prompt tokens > window of {lm.max_context} tokens")
+        if self._scorer is None or self._scorer[0] is not arm:  # a prefix cache per arm: each has its own model
+            self._scorer = (arm, _Scorer(lm))
+        with arm.scoring(item) as memory, memory.active(lm=lm) if memory is not None else nullcontext():
+            lp = self._scorer[1].letter_logprobs(prefix, question)
+        letter = LETTERS[int(lp.argmax())]
+        return ArmOutput(text=letter, raw_text=letter, prompt_tokens=n,
+                         scores={"logprob_correct": float(lp[question_item.answer])})
+
+    def score_answer(self, prediction: str, item: QAItem) -> dict[str, float]:
+        return {"accuracy": float(prediction == item.answers[0])}
 
 
-# ---------------------------------------------------------------------- memorising the book
-def _book_ids(lm, book: str | Path | None, max_tokens: int | None) -> list[int]:
+def _book(lm, path: str | Path, max_tokens: int | None):
+    """The one book at ``path``, cut after its first ``max_tokens`` tokens when set."""
+    import dataclasses
+
     from .pg19 import load_books
 
-    if book is None:
-        raise InputError("side_ffn and lora arms need book=PATH (a text to memorise) or saved states")
-    books = load_books(book)
+    books = load_books(path)
     if len(books) != 1:
         raise InputError(f"book= must name one text file, got {len(books)} books")
-    ids = lm.tokenizer(books[0].text, add_special_tokens=False)["input_ids"]
-    if lm.tokenizer.bos_token_id is not None:
-        ids = [lm.tokenizer.bos_token_id, *ids]
-    return ids[: max_tokens + 1] if max_tokens else ids
+    book = books[0]
+    if max_tokens:
+        offsets = lm.tokenizer(book.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > max_tokens:
+            book = dataclasses.replace(book, text=book.text[: offsets[max_tokens][0]])
+    return book
 
 
 def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str | Path | None = None,
@@ -202,7 +259,8 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
              book_max_tokens: int | None = None, window: int = 512, context: int = 512, steps: int = 1,
              width: int = 12, lr: float = 1e-2, lora_rank: int = 8, lora_lr: float = 1e-3,
              limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy before/after memorising a book; writes ``results.json`` and ``items.jsonl`` to ``out``.
+    """Accuracy before/after memorising a book, through the runner (:class:`MMLUTask`); writes ``results.json``
+    and ``items.jsonl`` to ``out``.
 
     Args:
         lm: the LanguageModel.
@@ -211,86 +269,29 @@ def run_mmlu(lm, *, arms: Sequence[str] = MMLU_ARMS, out: str | Path, data: str 
         data: an MMLU folder with ``dev/`` and ``test/`` (default: the shared one).
         per_subject: test questions per subject in the fixed seeded subset.
         shots: dev examples per prompt (5).
-        seed: subset seed (also the bootstrap seed).
-        book: the text (a Gutenberg file is cut at its markers) streamed into side_ffn and lora.
+        seed: subset seed (also the bootstrap seed and the memories' seed).
+        book: the text (a Gutenberg file is cut at its markers) side_ffn and lora learn.
         side_ffn_memory: a saved side_ffn memory folder to use instead of training on ``book``.
-        lora_state: a folder written by :func:`save_lora_state` to use instead of training.
-        book_max_tokens: stream only the first N tokens of the book (None: the whole book).
+        lora_state: a folder written by :func:`~..lora.save_lora_state` to use instead of training.
+        book_max_tokens: learn only the first N tokens of the book (None: the whole book).
         window, context, steps, width, lr, lora_rank, lora_lr: the streaming options (as in pg19).
         limit: keep only the first N items of the subset (quick runs).
         progress: progress bars.
     """
-    from ...memories import open_memory
-    from ..lora import LoRABaseline, load_lora_state
-    from ..streaming import stream_trained
+    from ..runner import run_benchmark
+
     arms = [arms] if isinstance(arms, str) else list(dict.fromkeys(arms))
     bad = [a for a in arms if a not in MMLU_ARMS]
     if bad or not arms:
         raise InputError(f"unknown mmlu arms {bad}; use {', '.join(MMLU_ARMS)}")
-    path = Path(data) if data is not None else data_root() / DEFAULT_PATH
-    dev, test = load_mmlu(path)
-    items = select_items(test, per_subject, seed)[:limit]
-    per_arm: dict[str, list[dict[str, Any]]] = {}
-    info: dict[str, dict[str, Any]] = {}
-    ids = None
-    stream_opts = {"window": window, "context": context, "steps": steps}
-    base_params = sum(p.numel() for p in lm.model.parameters())
-    for arm in arms:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        block: dict[str, Any] = {}
-        if arm == "none":
-            per_arm[arm] = _evaluate(lm, items, dev, shots, None, progress, "mmlu/none")
-        elif arm == "side_ffn" and side_ffn_memory is not None:
-            mem = open_memory(side_ffn_memory, lm)
-            st = mem.stats()
-            block.update(source=str(side_ffn_memory), book_tokens=st["tokens_trained"], steps=st["steps"],
-                         extra_params=mem.num_parameters)
-            per_arm[arm] = _evaluate(lm, items, dev, shots, mem, progress, "mmlu/side_ffn")
-        elif arm == "lora" and lora_state is not None:
-            meta, state = load_lora_state(lm, lora_state)
-            with LoRABaseline(lm, rank=meta["rank"], alpha=meta["alpha"], target_modules=meta["target_modules"],
-                              seed=meta.get("seed", 0)) as lora:
-                lora.restore(state)
-                block.update(source=str(lora_state), extra_params=lora.num_parameters)
-                per_arm[arm] = _evaluate(lm, items, dev, shots, None, progress, "mmlu/lora")
-        else:  # learn the book as pg19 streams it, then ask
-            ids = ids or _book_ids(lm, book, book_max_tokens)
-            with stream_trained(arm, lm, ids, stream=stream_opts, lr=lr, lora_lr=lora_lr, seed=seed,
-                                side_ffn={"width": width}, lora={"rank": lora_rank}, source=str(book)) as done:
-                res = done.result
-                block.update(source=str(book), book_tokens=res.tokens, book_ppl=res.ppl, steps=res.steps,
-                             stopped=res.stopped, train_cpu_s=time.process_time() - cpu0,
-                             extra_params=done.parameters)
-                per_arm[arm] = _evaluate(lm, items, dev, shots, done.memory, progress, f"mmlu/{arm}")
-        block.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0)
-        block["extra_params_pct"] = 100.0 * block.get("extra_params", 0) / base_params
-        info[arm] = block
-    return _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, stream_opts)
-
-
-def _write(lm, arms, items, per_arm, info, out, path, seed, per_subject, shots, opts) -> dict[str, Any]:
-    from ..results import save_run
-    from ..stats import means_with_ci, paired_comparisons
-
-    arm_blocks, records = {}, []
-    scores = {a: {r["id"]: None if r["skipped"] else {"accuracy": r["correct"], "logprob_correct": r["logprob_correct"]}
-                  for r in per_arm[a]} for a in arms}
-    for a in arms:
-        skipped = sum(1 for r in per_arm[a] if r["skipped"])
-        metrics, ci95 = means_with_ci(scores[a], seed=seed, metrics=("accuracy", "logprob_correct"))
-        arm_blocks[a] = {
-            "n": len(per_arm[a]), "scored": len(per_arm[a]) - skipped, "skipped": skipped,
-            "skipped_reasons": {"context_overflow": skipped} if skipped else {}, "metrics": metrics, "ci95": ci95,
-            "cost": {k: v for k, v in info[a].items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            "memory": info[a],
-        }
-        records += [{"arm": a, **r} for r in per_arm[a]]
-    comparisons = paired_comparisons(scores, pairs=[(a, "none") for a in arms if a != "none" and "none" in arms],
-                                     binary=lambda m: m == "accuracy", seed=seed, metrics=("accuracy", "logprob_correct"))
-    drift = {c["a"]: {"points": 100 * c["diff"], "ci95_points": [100 * x for x in c["ci95"]] if c["ci95"] else None,
-                      "p_value": c["p_value"]} for c in comparisons if c["metric"] == "accuracy"}
-    config = {"arms": list(arms), "data": str(Path(path).resolve()), "per_subject": per_subject, "shots": shots,
-              "subjects": len({i.subject for i in items}), "window": opts["window"], "context": opts["context"],
-              "steps": opts["steps"], "answer_by": "argmax of the next-token logits of ' A', ' B', ' C', ' D'"}
-    return save_run(out, lm, task="mmlu", task_version=VERSION, n=len(items), seed=seed, config=config,
-                    arms=arm_blocks, comparisons=comparisons, records=records, drift_vs_none=drift)
+    saved = {"side_ffn": side_ffn_memory, "lora": lora_state}
+    if book is None and any(a != "none" and saved[a] is None for a in arms):
+        raise InputError("side_ffn and lora arms need book=PATH (a text to memorise) or saved states")
+    options: dict[str, Any] = {
+        "side_ffn": {"width": width, "lr": lr, "window": window, "context": context, "steps_per_window": steps,
+                     "memorize_tokens": window + 1, "seed": seed},
+        "lora": {"rank": lora_rank, "lr": lora_lr, "seed": seed}}
+    options.update({f"{a}_{'memory' if a == 'side_ffn' else 'state'}": str(p) for a, p in saved.items() if p})
+    return run_benchmark("mmlu", lm, arms=arms, limit=limit, out=out, seed=seed, data=data, progress=progress,
+                         arm_options=options, per_subject=per_subject, shots=shots,
+                         book=_book(lm, book, book_max_tokens) if book is not None else None)

@@ -27,19 +27,19 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, InputError
 from ...text import check_text
-from ..streaming import STREAM_ARMS
 from . import data_root
 
-__all__ = ["Book", "PG19Options", "cut_gutenberg", "load_books", "run_pg19", "STREAM_ARMS"]
+__all__ = ["Book", "PG19Options", "cut_gutenberg", "load_books", "book_ids", "run_pg19", "STREAM_ARMS"]
 
 VERSION = "1"
 DEFAULT_PATH = "pg19"
+STREAM_ARMS = ("window_only", "side_ffn", "lora")
 
 _START = re.compile(r"\*\*\*\s*START OF[^*]*\*\*\*", re.IGNORECASE)
 _END = re.compile(r"\*\*\*\s*END OF[^*]*\*\*\*", re.IGNORECASE)
@@ -135,21 +135,32 @@ class PG19Options:
 
 def _stream_arm(arm: str, lm, ids, opts: PG19Options, seed: int, progress, save: Path | None = None
                 ) -> tuple[Any, int]:
-    """Run one arm over one book's ids; returns (StreamResult, extra parameters). Saves the state to ``save``."""
-    from ..lora import save_lora_state
-    from ..streaming import stream_trained
+    """Stream one book's ids through ``arm``: one loop and budget (windows, context, steps) for the three, only what
+    learns differs. Returns (StreamResult, extra parameters) and saves what the arm learnt to ``save``."""
+    from ...memories.side_ffn import SideFFNConfig, SideFFNMemory, StreamOptions, stream
+    from ..lora import LoRABaseline, save_lora_state
 
-    common = dict(window=opts.window, context=opts.context, steps=opts.steps, loss=opts.loss,
-                  context_grad=opts.context_grad)
-    with stream_trained(arm, lm, ids, stream=common, lr=opts.lr, lora_lr=opts.lora_lr, seed=seed, progress=progress,
-                        side_ffn={"width": opts.width, "layers": opts.layers, "init": opts.init},
-                        lora={"rank": opts.lora_rank, "alpha": opts.lora_alpha, "target_modules": opts.lora_targets},
-                        source="pg19") as done:
-        if save is not None and done.memory is not None:
-            done.memory.save(save)
-        if save is not None and done.lora is not None:
-            save_lora_state(done.lora, save)
-        return done.result, done.parameters
+    common = StreamOptions(window=opts.window, context=opts.context, steps=opts.steps, loss=opts.loss,
+                           context_grad=opts.context_grad)
+    if arm == "window_only":
+        return stream(lm.model, ids, None, common, max_context=lm.max_context, progress=progress), 0
+    if arm == "side_ffn":
+        mem = SideFFNMemory(lm, SideFFNConfig(width=opts.width, layers=opts.layers, init=opts.init, lr=opts.lr,
+                                              window=opts.window, context=opts.context, seed=seed,
+                                              memorize_tokens=opts.window + 1))
+        mem.memorize(ids[: opts.window + 1])  # the first window (values zero: it is still scored unchanged)
+        result = stream(lm.model, ids, mem, replace(common, lr=opts.lr), max_context=lm.max_context,
+                        progress=progress)
+        mem.record(result, metadata={"source": "pg19"})
+        if save is not None:
+            mem.save(save)
+        return result, mem.num_parameters
+    with LoRABaseline(lm, rank=opts.lora_rank, alpha=opts.lora_alpha, target_modules=opts.lora_targets,
+                      seed=seed) as lora:
+        result = lora.train_stream(ids, replace(common, lr=opts.lora_lr), progress=progress)
+        if save is not None:
+            save_lora_state(lora, save)
+        return result, lora.num_parameters
 
 
 def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: str | Path | None = None,
@@ -196,7 +207,9 @@ def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: st
                                               "params": [], "window_nll": [], "stopped": []} for a in arms}
     try:
         for book in books:
-            ids = _book_ids(lm, book, opts)
+            ids = book_ids(lm, book, opts.max_tokens)
+            if len(ids) - 1 < opts.window:
+                raise InputError(f"book {book.id} has {len(ids) - 1} tokens, shorter than one window of {opts.window}")
             block = {"id": book.id, "title": book.title, "cut_at_markers": book.cut, "tokens": len(ids) - 1,
                      "arms": {}}
             for arm in arms:
@@ -235,15 +248,12 @@ def run_pg19(lm, *, arms: Sequence[str] = STREAM_ARMS, out: str | Path, data: st
     return results
 
 
-def _book_ids(lm, book: Book, opts: PG19Options) -> list[int]:
+def book_ids(lm, book: Book, max_tokens: int | None = None) -> list[int]:
+    """The book's token ids with a BOS first (when the tokenizer has one), at most ``max_tokens`` after it."""
     ids = lm.tokenizer(book.text, add_special_tokens=False)["input_ids"]
     if lm.tokenizer.bos_token_id is not None:
         ids = [lm.tokenizer.bos_token_id, *ids]
-    if opts.max_tokens is not None:
-        ids = ids[: opts.max_tokens + 1]
-    if len(ids) - 1 < opts.window:
-        raise InputError(f"book {book.id} has {len(ids) - 1} tokens, shorter than one window of {opts.window}")
-    return ids
+    return ids[: max_tokens + 1] if max_tokens is not None else ids
 
 
 def _relative_to_window_only(arms: dict[str, dict[str, Any]]) -> None:

@@ -15,7 +15,6 @@ Documents are ``title + " " + text``; a document longer than one chunk scores as
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -35,17 +34,9 @@ RANKERS = ("bm25", "minilm", *OWN_STATE_RANKERS)
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (BEIR layout expected)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
+    from ..results import read_jsonl
+
+    return read_jsonl(path, "file not found (BEIR layout expected)")
 
 
 def load_beir(folder: str | Path, qrels: str | Path = "qrels/train.tsv") -> tuple[dict, dict, dict]:

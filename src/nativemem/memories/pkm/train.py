@@ -39,7 +39,8 @@ from ...turns import model_step
 from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
-           "forward_answers", "fact_margins", "train_items", "recalled_enough", "evaluate_items", "TrainResult", "prefix_batches"]
+           "forward_answers", "fact_margins", "train_items", "recalled_enough", "evaluate_items", "TrainResult",
+           "prefix_batches"]
 
 
 @dataclass(eq=False)
