@@ -5,9 +5,11 @@
 
 - a **QA task** (``driver`` is None): a :class:`~.tasks.Task` reads items and a chunk pool, and
   :func:`~.runner.run_benchmark` asks every arm of the :mod:`.arms` registry and scores the generated answers;
-- a **driven task**: a function ``run_x(lm, *, arms, out, ...)`` in the task's module, for what the QA
-  runner cannot score (option log-likelihoods, a perplexity stream scored before training, a ranking,
-  facts trained into the model, timings). It writes ``results.json`` with an ``arms`` block like the runner's.
+- a **driven task**: a function ``run_x(lm, *, arms, out, ...)`` in the task's module: either a thin wrapper
+  that maps the task's own options onto the runner (LoCoMo; MMLU, whose task asks each arm's model for option
+  log-likelihoods), or its own loop for what the runner cannot score (a perplexity stream scored before
+  training, a ranking, facts trained into the model and checked for drift, timings). Either writes
+  ``results.json`` with an ``arms`` block like the runner's.
 
 Entries name their modules as strings: listing the tasks imports none of them.
 """
