@@ -260,14 +260,26 @@ def test_an_answer_over_the_limit_is_refused_before_training(lm):
     assert not mem.records and mem.slots_used() == 0
 
 
-def test_a_phrasing_share_below_one_stops_once_own_prompts_and_that_share_are_recalled(lm):
+def test_a_phrasing_share_below_one_stops_training_once_that_share_is_recalled(lm):
+    from nativemem.memories.pkm.train import PrefixCache
+
     facts = generate_facts(4, seed=4)
-    full = memory(lm, phrasings=3).add(facts).details
-    part = memory(lm, phrasings=3, phrasing_recall=0.5).add(facts).details
-    assert full["recall_phrasings"] == 1.0 and full["phrasing_recall_target"] == 1.0
-    # own prompts are always all recalled; the other phrasings only up to the share asked for
-    assert part["recall"] == 1.0 and part["recall_phrasings"] >= 0.5 and part["phrasing_recall_target"] == 0.5
-    assert part["epochs"] <= full["epochs"] and sum(part["epoch_active"]) <= sum(full["epoch_active"])
+    runs = {}
+    for share in (1.0, 0.5):
+        mem = memory(lm, phrasings=3, phrasing_recall=share)
+        items, _ = mem._items(facts, augment=True)
+        for it in items:  # no own prompt among them: only the share decides when training stops
+            it.kind = "question templates"
+        mem._calibrate(items)
+        prefixes = PrefixCache(lm.model)
+        mem._cache(items, prefixes)
+        runs[share] = mem._train(items, prefixes)
+    recalled = {share: float((r.margins > 0).float().mean()) for share, r in runs.items()}
+    assert runs[1.0].stopped == runs[0.5].stopped == "recalled" and recalled[1.0] == 1.0
+    assert 0.5 <= recalled[0.5] < 1.0 and runs[0.5].epochs < runs[1.0].epochs
+    # through add, own prompts are always all recalled whatever the share, and the receipt says which share
+    d = memory(lm, phrasings=3, phrasing_recall=0.5).add(facts).details
+    assert d["recall"] == 1.0 and d["recall_phrasings"] >= 0.5 and d["phrasing_recall_target"] == 0.5
     with pytest.raises(InputError, match="phrasing_recall"):
         PKMConfig(phrasing_recall=0.0)
 
