@@ -1,5 +1,7 @@
 """pkm memory: add (receipt, recall, duplicates, capacity), the gate switch, delete, save/open."""
 
+import math
+
 import pytest
 import torch
 from testing import tiny_lm
@@ -291,3 +293,40 @@ def test_recalled_enough_needs_every_required_item_and_the_share():
     own = torch.tensor([True, False, False, True])
     assert not recalled_enough(m) and recalled_enough(m, 0.75) and not recalled_enough(m, 0.8)
     assert recalled_enough(m, 0.5, own) and not recalled_enough(m, 0.5, torch.tensor([False, False, True, False]))
+
+
+def test_with_a_share_each_epoch_checks_the_required_items_and_a_rotating_part_of_the_others():
+    import random
+
+    from nativemem.memories.pkm.train import Item, _SampleCheck
+
+    items = [Item(i, [1, 2, 3], 1, 0) for i in range(30)]
+    required = torch.tensor([i < 3 for i in range(30)])
+    sampler = _SampleCheck(items, required, 3, random.Random(0))
+    seen: dict[int, list[int]] = {i: [] for i in range(30)}
+    for epoch in range(9):
+        trained = {epoch, epoch + 10}  # two items trained this epoch: fresh, not checked
+        rest = [it for it in items if it.index not in trained]
+        check, unchecked = sampler.take(rest)
+        ids = [it.index for it in check]
+        assert len(ids) == len(set(ids)) and not trained & set(ids)
+        assert {0, 1, 2} - trained <= set(ids)  # every required item left out, every epoch
+        assert len(ids) - len({0, 1, 2} - trained) == math.ceil((len(rest) - len({0, 1, 2} - trained)) / 3)
+        assert sorted(ids + [it.index for it in unchecked]) == sorted(it.index for it in rest)
+        for i in ids:
+            seen[i].append(epoch)
+    # each other item is checked at least once in every three epochs of a round of the queue
+    assert all(len(seen[i]) >= 2 for i in range(3, 30))
+
+
+def test_the_stop_rule_discounts_unchecked_items_by_the_share_of_the_sample_that_slipped():
+    from nativemem.memories.pkm.train import Item, _done
+
+    items = [Item(i, [1, 2, 3], 1, 0) for i in range(10)]
+    pos = {id(it): i for i, it in enumerate(items)}
+    margins = torch.tensor([1.0] * 9 + [-1.0])  # 0.9 recalled as measured
+    required = torch.tensor([True] + [False] * 9)
+    assert _done(margins, 0.9, required, None, pos)
+    assert _done(margins, 0.8, required, (0.25, items[5:9]), pos)  # 9 - 0.25 * 4 = 8 expected
+    assert not _done(margins, 0.9, required, (0.25, items[5:9]), pos)
+    assert not _done(torch.tensor([-1.0] + [1.0] * 9), 0.5, required, None, pos)  # a required item missed

@@ -24,6 +24,7 @@ with each fact, not used to scope reads).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -411,7 +412,7 @@ class PKMMemory(RecordLifecycle, Memory):
                          f"(max_epochs={cfg.max_epochs}); add them again to train the missed ones further")
 
         # record the facts and the rows their phrasings read most (for delete)
-        sigs = self._signatures(items, prefixes)
+        sigs = result.signatures
         for n, f in enumerate(new):
             self.records[f.id] = {**f.to_dict(), "user_id": user_id, "metadata": metadata or {}, "created": time.time()}
             self.signatures[f.id] = torch.unique(torch.cat([sigs[it.index] for it in items if it.fact == n]))
@@ -427,11 +428,10 @@ class PKMMemory(RecordLifecycle, Memory):
         if cfg.gate_auto and not result.stopped.startswith("non-finite"):
             t0 = time.perf_counter()
             details["gate"] = self.train_gate(items=items, prefixes=prefixes)
-            if cfg.gate:  # what the memory answers with: recall through the gate
-                margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
-                                         lambda: self._scope(gate=True))
-                details["recall_gated"] = float((margins[own] > 0).float().mean())
-                details["recall_phrasings_gated"] = float((margins > 0).float().mean())
+            if cfg.gate:  # what the memory answers with: recall of the facts' own prompts through the gate
+                margins = evaluate_items(self.lm.model, [it for it, o in zip(items, own) if o], self.lowest_layer,
+                                         prefixes, lambda: self._scope(gate=True))
+                details["recall_gated"] = float((margins > 0).float().mean())
             details["gate_s"] = time.perf_counter() - t0
         tokens = sum(len(it.ids) for it in items)
         return Receipt(self.kind, "add", ids=[f.id for f in new], tokens=tokens,
@@ -475,25 +475,39 @@ class PKMMemory(RecordLifecycle, Memory):
         for p in params:
             p.requires_grad_(True)
         own = torch.tensor([it.kind == "own prompt" for it in items])
+        sigs: list[torch.Tensor] = []
 
-        def unmet(margins: torch.Tensor) -> list[Item]:  # what the float32 check says still needs training
+        def check(batch: Sequence[Item]) -> torch.Tensor:  # the final float32 pass: margins and rows read
+            margins, rows = self._check(batch, prefixes)
+            sigs[:] = rows
+            return margins
+
+        def unmet(margins: torch.Tensor) -> tuple[list[Item], torch.Tensor, float]:
+            """What the float32 check says still needs training: the missed items, which of them are required,
+            and the share of them that meets the rule once recalled (missed own prompts, and the missed
+            phrasings while the share is not met)."""
             enough = recalled_enough(margins, cfg.phrasing_recall, own)
-            return [it for it, m, o in zip(items, margins, own) if m <= 0 and (o or not enough)]
+            missed = [(it, bool(o)) for it, m, o in zip(items, margins, own) if m <= 0 and (o or not enough)]
+            need = math.ceil(cfg.phrasing_recall * len(items) - 1e-9) - int((margins > 0).sum())
+            must = sum(o for _, o in missed)
+            share = min(1.0, max(need, must, 1) / max(1, len(missed)))
+            return [it for it, _ in missed], torch.tensor([o for _, o in missed], dtype=torch.bool), share
 
         try:
             with frozen(self.lm.model):
                 result = train_items(self.lm.model, items, self.lowest_layer, prefixes, max_epochs=cfg.max_epochs,
                                      seed=cfg.seed + len(self.records), autocast=autocast,
-                                     share=cfg.phrasing_recall, required=own, **common)
+                                     share=cfg.phrasing_recall, required=own, final_check=check, **common)
                 # the loop stops on margins measured during training (bf16, before each step); the final float32
                 # check may still miss a few facts: train those in float32 until the check passes
-                missed = unmet(result.margins)
+                missed, required, share = unmet(result.margins)
                 rounds = 0
                 while missed and rounds < 5 and result.epochs < cfg.max_epochs and not result.stopped.startswith(
                         "non-finite"):
                     rounds += 1
                     polish = train_items(self.lm.model, missed, self.lowest_layer, prefixes,
-                                         max_epochs=cfg.max_epochs - result.epochs, seed=cfg.seed + rounds, **common)
+                                         max_epochs=cfg.max_epochs - result.epochs, seed=cfg.seed + rounds,
+                                         share=share, required=required, **common)
                     result.steps += polish.steps
                     result.epochs += polish.epochs
                     result.epoch_active += polish.epoch_active
@@ -505,28 +519,33 @@ class PKMMemory(RecordLifecycle, Memory):
                     if polish.stopped.startswith("non-finite"):
                         result.stopped = polish.stopped
                     t0 = time.perf_counter()
-                    result.margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes,
-                                                    lambda: self._scope())
+                    result.margins = check(items)
                     result.eval_s += polish.eval_s + time.perf_counter() - t0
-                    missed = unmet(result.margins)
+                    missed, required, share = unmet(result.margins)
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
+        result.signatures = sigs
         return result
 
     @torch.no_grad()
-    def _signatures(self, items: Sequence[Item], prefixes: PrefixCache) -> list[torch.Tensor]:
-        """Per item, the sorted unique slots read as top-1 of each head at its tokens, over every layer."""
+    @torch.no_grad()
+    def _check(self, items: Sequence[Item], prefixes: PrefixCache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One float32 pass over ``items`` (gate off): their margins, and per item the sorted unique slots read
+        as top-1 of each head at its tokens over every layer (what delete looks at)."""
         sigs: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(items)
-        for idx in prefix_batches(items, 32):
-            chunk = [items[i] for i in idx]
-            rec: dict = {"idx": {}}
-            forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
+        rec: dict = {"idx": {}}
+
+        def take(chunk: list[Item]) -> None:
             for b, it in enumerate(chunk):
                 parts = [rec["idx"][i][0][b, : it.span_len, :, 0].reshape(-1) for i in self.layer_ids]
                 sigs[it.index] = torch.unique(torch.cat(parts)).cpu()
-        return sigs
+            rec["idx"].clear()
+
+        margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes, lambda: self._scope(record=rec),
+                                 on_batch=take)
+        return margins, sigs
 
     # ------------------------------------------------------------------ gate
     def train_gate(self, negatives: Sequence[str] = (), questions: Sequence[str] = (), *,
