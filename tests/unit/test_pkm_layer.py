@@ -51,16 +51,25 @@ def test_read_values_matches_a_dense_weighted_sum():
 
 
 @pytest.mark.parametrize("num_keys", [16, 64])
-def test_read_touches_only_the_rows_it_reads(num_keys):
-    """The EmbeddingBag read: the gradient has one row per read, whatever the pool size."""
+def test_read_touches_only_the_rows_it_reads_once_each_with_the_dense_gradient(num_keys):
+    """The sparse read: one gradient entry per distinct row read, whatever the pool size and however many
+    tokens read it, equal to the dense gradient (values and routing weights alike)."""
     lay = layer(n=num_keys)
-    values = torch.zeros(lay.num_slots, 32, requires_grad=True)
-    out, idx, _ = lay(torch.randn(3, 32), values, sparse=True)
-    out.sum().backward()
-    g = values.grad.coalesce()
-    assert g.is_sparse
-    assert set(g.indices()[0].tolist()) == set(idx.reshape(-1).tolist())
-    assert g.values().shape[0] <= 3 * 2 * 4  # B * H * K rows at most
+    x = torch.randn(3, 32)
+    x = torch.cat([x, x[:1].repeat(4, 1)])  # four more tokens that read the same rows as the first
+    values = torch.randn(lay.num_slots, 32)
+    grads = {}
+    for sparse in (True, False):
+        v, xi = values.clone().requires_grad_(), x.clone().requires_grad_()
+        out, idx, _ = lay(xi, v, sparse=sparse)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        grads[sparse] = (v.grad, xi.grad)
+    g = grads[True][0]
+    read = set(idx.reshape(-1).tolist())
+    assert g.is_sparse and g._nnz() == len(read) <= 3 * 2 * 4  # distinct rows of 3 distinct tokens
+    assert set(g._indices()[0].tolist()) == read
+    torch.testing.assert_close(g.to_dense(), grads[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[True][1], grads[False][1], rtol=1e-5, atol=1e-5)
 
 
 def test_router_is_deterministic_and_seeded():
@@ -88,10 +97,10 @@ def test_distinct_inputs_spread_over_slots():
 
 
 def test_cost_does_not_depend_on_pool_size():
-    """Reads and gradients are per read row; a 16x larger pool changes no output shape or touched rows."""
+    """Reads and gradients are per distinct row read; a 16x larger pool changes no output shape or touched rows."""
     small, big = layer(n=16, seed=0), layer(n=64, seed=0)
     for lay in (small, big):
         values = torch.zeros(lay.num_slots, 32, requires_grad=True)
         out, idx, _ = lay(torch.randn(2, 32), values, sparse=True)
         out.sum().backward()
-        assert values.grad._nnz() == 2 * 2 * 4
+        assert values.grad._nnz() == len(set(idx.reshape(-1).tolist())) <= 2 * 2 * 4

@@ -55,12 +55,18 @@ def read_values(idx: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, 
         idx: (B, R) slot indices.
         weights: (B, R) weights (float32).
         values: (M, D) the value pool.
-        sparse: produce a sparse gradient for ``values`` (for a row-sparse optimiser).
+        sparse: produce a sparse gradient for ``values`` (for a row-sparse optimiser), one entry per distinct
+            row read: tokens share rows (every fact's chat-template tokens read the same ones), and a gradient
+            entry per read made the optimiser step about as costly as the forward pass.
 
     Returns:
         (B, D).
     """
-    return F.embedding_bag(idx, values, per_sample_weights=weights.to(values.dtype), mode="sum", sparse=sparse)
+    if sparse:  # gather each row read once (a sparse gradient of unique rows), then read the batch from them
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        table = F.embedding(rows, values, sparse=True)  # (U, D)
+        return F.embedding_bag(inverse, table, per_sample_weights=weights.to(values.dtype), mode="sum")
+    return F.embedding_bag(idx, values, per_sample_weights=weights.to(values.dtype), mode="sum")
 
 
 class PKMLayer(nn.Module):
