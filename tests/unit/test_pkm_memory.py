@@ -330,3 +330,14 @@ def test_the_stop_rule_discounts_unchecked_items_by_the_share_of_the_sample_that
     assert _done(margins, 0.8, required, (0.25, items[5:9]), pos)  # 9 - 0.25 * 4 = 8 expected
     assert not _done(margins, 0.9, required, (0.25, items[5:9]), pos)
     assert not _done(torch.tensor([-1.0] + [1.0] * 9), 0.5, required, None, pos)  # a required item missed
+
+
+def test_the_slip_rate_counts_recalled_items_that_slipped_leaving_required_ones_out():
+    from nativemem.memories.pkm.train import _slip_rate
+
+    before = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, 1.0])
+    after = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.0, -3.0])
+    required = torch.tensor([False, False, False, False, False, True])
+    assert _slip_rate(before, after, required) == 0.5  # 2 of the 4 recalled, not required ones slipped
+    assert _slip_rate(before, after, None) == 0.6  # 3 of 5 when nothing is required
+    assert _slip_rate(torch.full((6,), -1.0), after, None) == 0.0 and _slip_rate(before[:1], after[:1], None) == 0.0

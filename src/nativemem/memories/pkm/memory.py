@@ -46,7 +46,7 @@ from .facts import Fact, parse_facts
 from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
 from .layer import PKMLayer
 from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_fact, evaluate_items, fact_margins,
-                    forward_answers, frozen, prefix_batches, recalled_enough, train_items)
+                    forward_answers, frozen, recalled_enough, train_items)
 
 __all__ = ["PKMMemory"]
 
@@ -529,7 +529,6 @@ class PKMMemory(RecordLifecycle, Memory):
         result.signatures = sigs
         return result
 
-    @torch.no_grad()
     @torch.no_grad()
     def _check(self, items: Sequence[Item], prefixes: PrefixCache) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One float32 pass over ``items`` (gate off): their margins, and per item the sorted unique slots read

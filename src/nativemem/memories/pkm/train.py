@@ -448,16 +448,22 @@ def _check_left_out(model, check: list[Item], unchecked: list[Item], margins: to
                     required: torch.Tensor | None, lowest: int, prefixes: PrefixCache, memory_scope):
     """Measure ``check`` again (margins updated in place); returns (share of the checked items that were recalled
     and slipped, among those not required, ``unchecked``) for the stop rule, or None when nothing is unchecked."""
-    before = margins[torch.tensor([pos[id(it)] for it in check])]
-    m = evaluate_items(model, check, lowest, prefixes, memory_scope)
-    for it, v in zip(check, m):
-        margins[pos[id(it)]] = v
+    where = torch.tensor([pos[id(it)] for it in check])
+    before = margins[where]
+    margins[where] = evaluate_items(model, check, lowest, prefixes, memory_scope)
     if not unchecked:
         return None
-    free = [(b, v) for b, v, it in zip(before, m, check) if required is None or not required[pos[id(it)]]]
-    held = sum(bool(b > 0) for b, _ in free)
-    lost = sum(bool(b > 0 and v <= 0) for b, v in free)
-    return (lost / held if held else 0.0), unchecked
+    return _slip_rate(before, margins[where], None if required is None else required[where]), unchecked
+
+
+def _slip_rate(before: torch.Tensor, after: torch.Tensor, required: torch.Tensor | None) -> float:
+    """Of the items recalled before a check (required ones aside: they are all checked), the share no longer
+    recalled after it."""
+    held = before > 0
+    if required is not None:
+        held &= ~required
+    lost = held & (after <= 0)
+    return float(lost.sum()) / float(held.sum()) if held.any() else 0.0
 
 
 class _SampleCheck:
@@ -503,7 +509,7 @@ def _done(margins: torch.Tensor, share: float, required: torch.Tensor | None, sl
     recalled = float((margins > 0).sum())
     if slipped is not None:
         rate, unchecked = slipped
-        recalled -= rate * sum(bool(margins[pos[id(it)]] > 0) for it in unchecked)
+        recalled -= rate * float((margins[torch.tensor([pos[id(it)] for it in unchecked])] > 0).sum())
     return recalled / max(1, margins.numel()) >= share
 
 
