@@ -104,3 +104,33 @@ def test_cost_does_not_depend_on_pool_size():
         out, idx, _ = lay(torch.randn(2, 32), values, sparse=True)
         out.sum().backward()
         assert values.grad._nnz() == len(set(idx.reshape(-1).tolist())) <= 2 * 2 * 4
+
+
+def test_row_adam_matches_sparse_adam():
+    """RowAdam is SparseAdam's lazy Adam: same values and moments after steps on overlapping and disjoint rows;
+    rows never read keep their values, and a dense gradient is refused."""
+    from nativemem.memories.pkm.optim import RowAdam
+
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(50, 8, generator=g)
+    reads = [torch.tensor([[1, 4, 4, 7]]), torch.tensor([[4, 9, 30, 1]]), torch.tensor([[2, 3, 7, 49]])]
+    weights = [torch.rand(1, 4, generator=g) for _ in reads]
+    results = []
+    for make in (lambda p: torch.optim.SparseAdam([p], lr=0.1), lambda p: RowAdam([p], lr=0.1)):
+        v = start.clone().requires_grad_(True)
+        opt = make(v)
+        for idx, w in zip(reads, weights):
+            opt.zero_grad(set_to_none=True)
+            (read_values(idx, w, v, sparse=True) * torch.arange(8.0)).sum().backward()
+            opt.step()
+        results.append((v.detach(), opt.state[v]["exp_avg"], opt.state[v]["exp_avg_sq"]))
+    (ref, m_ref, s_ref), (got, m, s) = results
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(m, m_ref.to_dense() if m_ref.is_sparse else m_ref)
+    torch.testing.assert_close(s, s_ref.to_dense() if s_ref.is_sparse else s_ref)
+    untouched = [r for r in range(50) if r not in {1, 2, 3, 4, 7, 9, 30, 49}]
+    assert torch.equal(got[untouched], start[untouched]) and not torch.equal(got[4], start[4])
+    dense = torch.zeros(3, 2, requires_grad=True)
+    dense.sum().backward()
+    with pytest.raises(RuntimeError, match="row-sparse"):
+        RowAdam([dense], lr=0.1).step()

@@ -139,6 +139,31 @@ def test_untrained_gate_cannot_be_switched_on_silently(lm):
     lm.logits(lm.chat_ids("hi"), memory=mem)
 
 
+def test_the_gate_add_trains_opens_on_every_stored_fact_and_keeps_the_users_closed_examples(lm, tmp_path):
+    """add's gate takes its open examples from the final check of the new facts and encodes the earlier ones
+    (the same tokens train_gate finds from scratch); closed examples given once stay for every later training,
+    across a reopen."""
+    mem = nm.open_memory(tmp_path / "m", lm, kind="pkm", **TINY)
+    mem.add_gate_examples(["A neutral sentence about the weather."], questions=["What time is it?"])
+    first = mem.add(generate_facts(2, seed=1)).details["gate"]
+    second = mem.add(generate_facts(4, seed=2)[2:]).details["gate"]
+    assert second["open_tokens"] > first["open_tokens"]
+    assert mem.train_gate()["open_tokens"] == second["open_tokens"]  # every stored fact, as a fresh encoding finds
+    assert mem.train_gate(max_facts=2)["open_tokens"] < second["open_tokens"]
+    closed = second["closed_tokens"]
+    assert mem.train_gate(negatives=["Another plain sentence, about rivers."])["closed_tokens"] > closed
+    mem.save()
+    again = nm.open_memory(tmp_path / "m", lm)
+    assert again.gate_examples == {"negatives": ["A neutral sentence about the weather.",
+                                                 "Another plain sentence, about rivers."],
+                                   "questions": ["What time is it?"]}
+    assert again.train_gate()["closed_tokens"] > closed
+    with pytest.raises(InputError, match="list of strings"):
+        again.add_gate_examples("one string")
+    with pytest.raises(InputError, match="non-empty"):
+        again.add_gate_examples(["  "])
+
+
 def test_delete_returns_the_fact_to_the_no_memory_level_and_keeps_the_others(lm):
     mem = memory(lm, max_epochs=200)
     facts = generate_facts(4, seed=2)
@@ -268,7 +293,9 @@ def test_a_phrasing_share_below_one_stops_training_once_that_share_is_recalled(l
     facts = generate_facts(4, seed=4)
     runs = {}
     for share in (1.0, 0.5):
-        mem = memory(lm, phrasings=3, phrasing_recall=share)
+        # two phrasings and room to converge: at three the tiny model trains at the edge of its capacity, where
+        # rounding decides whether share 1 converges in 60 epochs
+        mem = memory(lm, phrasings=2, phrasing_recall=share, max_epochs=120)
         items, _ = mem._items(facts, augment=True)
         for it in items:  # no own prompt among them: only the share decides when training stops
             it.kind = "question templates"

@@ -9,8 +9,8 @@ from testing import ARCHS, tiny_lm
 
 from nativemem.hooks import count_hooks, hooks
 from nativemem.memories.pkm import PKMConfig, PKMMemory, generate_facts
-from nativemem.memories.pkm.train import (PrefixCache, capture_residual, fact_margins, forward_answers, frozen,
-                                          skip_layers)
+from nativemem.memories.pkm.train import (CastWeights, PrefixCache, capture_residual, fact_margins, forward_answers,
+                                          frozen, skip_layers)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,47 @@ def test_cached_path_gives_the_full_paths_loss_and_gradients(arch, train_prefix)
     assert count_hooks(lm.model) == 0 and all(p.grad is None for p in lm.model.parameters())
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cast_weights_give_autocasts_logits_and_gradients(arch):
+    """Under bf16 autocast, running on copies cast once (CastWeights) gives what casting at every forward gives,
+    biases and the output head included, and leaves the model's own weights and attention kernel as they were."""
+    lm = tiny_lm(arch, num_hidden_layers=4, **({"sliding_window": 256} if arch == "gemma3_text" else {}))
+    mem = small(lm)
+    items, _ = mem._items(generate_facts(4))
+    mem._calibrate(items)
+    prefixes = PrefixCache(lm.model)
+    mem._cache(items, prefixes)
+    with torch.no_grad():
+        mem.values.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    kernel = lm.model.config._attn_implementation
+    assert not CastWeights.of(lm.model, mem.lowest_layer, torch.bfloat16).body  # trained weights are not copied
+    out = []
+    mem.values.requires_grad_(True)
+    with frozen(lm.model):
+        weights = CastWeights.of(lm.model, mem.lowest_layer, torch.bfloat16)
+        assert weights.body and all(w.dtype == torch.bfloat16 for w in weights.body.values())
+        assert all(k.split(".")[1] in {str(i) for i in range(mem.lowest_layer, 4)} for k in weights.body)  # layers.N.
+        for w in (None, weights):
+            mem.values.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, targets, _ = forward_answers(lm.model, items, mem.lowest_layer, prefixes,
+                                                     lambda: mem._scope(), w)
+                F.cross_entropy(logits, targets).backward()
+            out.append((logits.detach(), mem.values.grad.clone()))
+    mem.values.requires_grad_(False)
+    torch.testing.assert_close(out[1][0], out[0][0])
+    torch.testing.assert_close(out[1][1], out[0][1])
+    assert float(out[0][1].abs().max()) > 0
+    zeroed = CastWeights({k: torch.zeros_like(v) for k, v in weights.body.items()}, weights.head)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the copies are what runs
+        assert not torch.allclose(forward_answers(lm.model, items, mem.lowest_layer, prefixes, lambda: mem._scope(),
+                                                  zeroed)[0], out[0][0])
+    after = lm.model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert lm.model.config._attn_implementation == kernel
+
+
 def test_capture_residual_is_the_input_of_the_layer():
     lm = tiny_lm(num_hidden_layers=4)
     ids = lm.chat_ids("Where was Marie Curie born?")
@@ -133,8 +174,8 @@ def test_add_reports_a_nan_stop_in_its_receipt(monkeypatch):
     lm = tiny_lm()
     mem = small(lm, layers=(0, 1), lr=0.1)
     original = mem._train
-    monkeypatch.setattr(mem, "_train", lambda items, prefixes, progress=None: original(
-        items, prefixes, progress=progress, loss_hook=lambda loss: loss * float("nan")))
+    monkeypatch.setattr(mem, "_train", lambda items, prefixes, **kw: original(
+        items, prefixes, **kw, loss_hook=lambda loss: loss * float("nan")))
     receipt = mem.add(generate_facts(2))
     assert any("non-finite" in n for n in receipt.notes)
     assert receipt.steps == 0 and torch.equal(mem.values, torch.zeros_like(mem.values))

@@ -56,8 +56,8 @@ class PKMConfig(MemoryConfig):
                                                       "pretraining; a frozen backbone takes far more)"})
     projection_lr: float = field(default=1e-3, metadata={"help": "learning rate of router/projections when trained"})
     pool_optimizer: str = field(default="sparse_adam", metadata={
-        "help": "sparse_adam (row-sparse: only rows read in the batch change, state for all rows) | adam "
-                "(dense Adam, no weight decay)"})
+        "help": "sparse_adam (row-sparse lazy Adam, optim.RowAdam: only rows read in the batch change, state for all "
+                "rows) | adam (dense Adam, no weight decay)"})
     batch_size: int = field(default=16, metadata={"help": "facts per step, one fact per sequence (no packing)"})
     max_epochs: int = field(default=40, metadata={"help": "upper bound on passes; training stops earlier once "
                                                           "every fact is recalled"})

@@ -45,6 +45,7 @@ from .augment import KINDS, fact_of_sentence, phrasings
 from .facts import Fact, parse_facts
 from .gate import GENERAL_QUESTIONS, NEUTRAL_TEXTS, RelevanceGate, fit_gate
 from .layer import PKMLayer
+from .optim import RowAdam
 from .train import (Item, PrefixCache, _Stop, cache_items, chat_prefix, encode_fact, evaluate_items, fact_margins,
                     forward_answers, frozen, recalled_enough, train_items)
 
@@ -52,6 +53,7 @@ __all__ = ["PKMMemory"]
 
 _STEP_TOKENS = 2048  # padded tokens per forward of a capture: one step (one turn on a shared model) stays short
 _CALIBRATION_FACTS = 64  # facts whose hidden states (with the built-in texts) set the router statistics
+_GATE_FACTS = 1000  # facts whose phrasings are the gate's open examples (a sample when more are stored)
 
 
 class PKMMemory(RecordLifecycle, Memory):
@@ -79,6 +81,7 @@ class PKMMemory(RecordLifecycle, Memory):
         self.signatures: dict[str, torch.Tensor] = {}  # fact id -> int64 slots it reads most (top-1 per head)
         self.calibrated = False
         self.gate_trained = False
+        self.gate_examples: dict[str, list[str]] = {"negatives": [], "questions": []}  # the user's closed examples
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._gate_acc: dict[int, list[float]] | None = None
         self._last_gate: dict[str, Any] | None = None
@@ -400,7 +403,12 @@ class PKMMemory(RecordLifecycle, Memory):
         prefixes = PrefixCache(self.lm.model)
         self._cache(items, prefixes)
         timings["cache_s"] = time.perf_counter() - t0
-        result = self._train(items, prefixes, progress=progress)
+        gate_facts = range(len(new))  # whose phrasings the gate opens on: their inputs come from the final check
+        if cfg.gate_auto and len(new) > _GATE_FACTS:
+            gate_facts = random.Random(cfg.seed).sample(range(len(new)), _GATE_FACTS)
+        chosen = set(gate_facts) if cfg.gate_auto else set()
+        gate_items = {it.index for it in items if it.fact in chosen}
+        result = self._train(items, prefixes, progress=progress, gate_items=gate_items)
         timings["train_s"] = result.train_s
         timings["eval_s"] = result.eval_s
         own = torch.tensor([it.kind == "own prompt" for it in items])
@@ -427,7 +435,7 @@ class PKMMemory(RecordLifecycle, Memory):
             "slots": self.num_slots, **timings}
         if cfg.gate_auto and not result.stopped.startswith("non-finite"):
             t0 = time.perf_counter()
-            details["gate"] = self.train_gate(items=items, prefixes=prefixes)
+            details["gate"] = self.train_gate(positives=(result.gate_inputs, {new[n].id for n in gate_facts}))
             if cfg.gate:  # what the memory answers with: recall of the facts' own prompts through the gate
                 margins = evaluate_items(self.lm.model, [it for it, o in zip(items, own) if o], self.lowest_layer,
                                          prefixes, lambda: self._scope(gate=True))
@@ -449,7 +457,7 @@ class PKMMemory(RecordLifecycle, Memory):
         cfg: PKMConfig = self.config
         params: list[nn.Parameter] = [self.values]
         if "pool" not in self._optimizers:
-            self._optimizers["pool"] = (torch.optim.SparseAdam([self.values], lr=cfg.lr)
+            self._optimizers["pool"] = (RowAdam([self.values], lr=cfg.lr)
                                         if cfg.pool_optimizer == "sparse_adam"
                                         else torch.optim.Adam([self.values], lr=cfg.lr))
         dense: list[nn.Parameter] = []
@@ -463,8 +471,10 @@ class PKMMemory(RecordLifecycle, Memory):
         opts = [self._optimizers["pool"]] + ([self._optimizers["dense"]] if dense else [])
         return params + dense, opts
 
-    def _train(self, items: Sequence[Item], prefixes: PrefixCache, progress=None, loss_hook=None):
-        """Train the items in (bf16 autocast if configured), then polish in float32 what the final check missed."""
+    def _train(self, items: Sequence[Item], prefixes: PrefixCache, progress=None, loss_hook=None,
+               gate_items: set[int] = frozenset()):
+        """Train the items in (bf16 autocast if configured), then polish in float32 what the final check missed;
+        the final check also records the gate's open examples at the items in ``gate_items`` (indices)."""
         cfg: PKMConfig = self.config
         params, opts = self._trainable()
         sparse = cfg.pool_optimizer == "sparse_adam"
@@ -476,10 +486,13 @@ class PKMMemory(RecordLifecycle, Memory):
             p.requires_grad_(True)
         own = torch.tensor([it.kind == "own prompt" for it in items])
         sigs: list[torch.Tensor] = []
+        gate_inputs: dict[int, list[torch.Tensor]] = {}
 
-        def check(batch: Sequence[Item]) -> torch.Tensor:  # the final float32 pass: margins and rows read
-            margins, rows = self._check(batch, prefixes)
+        def check(batch: Sequence[Item]) -> torch.Tensor:  # the final float32 pass: margins, rows read, gate inputs
+            margins, rows, z = self._check(batch, prefixes, gate_items)
             sigs[:] = rows
+            gate_inputs.clear()
+            gate_inputs.update(z)
             return margins
 
         def unmet(margins: torch.Tensor) -> tuple[list[Item], torch.Tensor, float]:
@@ -527,38 +540,65 @@ class PKMMemory(RecordLifecycle, Memory):
                 p.requires_grad_(False)
                 p.grad = None
         result.signatures = sigs
+        result.gate_inputs = gate_inputs
         return result
 
     @torch.no_grad()
-    def _check(self, items: Sequence[Item], prefixes: PrefixCache) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One float32 pass over ``items`` (gate off): their margins, and per item the sorted unique slots read
-        as top-1 of each head at its tokens over every layer (what delete looks at)."""
+    def _check(self, items: Sequence[Item], prefixes: PrefixCache, gate_items: set[int] = frozenset(),
+               ) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, list[torch.Tensor]]]:
+        """One float32 pass over ``items`` (gate off): their margins, per item the sorted unique slots read as
+        top-1 of each head at its tokens over every layer (what delete looks at), and per memory layer the
+        normalised MLP inputs (bfloat16) at every token but the last of the items in ``gate_items`` (indices):
+        the gate's open examples (:meth:`_gate_positives`)."""
         sigs: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(items)
-        rec: dict = {"idx": {}}
+        z_out: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
+        rec: dict = {"idx": {}, "z": {}}
 
         def take(chunk: list[Item]) -> None:
             for b, it in enumerate(chunk):
                 parts = [rec["idx"][i][0][b, : it.span_len, :, 0].reshape(-1) for i in self.layer_ids]
                 sigs[it.index] = torch.unique(torch.cat(parts)).cpu()
+            keep = _open_tokens(chunk, [it.index in gate_items for it in chunk])
+            if keep.any():
+                for i in self.layer_ids:
+                    z_out[i].append(rec["z"][i][0][keep.reshape(-1).to(self.lm.device)].to(torch.bfloat16).cpu())
             rec["idx"].clear()
+            rec["z"].clear()
 
         margins = evaluate_items(self.lm.model, items, self.lowest_layer, prefixes, lambda: self._scope(record=rec),
                                  on_batch=take)
-        return margins, sigs
+        return margins, sigs, z_out
 
     # ------------------------------------------------------------------ gate
+    def add_gate_examples(self, negatives: Sequence[str] = (), questions: Sequence[str] = ()) -> None:
+        """Keep closed-set examples for every later gate training (``add``'s included; saved with the memory):
+        neutral texts, and general questions asked in the chat format. Repeats are kept once."""
+        for key, texts in (("negatives", negatives), ("questions", questions)):
+            if isinstance(texts, str):
+                raise InputError(f"{key} must be a list of strings, not one string")
+            have = set(self.gate_examples[key])
+            for t in texts:
+                if not isinstance(t, str) or not t.strip():
+                    raise InputError(f"{key} must be non-empty strings, got {t!r}")
+                if t not in have:
+                    self.gate_examples[key].append(t)
+                    have.add(t)
+
     def train_gate(self, negatives: Sequence[str] = (), questions: Sequence[str] = (), *,
-                   items: Sequence[Item] | None = None, prefixes: PrefixCache | None = None,
-                   max_facts: int = 1000) -> dict[str, Any]:
+                   positives: tuple[dict[int, list[torch.Tensor]], set[str]] | None = None,
+                   max_facts: int = _GATE_FACTS) -> dict[str, Any]:
         """Train the per-layer relevance gates (backbone and memory frozen); see :mod:`.gate`.
 
+        Open examples: every token but the last of every phrasing of up to ``max_facts`` stored facts (a sample
+        when more are stored). Closed examples: the built-in neutral texts and general questions, and those kept
+        by :meth:`add_gate_examples`.
+
         Args:
-            negatives: extra neutral texts the gate should stay closed on (added to the built-in ones).
-            questions: extra general questions (asked in the chat format) it should stay closed on.
-            items: cached items of the stored facts (``add`` passes its own); None encodes up to
-                ``max_facts`` stored facts.
-            prefixes: their prefix cache.
-            max_facts: cap on stored facts used as positives.
+            negatives: extra neutral texts the gate should stay closed on (kept for later trainings too).
+            questions: extra general questions (asked in the chat format) it should stay closed on (kept too).
+            positives: open examples already measured (``add`` passes those its final check recorded) and the
+                ids of the facts they cover; the other stored facts fill the rest of ``max_facts``.
+            max_facts: cap on stored facts used as open examples.
 
         Returns:
             per layer: final loss and open rates on open and closed tokens; plus token counts.
@@ -566,33 +606,20 @@ class PKMMemory(RecordLifecycle, Memory):
         if not self.records:
             raise InputError("no facts stored: nothing to train the gate on")
         cfg: PKMConfig = self.config
-        if items is None:
-            recs = list(self.records.values())
-            if len(recs) > max_facts:
-                recs = random.Random(cfg.seed).sample(recs, max_facts)
-            facts = [_fact_of(r) for r in recs]
-            items, _ = self._items(facts, augment=True)
+        self.add_gate_examples(negatives, questions)
+        pos, covered = positives if positives is not None else ({}, set())
+        pos = {i: list(pos.get(i, [])) for i in self.layer_ids}
+        others = [r for fid, r in self.records.items() if fid not in covered]
+        room = max(0, max_facts - len(covered & set(self.records)))
+        if others and room:
+            if len(others) > room:
+                others = random.Random(cfg.seed).sample(others, room)
+            items, _ = self._items([_fact_of(r) for r in others], augment=True)
             prefixes = PrefixCache(self.lm.model)
             self._cache(items, prefixes)
-        elif len(items) > max_facts:
-            items = random.Random(cfg.seed).sample(list(items), max_facts)
-        prefixes = prefixes or PrefixCache(self.lm.model)
-        pos: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
-        with torch.no_grad(), self._autocast():  # gate inputs need no float32 exactness
-            groups: dict[tuple, list[Item]] = {}
-            for it in items:
-                groups.setdefault(it.prefix, []).append(it)
-            for group in groups.values():
-                for start in range(0, len(group), 32):
-                    chunk = group[start:start + 32]
-                    rec: dict = {"z": {}}
-                    forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
-                    width = max(it.span_len for it in chunk)
-                    keep = torch.zeros(len(chunk), width, dtype=torch.bool)
-                    for b, it in enumerate(chunk):
-                        keep[b, : it.span_len - 1] = True  # every fact token but the last
-                    for i in self.layer_ids:
-                        pos[i].append(rec["z"][i][0][keep.reshape(-1).to(self.lm.device)].cpu())
+            for i, z in self._gate_positives(items, prefixes).items():
+                pos[i] += z
+        negatives, questions = self.gate_examples["negatives"], self.gate_examples["questions"]
         bos = [self.lm.tokenizer.bos_token_id] if self.lm.tokenizer.bos_token_id is not None else []
         seqs = [bos + self.lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (*NEUTRAL_TEXTS, *negatives)]
         seqs = [s[: self.lm.max_context] for s in seqs]
@@ -601,7 +628,7 @@ class PKMMemory(RecordLifecycle, Memory):
             neg = self._mlp_inputs(seqs, memory=True)
         report: dict[str, Any] = {}
         for n, i in enumerate(self.layer_ids):
-            zp, zn = torch.cat(pos[i]), torch.cat(neg[i])
+            zp, zn = torch.cat(pos[i]).float(), torch.cat(neg[i])
             z = torch.cat([zp, zn]).to(self.lm.device)
             labels = torch.cat([torch.ones(len(zp)), torch.zeros(len(zn))]).to(self.lm.device)
             gate = self.gates[str(i)]
@@ -616,6 +643,22 @@ class PKMMemory(RecordLifecycle, Memory):
         report["closed_tokens"] = int(sum(len(t) for t in neg[self.layer_ids[0]]))
         self.gate_trained = True
         return report
+
+    @torch.no_grad()
+    def _gate_positives(self, items: Sequence[Item], prefixes: PrefixCache) -> dict[int, list[torch.Tensor]]:
+        """The gate's open examples of ``items``: per memory layer, the normalised MLP inputs (memory on, gate
+        off, bf16 autocast: gate inputs need no float32 exactness) at every token but the last."""
+        pos: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
+        with self._autocast():
+            for group in _by_prefix(items):
+                for start in range(0, len(group), 32):
+                    chunk = group[start:start + 32]
+                    rec: dict = {"z": {}}
+                    forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
+                    keep = _open_tokens(chunk, [True] * len(chunk)).reshape(-1).to(self.lm.device)
+                    for i in self.layer_ids:
+                        pos[i].append(rec["z"][i][0][keep].to(torch.bfloat16).cpu())
+        return pos
 
     # ------------------------------------------------------------------ delete
     def delete(self, memory_id: str, *, max_steps: int = 200, retain: int = 64) -> Receipt:
@@ -653,7 +696,7 @@ class PKMMemory(RecordLifecycle, Memory):
         memory_scope = lambda: self._scope()  # noqa: E731
         before_t = evaluate_items(model, targets, self.lowest_layer, prefixes, memory_scope)
         before_o = evaluate_items(model, others, self.lowest_layer, prefixes, memory_scope) if others else torch.empty(0)
-        opt = torch.optim.SparseAdam([self.values], lr=self.config.lr)
+        opt = RowAdam([self.values], lr=self.config.lr)
         log_bare = F.log_softmax(bare_logits, -1)
         steps, rng = 0, random.Random(0)
         agree, done, slipped = False, False, []
@@ -798,12 +841,15 @@ class PKMMemory(RecordLifecycle, Memory):
         self._offsets, self._flat_sigs = state["pkm_signature_offsets"].long(), state["pkm_signatures"].long()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"records": list(self.records.values()), "calibrated": self.calibrated, "gate_trained": self.gate_trained}
+        return {"records": list(self.records.values()), "calibrated": self.calibrated, "gate_trained": self.gate_trained,
+                "gate_examples": self.gate_examples}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.records = {r["id"]: r for r in state.get("records", [])}
         self.calibrated = bool(state.get("calibrated", False))
         self.gate_trained = bool(state.get("gate_trained", False))
+        examples = state.get("gate_examples") or {}
+        self.gate_examples = {k: [str(t) for t in examples.get(k, [])] for k in ("negatives", "questions")}
         offsets, flat = getattr(self, "_offsets", None), getattr(self, "_flat_sigs", None)
         if offsets is not None:
             if len(offsets) != len(self.records) + 1:
@@ -816,6 +862,16 @@ def _fact_of(rec: dict[str, Any]) -> Fact:
     """A stored record as the fact it was trained from (entity and relation kept, for its phrasings)."""
     return Fact(rec["prompt"], rec["answer"], rec["id"], rec["chat"], tuple(rec.get("paraphrases") or ()),
                 rec.get("sentence") or "", dict(rec.get("meta") or {}))
+
+
+def _open_tokens(chunk: Sequence[Item], chosen: Sequence[bool]) -> torch.Tensor:
+    """(B, width) mask of the gate's open tokens in a batch of the cached path: every fact token but the last of
+    the chosen items."""
+    keep = torch.zeros(len(chunk), max(it.span_len for it in chunk), dtype=torch.bool)
+    for b, (it, yes) in enumerate(zip(chunk, chosen)):
+        if yes:
+            keep[b, : it.span_len - 1] = True
+    return keep
 
 
 def _by_prefix(items: Sequence[Item]) -> list[list[Item]]:

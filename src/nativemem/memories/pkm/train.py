@@ -40,7 +40,7 @@ from .facts import Fact
 
 __all__ = ["Item", "encode_fact", "chat_prefix", "capture_residual", "skip_layers", "frozen", "PrefixCache",
            "forward_answers", "fact_margins", "train_items", "recalled_enough", "evaluate_items", "TrainResult",
-           "prefix_batches"]
+           "prefix_batches", "CastWeights", "short_attention"]
 
 
 @dataclass(eq=False)
@@ -211,8 +211,53 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
 
-def _lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
+@dataclass
+class CastWeights:
+    """Copies in the autocast dtype of the matrices the cached path multiplies by, made once per training call:
+    under autocast a frozen float32 weight is cast again at every forward (84M elements a step on SmolLM2, 8 % of
+    a training step). ``body``: frozen linear weights of the decoder layers from the lowest memory layer on, named
+    as in ``model.base_model`` (trained ones, such as LoRA's, run as they are); ``head``: the output head's weight
+    and bias (None when it is not a frozen linear layer)."""
+
+    body: dict[str, torch.Tensor]
+    head: tuple[torch.Tensor, torch.Tensor | None] | None
+
+    @classmethod
+    def of(cls, model: nn.Module, lowest: int, dtype: torch.dtype) -> CastWeights:
+        _, layers = decoder_layers(model)
+        upper = {id(m) for layer in list(layers)[lowest:] for m in layer.modules()}
+        body = {f"{name}.{pname}": p.detach().to(dtype)
+                for name, mod in model.base_model.named_modules() if isinstance(mod, nn.Linear) and id(mod) in upper
+                for pname, p in mod.named_parameters(recurse=False) if not p.requires_grad}
+        out = model.get_output_embeddings()
+        head = None
+        if isinstance(out, nn.Linear) and not any(p.requires_grad for p in out.parameters()):
+            head = (out.weight.detach().to(dtype), None if out.bias is None else out.bias.detach().to(dtype))
+        return cls(body, head)
+
+
+@contextmanager
+def short_attention(model: nn.Module) -> Iterator[None]:
+    """The plain attention kernel for the cached path on CPU (restored in finally): its sequences are a few dozen
+    tokens, where PyTorch's CPU SDPA kernel backpropagates slowly (a SmolLM2 training step of 16 facts: 1.14 s
+    with SDPA, 0.98 s without, one core). Other devices keep the model's own kernel."""
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    if next(model.parameters()).device.type != "cpu" or before in (None, "eager"):
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _lm_head(model: nn.Module, hidden: torch.Tensor, weights: CastWeights | None = None) -> torch.Tensor:
+    if weights is not None and weights.head is not None:
+        logits = F.linear(hidden, *weights.head).float()
+    else:
+        logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -220,10 +265,12 @@ def _lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def forward_answers(model: nn.Module, items: Sequence[Item], lowest: int, prefixes: PrefixCache,
-                    memory_scope: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    memory_scope: Callable[[], object], weights: CastWeights | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at the answer positions of a batch through the cached path.
 
-    All items must share one prefix. Gradients flow into whatever ``memory_scope()`` registers.
+    All items must share one prefix. Gradients flow into whatever ``memory_scope()`` registers. ``weights``:
+    cast copies of the weights to run with (under the matching autocast).
 
     Returns:
         logits (n, V) float32, targets (n,), owner (n,) index of the item in ``items``.
@@ -242,10 +289,14 @@ def forward_answers(model: nn.Module, items: Sequence[Item], lowest: int, prefix
         targets += it.targets
         owner += [b] * n
     past = prefixes.get(items[0].prefix, len(items))
-    with model_step(), skip_layers(model, lowest), memory_scope():
-        out = model.base_model(inputs_embeds=hidden, past_key_values=past, use_cache=past is not None)
+    inputs = {"inputs_embeds": hidden, "past_key_values": past, "use_cache": past is not None}
+    with model_step(), skip_layers(model, lowest), short_attention(model), memory_scope():
+        if weights is not None:
+            out = torch.func.functional_call(model.base_model, weights.body, args=(), kwargs=inputs)
+        else:
+            out = model.base_model(**inputs)
     sel = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (n, D)
-    return (_lm_head(model, sel), torch.tensor(targets, device=device), torch.tensor(owner, device=device))
+    return (_lm_head(model, sel, weights), torch.tensor(targets, device=device), torch.tensor(owner, device=device))
 
 
 def fact_margins(logits: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
@@ -314,12 +365,12 @@ def prefix_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
-                   batch_size: int = 32, on_batch=None) -> torch.Tensor:
+                   batch_size: int = 32, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
     """Margins (n,) of every item with the current memory (no gradients)."""
     out = torch.empty(len(items))
     for idx in prefix_batches(items, batch_size):
         chunk = [items[i] for i in idx]
-        logits, targets, owner = forward_answers(model, chunk, lowest, prefixes, memory_scope)
+        logits, targets, owner = forward_answers(model, chunk, lowest, prefixes, memory_scope, weights)
         m = fact_margins(logits, targets, owner, len(chunk)).cpu()
         out[torch.tensor(idx)] = m
         if on_batch is not None:
@@ -367,6 +418,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
     device_type = next(model.parameters()).device.type
     cast = (lambda: torch.autocast(device_type, dtype=autocast)) if autocast is not None else _no_cast
     sampler = _SampleCheck(items, required, recheck_every, rng)
+    weights = CastWeights.of(model, lowest, autocast) if autocast is not None else None
     for epoch in range(max_epochs):
         active = [it for i, it in enumerate(items) if margins[i] <= margin]
         if not active:
@@ -378,7 +430,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         for batch in _batches(active, batch_size, rng):
             with model_step():  # forward, backward and update: one turn on a shared model
                 with torch.enable_grad(), cast():
-                    logits, targets, owner = forward_answers(model, batch, lowest, prefixes, memory_scope)
+                    logits, targets, owner = forward_answers(model, batch, lowest, prefixes, memory_scope, weights)
                     loss = F.cross_entropy(logits, targets)
                 if loss_hook is not None:
                     replaced = loss_hook(loss)
@@ -424,7 +476,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
             t0 = time.perf_counter()
             with cast():
                 slipped = _check_left_out(model, check, unchecked, margins, pos, required, lowest, prefixes,
-                                          memory_scope)
+                                          memory_scope, weights)
             eval_s += time.perf_counter() - t0
         if progress is not None:
             progress(epoch + 1, len(active), result.epoch_losses[-1])
@@ -445,12 +497,13 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
 
 
 def _check_left_out(model, check: list[Item], unchecked: list[Item], margins: torch.Tensor, pos: dict[int, int],
-                    required: torch.Tensor | None, lowest: int, prefixes: PrefixCache, memory_scope):
+                    required: torch.Tensor | None, lowest: int, prefixes: PrefixCache, memory_scope,
+                    weights: CastWeights | None):
     """Measure ``check`` again (margins updated in place); returns (share of the checked items that were recalled
     and slipped, among those not required, ``unchecked``) for the stop rule, or None when nothing is unchecked."""
     where = torch.tensor([pos[id(it)] for it in check])
     before = margins[where]
-    margins[where] = evaluate_items(model, check, lowest, prefixes, memory_scope)
+    margins[where] = evaluate_items(model, check, lowest, prefixes, memory_scope, weights=weights)
     if not unchecked:
         return None
     return _slip_rate(before, margins[where], None if required is None else required[where]), unchecked
