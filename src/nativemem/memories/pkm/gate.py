@@ -84,7 +84,8 @@ def fit_gate(gate: RelevanceGate, z: torch.Tensor, labels: torch.Tensor, *, step
             "open_rate_negative": float(open_[~pos].float().mean())}
 
 
-# Built-in closed-set examples (written for this project). Users add their own with train_gate(negatives=...).
+# Built-in closed-set examples (written for this project). Users add their own with add_gate_examples() or
+# train_gate(negatives=..., questions=...); the memory keeps them for every later training.
 NEUTRAL_TEXTS = (
     "The morning fog lifted slowly over the harbour while the fishing boats returned with their catch.",
     "She opened the window, listened to the rain for a while, and then went back to her book.",

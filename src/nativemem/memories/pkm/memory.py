@@ -7,7 +7,8 @@ What the operations do:
   the receipt says so), check the pool's capacity, then train the value pool with the answer-only loss,
   one fact per sequence, until every new fact is recalled (:mod:`.train`). On the first add the router's
   input statistics are measured on the model's own hidden states. With ``gate_auto`` the relevance gate is
-  retrained at the end. The receipt holds steps, time, final loss, recall on the facts just added
+  retrained at the end, open on the phrasings of every stored fact (the new ones' inputs come from the final
+  check) and closed on the built-in texts and those kept by ``add_gate_examples``. The receipt holds steps, time, final loss, recall on the facts just added
   (greedy-exact, computed as teacher-forced argmax over every answer token) and the cost of each phase.
 - reading (``active()``): a forward hook on every memory layer's MLP adds the memory output; with the gate
   on, only where the gate opens (``gate_mode="hard"``) or scaled by it (``"soft"``).
