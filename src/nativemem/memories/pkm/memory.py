@@ -8,8 +8,8 @@ What the operations do:
   one fact per sequence, until every new fact is recalled (:mod:`.train`). On the first add the router's
   input statistics are measured on the model's own hidden states. With ``gate_auto`` the relevance gate is
   retrained at the end, open on the phrasings of every stored fact (the new ones' inputs come from the final
-  check) and closed on the built-in texts and those kept by ``add_gate_examples``. The receipt holds steps, time, final loss, recall on the facts just added
-  (greedy-exact, computed as teacher-forced argmax over every answer token) and the cost of each phase.
+  check) and closed on the built-in texts and those kept by ``add_gate_examples``. The receipt holds steps,
+  time, final loss, recall on the facts just added (greedy-exact, computed as teacher-forced argmax over every answer token) and the cost of each phase.
 - reading (``active()``): a forward hook on every memory layer's MLP adds the memory output; with the gate
   on, only where the gate opens (``gate_mode="hard"``) or scaled by it (``"soft"``).
 - ``delete(fact_id)``: unlearn one fact: the pool rows it reads are retrained so that the model's answer
@@ -645,21 +645,11 @@ class PKMMemory(RecordLifecycle, Memory):
         self.gate_trained = True
         return report
 
-    @torch.no_grad()
     def _gate_positives(self, items: Sequence[Item], prefixes: PrefixCache) -> dict[int, list[torch.Tensor]]:
-        """The gate's open examples of ``items``: per memory layer, the normalised MLP inputs (memory on, gate
-        off, bf16 autocast: gate inputs need no float32 exactness) at every token but the last."""
-        pos: dict[int, list[torch.Tensor]] = {i: [] for i in self.layer_ids}
+        """The gate's open examples of ``items`` (indexed 0..n-1): :meth:`_check`'s pass under bf16 autocast when
+        configured (gate inputs need no float32 exactness)."""
         with self._autocast():
-            for group in _by_prefix(items):
-                for start in range(0, len(group), 32):
-                    chunk = group[start:start + 32]
-                    rec: dict = {"z": {}}
-                    forward_answers(self.lm.model, chunk, self.lowest_layer, prefixes, lambda: self._scope(record=rec))
-                    keep = _open_tokens(chunk, [True] * len(chunk)).reshape(-1).to(self.lm.device)
-                    for i in self.layer_ids:
-                        pos[i].append(rec["z"][i][0][keep].to(torch.bfloat16).cpu())
-        return pos
+            return self._check(items, prefixes, {it.index for it in items})[2]
 
     # ------------------------------------------------------------------ delete
     def delete(self, memory_id: str, *, max_steps: int = 200, retain: int = 64) -> Receipt:
