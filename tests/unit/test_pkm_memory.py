@@ -313,6 +313,66 @@ def test_a_phrasing_share_below_one_stops_training_once_that_share_is_recalled(l
         PKMConfig(phrasing_recall=0.0)
 
 
+def test_the_final_check_measures_own_prompts_in_float32_and_other_phrasings_under_the_training_autocast(lm):
+    from nativemem.memories.pkm.train import CastWeights, PrefixCache, evaluate_items
+
+    mem = memory(lm, phrasings=3, train_autocast="bfloat16")
+    facts = generate_facts(4, seed=2)
+    mem.add(facts)
+    items, _ = mem._items(facts, augment=True)
+    prefixes = PrefixCache(lm.model)
+    mem._cache(items, prefixes)
+    scope = mem._scope
+    exact = [it.kind == "own prompt" for it in items]
+    assert 0 < sum(exact) < len(items)
+    f32 = evaluate_items(lm.model, items, mem.lowest_layer, prefixes, scope)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = evaluate_items(lm.model, items, mem.lowest_layer, prefixes, scope,
+                              weights=CastWeights.of(lm.model, mem.lowest_layer, torch.bfloat16))
+    own = torch.tensor(exact)
+    for part in (own, ~own):  # the two modes differ on both parts, so the test can tell which one measured them
+        assert not torch.allclose(f32[part], bf16[part], rtol=0, atol=1e-5)
+    margins, sigs, z = mem._check(items, prefixes, {it.index for it in items}, exact=exact)
+    torch.testing.assert_close(margins[own], f32[own], rtol=0, atol=1e-5)
+    torch.testing.assert_close(margins[~own], bf16[~own], rtol=0, atol=1e-5)
+    assert all(len(s) for s in sigs) and all(sum(len(t) for t in z[i]) for i in mem.layer_ids)
+    torch.testing.assert_close(mem._check(items, prefixes)[0], f32, rtol=0, atol=1e-5)  # no flags: all float32
+    mem.config.train_autocast = "float32"  # no training autocast: every item in float32 whatever the flags
+    torch.testing.assert_close(mem._check(items, prefixes, exact=exact)[0], f32, rtol=0, atol=1e-5)
+
+
+def test_what_the_final_check_misses_is_polished_and_only_own_prompts_and_polished_items_are_measured_again(lm):
+    from nativemem.memories.pkm.train import PrefixCache
+
+    mem = memory(lm, phrasings=2, max_epochs=120)
+    facts = generate_facts(2, seed=4)
+    items, _ = mem._items(facts, augment=True)
+    mem._calibrate(items)
+    prefixes = PrefixCache(lm.model)
+    mem._cache(items, prefixes)
+    victim = next(it for it in items if it.kind == "own prompt")
+    calls, real = [], mem._check
+
+    def check(batch, *args, **kwargs):  # the first (full) pass reports one own prompt missed, as bf16 drift can
+        margins, sigs, z = real(batch, *args, **kwargs)
+        calls.append(([it.index for it in batch], margins.clone()))
+        if len(calls) == 1:
+            margins[batch.index(victim)] = -1.0
+            sigs[batch.index(victim)] = torch.empty(0, dtype=torch.long)
+        return margins, sigs, z
+
+    mem._check = check
+    result = mem._train(items, prefixes)
+    assert result.stopped == "recalled" and result.polished >= 1 and len(calls) >= 2
+    own = sorted(it.index for it in items if it.kind == "own prompt")
+    assert all(sorted(c[0]) == own for c in calls[1:])  # own prompts only (the victim is one; a polish may
+    # make another slip on a model this small, and the next round polishes that one)
+    assert bool((result.margins > 0).all())  # measured again: the polished prompt and every other is recalled
+    others = [it.index for it in items if it.kind != "own prompt"]
+    torch.testing.assert_close(result.margins[others], calls[0][1][others])  # kept from the full pass
+    assert len(result.signatures[victim.index])  # its rows read come from a later pass
+
+
 def test_recalled_enough_needs_every_required_item_and_the_share():
     from nativemem.memories.pkm.train import recalled_enough
 
@@ -344,6 +404,31 @@ def test_with_a_share_each_epoch_checks_the_required_items_and_a_rotating_part_o
             seen[i].append(epoch)
     # each other item is checked at least once in every three epochs of a round of the queue
     assert all(len(seen[i]) >= 2 for i in range(3, 30))
+
+
+def test_the_sample_checks_own_prompts_near_the_margin_every_epoch_and_no_more_others_than_it_trained():
+    import random
+
+    from nativemem.memories.pkm.train import Item, _SampleCheck
+
+    items = [Item(i, [1, 2, 3], 1, 0) for i in range(60)]
+    required = torch.tensor([i < 12 for i in range(60)])
+    margins = torch.tensor([1.5] * 4 + [5.0] * 8 + [2.0] * 48)  # items 0-3 near the margin, 4-11 well above it
+    sampler = _SampleCheck(items, required, 4, random.Random(0), margins=margins, sure=3.0, floor=5)
+    seen: dict[int, int] = {i: 0 for i in range(60)}
+    for _ in range(8):
+        check, unchecked = sampler.take(items, trained=3)
+        ids = [it.index for it in check]
+        assert len(ids) == len(set(ids)) and sorted(ids + [it.index for it in unchecked]) == list(range(60))
+        assert {0, 1, 2, 3} <= set(ids)  # near the margin: every epoch
+        assert sum(4 <= i < 12 for i in ids) == 2  # well above it: a quarter of them, rotating
+        assert sum(i >= 12 for i in ids) == 5  # the rest: capped at max(trained, floor), not 48 / 4 = 12
+        for i in ids:
+            seen[i] += 1
+    assert all(seen[i] == 2 for i in range(4, 12))  # each held own prompt once in every four epochs
+    assert sum(seen[i] > 0 for i in range(12, 60)) == 40  # the queue goes round before repeating an item
+    check, _ = sampler.take(items, trained=40)
+    assert sum(it.index >= 12 for it in check) == 12  # never more than 1/every of the rest
 
 
 def test_the_stop_rule_discounts_unchecked_items_by_the_share_of_the_sample_that_slipped():
