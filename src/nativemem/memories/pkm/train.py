@@ -365,7 +365,7 @@ def prefix_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
-                   batch_size: int = 32, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
+                   batch_size: int = 16, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
     """Margins (n,) of every item with the current memory (no gradients)."""
     out = torch.empty(len(items))
     for idx in prefix_batches(items, batch_size):
@@ -531,7 +531,7 @@ class _SampleCheck:
     """
 
     def __init__(self, items: Sequence[Item], required: torch.Tensor | None, every: int, rng: random.Random, *,
-                 margins: torch.Tensor | None = None, sure: float = math.inf, floor: int = 256):
+                 margins: torch.Tensor | None = None, sure: float = math.inf, floor: int = 512):
         self.items, self.every, self.rng, self.sure, self.floor = items, every, rng, sure, floor
         self.margins = margins if margins is not None else torch.full((len(items),), -math.inf)
         self.pos = {id(it): i for i, it in enumerate(items)}
