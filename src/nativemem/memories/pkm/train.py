@@ -365,7 +365,7 @@ def prefix_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
-                   batch_size: int = 16, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
+                   batch_size: int = 32, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
     """Margins (n,) of every item with the current memory (no gradients)."""
     out = torch.empty(len(items))
     for idx in prefix_batches(items, batch_size):
@@ -525,13 +525,13 @@ class _SampleCheck:
     Every required item left out whose last margin is below ``sure``, and rotating samples (shuffled queues,
     refilled when empty) of the other required items (``1/every`` of them) and of the rest: ``1/every`` of
     them, but no more than the items trained this epoch (at least ``floor``). Late epochs train a few hundred
-    phrasings while thousands are left out; checking a third of those every epoch cost more than the training
-    (37 % of a 1,000-fact add). Unchecked items are discounted by the share of the sample that slipped (the
-    queue checks the items unchecked longest first, so that share errs high); the final check measures all.
+    phrasings while thousands are left out; checking a third of those every epoch cost several times the
+    training of those epochs at 1,000 facts. Unchecked items are discounted by the share of the sample that
+    slipped (each round of a queue takes every item once, in random order); the final check measures all.
     """
 
     def __init__(self, items: Sequence[Item], required: torch.Tensor | None, every: int, rng: random.Random, *,
-                 margins: torch.Tensor | None = None, sure: float = math.inf, floor: int = 512):
+                 margins: torch.Tensor | None = None, sure: float = math.inf, floor: int = 256):
         self.items, self.every, self.rng, self.sure, self.floor = items, every, rng, sure, floor
         self.margins = margins if margins is not None else torch.full((len(items),), -math.inf)
         self.pos = {id(it): i for i, it in enumerate(items)}
