@@ -9,7 +9,8 @@ What the operations do:
   input statistics are measured on the model's own hidden states. With ``gate_auto`` the relevance gate is
   retrained at the end, open on the phrasings of every stored fact (the new ones' inputs come from the final
   check) and closed on the built-in texts and those kept by ``add_gate_examples``. The receipt holds steps,
-  time, final loss, recall on the facts just added (greedy-exact, computed as teacher-forced argmax over every answer token) and the cost of each phase.
+  time, final loss, recall on the facts just added (greedy-exact, computed as teacher-forced argmax over every
+  answer token) and the cost of each phase.
 - reading (``active()``): a forward hook on every memory layer's MLP adds the memory output; with the gate
   on, only where the gate opens (``gate_mode="hard"``) or scaled by it (``"soft"``).
 - ``delete(fact_id)``: unlearn one fact: the pool rows it reads are retrained so that the model's answer
@@ -540,7 +541,7 @@ class PKMMemory(RecordLifecycle, Memory):
                         result.stopped = polish.stopped
                     # measure again in float32 the polished items and every own prompt; the other phrasings keep
                     # the margins, rows read and gate inputs of the full pass (a few dozen polished facts barely
-                    # move them, and a second full pass cost 6 % of a 1,000-fact add)
+                    # move them, and a second full float32 pass cost about 9 % of a 1,000-fact add)
                     t0 = time.perf_counter()
                     polished = {id(it) for it in missed}
                     again = [i for i, it in enumerate(items) if own[i] or id(it) in polished]
@@ -589,14 +590,12 @@ class PKMMemory(RecordLifecycle, Memory):
                                   lambda: self._scope(record=rec), on_batch=take, weights=weights)
 
         margins = torch.empty(len(items))
-        flags = [True] * len(items) if exact is None else [bool(e) for e in exact]
-        fast = [i for i, e in enumerate(flags) if not e]
-        if exact is not None and fast and self._cast_dtype() is not None:
+        dtype = self._cast_dtype()
+        fast = [] if exact is None or dtype is None else [i for i, e in enumerate(exact) if not e]
+        if fast:
             with self._autocast():
-                margins[fast] = measure(fast, CastWeights.of(self.lm.model, self.lowest_layer, self._cast_dtype()))
-            slow = [i for i, e in enumerate(flags) if e]
-        else:
-            slow = list(range(len(items)))
+                margins[fast] = measure(fast, CastWeights.of(self.lm.model, self.lowest_layer, dtype))
+        slow = sorted(set(range(len(items))) - set(fast))
         if slow:
             margins[slow] = measure(slow, None)
         return margins, sigs, z_out
