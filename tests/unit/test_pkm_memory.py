@@ -341,6 +341,32 @@ def test_the_final_check_measures_own_prompts_in_float32_and_other_phrasings_und
     torch.testing.assert_close(mem._check(items, prefixes, exact=exact)[0], f32, rtol=0, atol=1e-5)
 
 
+def test_add_caches_own_prompts_in_float32_and_other_phrasings_under_the_training_autocast(lm):
+    from nativemem.memories.pkm.train import PrefixCache
+
+    mem = memory(lm, layers=(1,), phrasings=3, train_autocast="bfloat16")  # layer 1: a cached layer below it
+    items, _ = mem._items(generate_facts(4, seed=2), augment=True)
+    own = [it.kind == "own prompt" for it in items]
+    assert 0 < sum(own) < len(items)
+    reference = PrefixCache(lm.model)
+    mem._cache(items, reference)
+    f32 = [it.hidden.clone() for it in items]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mem._cache(items, reference)
+    bf16 = [it.hidden.clone() for it in items]
+    prefixes = PrefixCache(lm.model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a prefix first met under autocast is kept in float32
+        first = prefixes.get(items[0].prefix, 1)
+    assert first.layers[0].keys.dtype == torch.float32
+    torch.testing.assert_close(first.layers[0].keys, reference.get(items[0].prefix, 1).layers[0].keys)
+    mem._cache(items, prefixes, fast=True)
+    for it, o, a, b in zip(items, own, f32, bf16):
+        assert not torch.allclose(a, b, rtol=0, atol=1e-6)  # the two modes differ, so the test tells which ran
+        torch.testing.assert_close(it.hidden, a if o else b, rtol=0, atol=0)
+    mem._cache(items, prefixes)  # not fast: everything in float32
+    assert all(torch.equal(it.hidden, a) for it, a in zip(items, f32))
+
+
 def test_what_the_final_check_misses_is_polished_and_only_own_prompts_and_polished_items_are_measured_again(lm):
     from nativemem.memories.pkm.train import PrefixCache
 

