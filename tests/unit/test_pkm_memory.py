@@ -44,6 +44,8 @@ def test_add_trains_until_recalled_and_says_so(lm):
     assert receipt.ids == [f.id for f in facts] and receipt.steps > 0 and receipt.final_loss is not None
     assert d["recall"] == 1.0 and d["stopped"] == "recalled" and d["exposures_per_fact"] > 0
     assert {"calibrate_s", "cache_s", "train_s", "eval_s", "gate_s"} <= set(d)
+    assert len(d["epoch_active"]) == len(d["epoch_missed"]) == len(d["epoch_share"]) == d["epochs"]
+    assert d["epoch_missed"][-1] == 0 and d["epoch_share"][-1] == 1.0  # what the stop rule saw when it stopped
     assert receipt.layers == [0, 1] and mem.stats()["facts"] == 3
     for f in facts:  # recall means greedy decoding reproduces the answer exactly
         assert greedy(lm, f, mem) == f.answer
@@ -313,6 +315,92 @@ def test_a_phrasing_share_below_one_stops_training_once_that_share_is_recalled(l
         PKMConfig(phrasing_recall=0.0)
 
 
+def test_with_a_share_the_stop_rule_reads_the_margins_after_each_epochs_steps_not_before(lm, monkeypatch):
+    from nativemem.memories.pkm import train as T
+
+    facts = generate_facts(4, seed=4)
+    events: list[tuple[str, set[int]]] = []
+    batches, evaluate = T._batches, T.evaluate_items
+
+    def record_batches(items, batch_size, rng):
+        events.append(("train", {it.index for it in items}))
+        return batches(items, batch_size, rng)
+
+    def record_measure(model, items, *args, **kwargs):
+        events.append(("measure", {it.index for it in items}))
+        return evaluate(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(T, "_batches", record_batches)
+    monkeypatch.setattr(T, "evaluate_items", record_measure)
+    for share in (0.9, 1.0):
+        events.clear()
+        mem = memory(lm, phrasings=2)
+        items, _ = mem._items(facts, augment=True)
+        mem._calibrate(items)
+        prefixes = T.PrefixCache(lm.model)
+        mem._cache(items, prefixes)
+        params, opts = mem._trainable()
+        for p in params:
+            p.requires_grad_(True)
+        with T.frozen(lm.model):
+            result = T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
+                                   optimizers=opts, params=params, batch_size=4, max_epochs=120, margin=1.0,
+                                   share=share, required=torch.tensor([it.kind == "own prompt" for it in items]))
+        epochs = [[ids, set()] for kind, ids in events if kind == "train"]
+        n = 0
+        for kind, ids in events:
+            n += kind == "train"
+            if kind == "measure" and n:
+                epochs[n - 1][1] |= ids
+        assert result.stopped == "recalled" and len(epochs) == result.epochs >= 2
+        assert len(result.epoch_missed) == len(result.epoch_share) == result.epochs
+        assert result.epoch_missed[-1] == 0 and result.epoch_share[-1] >= share
+        if share < 1.0:  # every item trained in an epoch (a few: below the sample floor) is measured after it
+            assert all(trained <= measured for trained, measured in epochs)
+        else:  # with the full rule the loop measures only the items left out (the last epoch: then the final check)
+            assert all(not trained & measured for trained, measured in epochs[:-1])
+
+
+def test_with_a_share_the_epochs_may_leave_a_few_own_prompts_to_the_float32_polish(lm, monkeypatch):
+    from nativemem.memories.pkm import memory as M
+    from nativemem.memories.pkm import train as T
+
+    facts = generate_facts(4, seed=4)
+    mem = memory(lm, phrasings=2)
+    items, _ = mem._items(facts, augment=True)
+    mem._calibrate(items)
+    prefixes = T.PrefixCache(lm.model)
+    mem._cache(items, prefixes)
+    params, opts = mem._trainable()
+    for p in params:
+        p.requires_grad_(True)
+    own = torch.tensor([it.kind == "own prompt" for it in items])
+
+    def epochs(share, slack, states):  # the stop rule fed these (required missed, share) states, one per epoch
+        feed = iter(states)
+        monkeypatch.setattr(T, "_stop_state", lambda *a: next(feed))
+        with T.frozen(lm.model):
+            r = T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
+                              optimizers=opts, params=params, batch_size=4, max_epochs=3, margin=100.0, share=share,
+                              required=own, slack=slack)
+        return r.epochs, r.stopped
+
+    assert epochs(0.9, 1, [(3, 0.95), (1, 0.95), (0, 0.95)]) == (2, "recalled")
+    assert epochs(0.9, 0, [(3, 0.95), (1, 0.95), (0, 0.95)]) == (3, "recalled")
+    assert epochs(0.9, 1, [(1, 0.85), (1, 0.89), (0, 0.85)]) == (3, "max_epochs")  # the share is still needed
+    assert epochs(1.0, 1, [(1, 1.0), (1, 1.0), (0, 1.0)]) == (3, "recalled")  # every item: no slack
+    monkeypatch.undo()
+    # add passes its share of own prompts (rounded down) to its epochs, none to the polish rounds
+    calls, train = [], M.train_items
+    monkeypatch.setattr(M, "train_items", lambda *a, **k: calls.append(k.get("slack", 0)) or train(*a, **k))
+    memory(lm, phrasings=2, phrasing_recall=0.9).add(facts)
+    assert calls and not any(calls)  # half a percent of four facts: none left to the polish
+    calls.clear()
+    monkeypatch.setattr(M, "_POLISH_SLACK", 0.25)
+    memory(lm, phrasings=2, phrasing_recall=0.9).add(facts)
+    assert calls[0] == 1 and not any(calls[1:])
+
+
 def test_the_final_check_measures_own_prompts_in_float32_and_other_phrasings_under_the_training_autocast(lm):
     from nativemem.memories.pkm.train import CastWeights, PrefixCache, evaluate_items
 
@@ -458,16 +546,17 @@ def test_the_sample_checks_own_prompts_near_the_margin_every_epoch_and_no_more_o
 
 
 def test_the_stop_rule_discounts_unchecked_items_by_the_share_of_the_sample_that_slipped():
-    from nativemem.memories.pkm.train import Item, _done
+    from nativemem.memories.pkm.train import Item, _stop_state
 
     items = [Item(i, [1, 2, 3], 1, 0) for i in range(10)]
     pos = {id(it): i for i, it in enumerate(items)}
     margins = torch.tensor([1.0] * 9 + [-1.0])  # 0.9 recalled as measured
     required = torch.tensor([True] + [False] * 9)
-    assert _done(margins, 0.9, required, None, pos)
-    assert _done(margins, 0.8, required, (0.25, items[5:9]), pos)  # 9 - 0.25 * 4 = 8 expected
-    assert not _done(margins, 0.9, required, (0.25, items[5:9]), pos)
-    assert not _done(torch.tensor([-1.0] + [1.0] * 9), 0.5, required, None, pos)  # a required item missed
+    assert _stop_state(margins, required, None, pos) == (0, 0.9)
+    assert _stop_state(margins, required, (0.25, items[5:9]), pos) == (0, 0.8)  # 9 - 0.25 * 4 = 8 expected
+    assert _stop_state(margins, required, (0.25, items[6:]), pos) == (0, 0.825)  # item 9 was not recalled anyway
+    assert _stop_state(torch.tensor([-1.0] + [1.0] * 9), required, None, pos) == (1, 0.9)  # a required item missed
+    assert _stop_state(margins, None, None, pos) == (0, 0.9)
 
 
 def test_the_slip_rate_counts_recalled_items_that_slipped_leaving_required_ones_out():

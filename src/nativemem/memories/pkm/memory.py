@@ -55,6 +55,8 @@ __all__ = ["PKMMemory"]
 
 _STEP_TOKENS = 2048  # padded tokens per forward of a capture: one step (one turn on a shared model) stays short
 _CALIBRATION_FACTS = 64  # facts whose hidden states (with the built-in texts) set the router statistics
+_POLISH_SLACK = 0.005  # with phrasing_recall < 1: share of own prompts the epochs may leave to the float32 polish
+# (rounded down: none below 200 facts, where a polish of a few facts on their own pushes others out as often)
 _GATE_FACTS = 1000  # facts whose phrasings are the gate's open examples (a sample when more are stored)
 
 
@@ -442,6 +444,7 @@ class PKMMemory(RecordLifecycle, Memory):
             "templates_skipped": skipped, "sentences_as_facts": as_facts, "sentences_as_text": as_text,
             "epochs": result.epochs, "exposures_per_fact": result.exposures,
             "epoch_active": result.epoch_active, "epoch_losses": result.epoch_losses, "stopped": result.stopped,
+            "epoch_missed": result.epoch_missed, "epoch_share": [round(x, 4) for x in result.epoch_share],
             "polished": result.polished, "replaced": replaced, "slots_used": self.slots_used(),
             "slots": self.num_slots, **timings}
         if cfg.gate_auto and not result.stopped.startswith("non-finite"):
@@ -525,9 +528,11 @@ class PKMMemory(RecordLifecycle, Memory):
 
         try:
             with frozen(self.lm.model):
+                # with a share below 1, a few own prompts still missed are left to the float32 polish below
                 result = train_items(self.lm.model, items, self.lowest_layer, prefixes, max_epochs=cfg.max_epochs,
-                                     seed=cfg.seed + len(self.records), autocast=autocast,
-                                     share=cfg.phrasing_recall, required=own, final_check=check, **common)
+                                     seed=cfg.seed + len(self.records), autocast=autocast, share=cfg.phrasing_recall,
+                                     required=own, slack=int(_POLISH_SLACK * int(own.sum())), final_check=check,
+                                     **common)
                 # the loop stops on margins measured during training (bf16, before each step); the final float32
                 # check may still miss a few facts: train those in float32 until the check passes
                 missed, required, share = unmet(result.margins)
@@ -542,6 +547,8 @@ class PKMMemory(RecordLifecycle, Memory):
                     result.epochs += polish.epochs
                     result.epoch_active += polish.epoch_active
                     result.epoch_losses += polish.epoch_losses
+                    result.epoch_missed += polish.epoch_missed
+                    result.epoch_share += polish.epoch_share
                     result.final_loss = polish.final_loss if polish.final_loss is not None else result.final_loss
                     result.exposures += polish.exposures * len(missed) / len(items)
                     result.train_s += polish.train_s

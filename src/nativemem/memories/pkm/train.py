@@ -338,6 +338,8 @@ class TrainResult:
     final_loss: float | None = None
     epoch_losses: list[float] = field(default_factory=list)
     epoch_active: list[int] = field(default_factory=list)  # facts trained in each epoch
+    epoch_missed: list[int] = field(default_factory=list)  # after each epoch, required items not recalled
+    epoch_share: list[float] = field(default_factory=list)  # after each epoch, the share the stop rule estimates
     margins: torch.Tensor | None = None  # (n,) after the final check
     stopped: str = ""  # "recalled" | "max_epochs" | "non-finite ..."
     polished: int = 0  # facts trained again in float32 after bf16 training
@@ -383,7 +385,7 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
                 optimizers: Sequence[torch.optim.Optimizer], params: Sequence[nn.Parameter], batch_size: int,
                 max_epochs: int, margin: float, max_grad_norm: float | None = None, seed: int = 0,
                 autocast: torch.dtype | None = None, recheck_every: int = 3, progress=None,
-                loss_hook=None, share: float = 1.0, required: torch.Tensor | None = None,
+                loss_hook=None, share: float = 1.0, required: torch.Tensor | None = None, slack: int = 0,
                 final_check: Callable[[Sequence[Item]], torch.Tensor] | None = None) -> TrainResult:
     """Train until every item is recalled (or ``max_epochs``); see the module docstring.
 
@@ -393,8 +395,9 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
     items left out instead (:class:`_SampleCheck`: the required ones near the margin, rotating parts of the
     rest), and stops once the required items and the share are recalled, the unchecked items discounted by
     the share of the sample that slipped (near the share the rule looks met at every late epoch, and a check
-    of every left-out phrasing each time cost 43 % of a 1,000-fact add). The final margins are measured by
-    ``final_check`` (default: without autocast).
+    of every left-out phrasing each time cost 43 % of a 1,000-fact add); once an epoch trains few items (no more
+    than the sample's floor) they are measured again after its steps, so the rule reads margins after training,
+    not before each item's step. The final margins are measured by ``final_check`` (default: without autocast).
 
     Args:
         memory_scope: returns the context manager that registers the memory hooks (gradients on).
@@ -405,6 +408,8 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         loss_hook: test hook, called with the loss of every step (may return a replacement).
         share / required: stop once every ``required`` item (a bool mask; None = none) and at least this
             share of all items are recalled (1.0: every item).
+        slack: with ``share`` < 1, stop with up to this many required items missed (for a caller that trains them
+            in a last round: near the share, checks keep finding a few slipped, and waiting for none can take long).
         final_check: measures the final margins of all items (default: :func:`evaluate_items` through
             ``memory_scope``); a caller that needs another pass over every item anyway can fold it in here.
     """
@@ -466,22 +471,23 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
         # items left out this epoch may have slipped: check them now and then, and before stopping
         trained = {id(it) for it in active}
         rest = [it for it in items if id(it) not in trained]
-        if share < 1.0:  # a sample each epoch (_SampleCheck); the stop rule discounts what it finds
-            check, unchecked = sampler.take(rest, trained=len(active))
-        elif rest and (recalled_enough(margins) or (epoch + 1) % recheck_every == 0):
-            check, unchecked = rest, []
-        else:
-            check, unchecked = [], []
+        check, unchecked = _to_check(sampler, rest, share, margins, (epoch + 1) % recheck_every == 0, len(active))
+        # once an epoch trains few items, measure them again after its steps: the margins the loop keeps are
+        # those before each item's step, and the stop rule on them waits for items already recalled
+        settled = active if share < 1.0 and len(active) <= sampler.floor else []
         slipped = None
-        if check:
+        if check or settled:
             t0 = time.perf_counter()
             with cast():
-                slipped = _check_left_out(model, check, unchecked, margins, pos, required, lowest, prefixes,
+                slipped = _check_left_out(model, check, unchecked, settled, margins, pos, required, lowest, prefixes,
                                           memory_scope, weights)
             eval_s += time.perf_counter() - t0
         if progress is not None:
             progress(epoch + 1, len(active), result.epoch_losses[-1])
-        if _done(margins, share, required, slipped, pos):
+        missed, estimate = _stop_state(margins, required, slipped, pos)
+        result.epoch_missed.append(missed)
+        result.epoch_share.append(estimate)
+        if missed <= (slack if share < 1.0 else 0) and estimate >= share - 1e-9:
             result.stopped = "recalled"
             break
     else:
@@ -497,17 +503,29 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
     return result
 
 
-def _check_left_out(model, check: list[Item], unchecked: list[Item], margins: torch.Tensor, pos: dict[int, int],
-                    required: torch.Tensor | None, lowest: int, prefixes: PrefixCache, memory_scope,
-                    weights: CastWeights | None):
-    """Measure ``check`` again (margins updated in place); returns (share of the checked items that were recalled
-    and slipped, among those not required, ``unchecked``) for the stop rule, or None when nothing is unchecked."""
-    where = torch.tensor([pos[id(it)] for it in check])
+def _to_check(sampler: _SampleCheck, rest: list[Item], share: float, margins: torch.Tensor, due: bool,
+              trained: int) -> tuple[list[Item], list[Item]]:
+    """The items left out of an epoch to measure again, and those not measured: with a share below 1 a sample
+    (:class:`_SampleCheck`; the stop rule discounts what it finds), else every one on ``due`` epochs and whenever
+    every item looks recalled."""
+    if share < 1.0:
+        return sampler.take(rest, trained=trained)
+    return (list(rest), []) if rest and (due or recalled_enough(margins)) else ([], [])
+
+
+def _check_left_out(model, check: list[Item], unchecked: list[Item], settled: list[Item], margins: torch.Tensor,
+                    pos: dict[int, int], required: torch.Tensor | None, lowest: int, prefixes: PrefixCache,
+                    memory_scope, weights: CastWeights | None):
+    """Measure ``check`` (items left out) and ``settled`` (items just trained) again, margins updated in place;
+    returns (share of the checked items that were recalled and slipped, among those not required, ``unchecked``)
+    for the stop rule, or None when nothing is unchecked."""
+    where = torch.tensor([pos[id(it)] for it in check + settled], dtype=torch.long)
     before = margins[where]
-    margins[where] = evaluate_items(model, check, lowest, prefixes, memory_scope, weights=weights)
+    margins[where] = evaluate_items(model, check + settled, lowest, prefixes, memory_scope, weights=weights)
     if not unchecked:
         return None
-    return _slip_rate(before, margins[where], None if required is None else required[where]), unchecked
+    left = where[: len(check)]
+    return _slip_rate(before[: len(check)], margins[left], None if required is None else required[left]), unchecked
 
 
 def _slip_rate(before: torch.Tensor, after: torch.Tensor, required: torch.Tensor | None) -> float:
@@ -570,18 +588,17 @@ class _SampleCheck:
         return list(chosen.values())
 
 
-def _done(margins: torch.Tensor, share: float, required: torch.Tensor | None, slipped, pos: dict[int, int]) -> bool:
-    """The stop rule; ``slipped`` = (share of the checked sample that slipped, items not checked): those items'
-    positive margins are discounted by that share before the share of recalled items is compared."""
-    if not recalled_enough(margins, 1.0 if share >= 1.0 else 0.0, required):
-        return False
-    if share >= 1.0:
-        return True
-    recalled = float((margins > 0).sum())
+def _stop_state(margins: torch.Tensor, required: torch.Tensor | None, slipped, pos: dict[int, int]) -> tuple[int, float]:
+    """What the stop rule looks at: (required items not recalled, share of all items recalled), the positive margins
+    of the items not checked discounted by the share of the checked sample that slipped (``slipped`` = (that share,
+    the items not checked), or None when every item left out was checked)."""
+    ok = margins > 0
+    missed = int((~ok[required]).sum()) if required is not None else 0
+    recalled = float(ok.sum())
     if slipped is not None:
         rate, unchecked = slipped
-        recalled -= rate * float((margins[torch.tensor([pos[id(it)] for it in unchecked])] > 0).sum())
-    return recalled / max(1, margins.numel()) >= share
+        recalled -= rate * float(ok[torch.tensor([pos[id(it)] for it in unchecked], dtype=torch.long)].sum())
+    return missed, recalled / max(1, margins.numel())
 
 
 def recalled_enough(margins: torch.Tensor, share: float = 1.0, required: torch.Tensor | None = None) -> bool:
