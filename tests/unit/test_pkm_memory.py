@@ -315,6 +315,24 @@ def test_a_phrasing_share_below_one_stops_training_once_that_share_is_recalled(l
         PKMConfig(phrasing_recall=0.0)
 
 
+def train_directly(lm, facts, **kwargs):
+    """``train_items`` on the facts' phrasings through a fresh memory's pieces, as ``add`` calls it (no polish)."""
+    from nativemem.memories.pkm import train as T
+
+    mem = memory(lm, phrasings=2)
+    items, _ = mem._items(facts, augment=True)
+    mem._calibrate(items)
+    prefixes = T.PrefixCache(lm.model)
+    mem._cache(items, prefixes)
+    params, opts = mem._trainable()
+    for p in params:
+        p.requires_grad_(True)
+    own = torch.tensor([it.kind == "own prompt" for it in items])
+    with T.frozen(lm.model):
+        return T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
+                             optimizers=opts, params=params, batch_size=4, required=own, **kwargs)
+
+
 def test_with_a_share_the_stop_rule_reads_the_margins_after_each_epochs_steps_not_before(lm, monkeypatch):
     from nativemem.memories.pkm import train as T
 
@@ -334,18 +352,7 @@ def test_with_a_share_the_stop_rule_reads_the_margins_after_each_epochs_steps_no
     monkeypatch.setattr(T, "evaluate_items", record_measure)
     for share in (0.9, 1.0):
         events.clear()
-        mem = memory(lm, phrasings=2)
-        items, _ = mem._items(facts, augment=True)
-        mem._calibrate(items)
-        prefixes = T.PrefixCache(lm.model)
-        mem._cache(items, prefixes)
-        params, opts = mem._trainable()
-        for p in params:
-            p.requires_grad_(True)
-        with T.frozen(lm.model):
-            result = T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
-                                   optimizers=opts, params=params, batch_size=4, max_epochs=120, margin=1.0,
-                                   share=share, required=torch.tensor([it.kind == "own prompt" for it in items]))
+        result = train_directly(lm, facts, max_epochs=120, margin=1.0, share=share)
         epochs = [[ids, set()] for kind, ids in events if kind == "train"]
         n = 0
         for kind, ids in events:
@@ -366,23 +373,11 @@ def test_with_a_share_the_epochs_may_leave_a_few_own_prompts_to_the_float32_poli
     from nativemem.memories.pkm import train as T
 
     facts = generate_facts(4, seed=4)
-    mem = memory(lm, phrasings=2)
-    items, _ = mem._items(facts, augment=True)
-    mem._calibrate(items)
-    prefixes = T.PrefixCache(lm.model)
-    mem._cache(items, prefixes)
-    params, opts = mem._trainable()
-    for p in params:
-        p.requires_grad_(True)
-    own = torch.tensor([it.kind == "own prompt" for it in items])
 
     def epochs(share, slack, states):  # the stop rule fed these (required missed, share) states, one per epoch
         feed = iter(states)
         monkeypatch.setattr(T, "_stop_state", lambda *a: next(feed))
-        with T.frozen(lm.model):
-            r = T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
-                              optimizers=opts, params=params, batch_size=4, max_epochs=3, margin=100.0, share=share,
-                              required=own, slack=slack)
+        r = train_directly(lm, facts, max_epochs=3, margin=100.0, share=share, slack=slack)
         return r.epochs, r.stopped
 
     assert epochs(0.9, 1, [(3, 0.95), (1, 0.95), (0, 0.95)]) == (2, "recalled")

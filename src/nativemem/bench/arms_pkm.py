@@ -58,8 +58,8 @@ def _pkm_cost(mem, receipt, train_s: float, n: int) -> dict[str, Any]:
             "pool_slots_used": mem.slots_used(), "pool_bytes": mem.values.numel() * mem.values.element_size(),
             "layers": list(mem.layer_ids), "polished": d.get("polished"), "stopped": d.get("stopped"),
             **{k: d[k] for k in ("calibrate_s", "cache_s", "eval_s", "phrasings", "trained_phrasings",
-                                 "recall_phrasings", "augmentation", "templates_skipped", "recall_gated", "epoch_active",
-                                 "epoch_missed", "epoch_share") if k in d}}
+                                 "recall_phrasings", "augmentation", "templates_skipped", "recall_gated",
+                                 "epoch_active", "epoch_missed", "epoch_share") if k in d}}
 
 
 @register_arm("pkm")

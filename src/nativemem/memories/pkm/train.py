@@ -588,7 +588,8 @@ class _SampleCheck:
         return list(chosen.values())
 
 
-def _stop_state(margins: torch.Tensor, required: torch.Tensor | None, slipped, pos: dict[int, int]) -> tuple[int, float]:
+def _stop_state(margins: torch.Tensor, required: torch.Tensor | None, slipped,
+                pos: dict[int, int]) -> tuple[int, float]:
     """What the stop rule looks at: (required items not recalled, share of all items recalled), the positive margins
     of the items not checked discounted by the share of the checked sample that slipped (``slipped`` = (that share,
     the items not checked), or None when every item left out was checked)."""
