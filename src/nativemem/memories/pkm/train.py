@@ -546,7 +546,9 @@ class _SampleCheck:
     them, but no more than the items trained this epoch (at least ``floor``). Late epochs train a few hundred
     phrasings while thousands are left out; checking a third of those every epoch cost several times the
     training of those epochs at 1,000 facts. Unchecked items are discounted by the share of the sample that
-    slipped (each round of a queue takes every item once, in random order); the final check measures all.
+    slipped (each round of a queue takes every item once, in random order, so a checked item was last measured a
+    round ago and the unchecked ones half a round ago on average: the share errs high); the final check measures
+    all.
     """
 
     def __init__(self, items: Sequence[Item], required: torch.Tensor | None, every: int, rng: random.Random, *,
