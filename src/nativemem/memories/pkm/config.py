@@ -71,7 +71,7 @@ class PKMConfig(MemoryConfig):
                 "bf16 units; facts the float32 model then misses get a float32 polish) | float32 (none)"})
     recheck_every: int = field(default=3, metadata={
         "help": "epochs between checks of the facts left out of training (they come back when they slip); with "
-                "phrasing_recall < 1 each epoch checks a rotating sample of the phrasings left out (1/recheck_every "
+                "phrasing_recall < 1 each epoch checks a random sample of the phrasings left out (1/recheck_every "
                 "of them, at most as many as it trained) and of the own prompts (every one near the margin)"})
     phrasings: int = field(default=8, metadata={
         "help": "phrasings each fact is trained under, its own prompt first: question templates of its relation, "
