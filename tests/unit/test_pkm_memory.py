@@ -329,8 +329,9 @@ def train_directly(lm, facts, **kwargs):
         p.requires_grad_(True)
     own = torch.tensor([it.kind == "own prompt" for it in items])
     with T.frozen(lm.model):
-        return T.train_items(lm.model, items, mem.lowest_layer, prefixes, memory_scope=lambda: mem._scope(sparse=True),
-                             optimizers=opts, params=params, batch_size=4, required=own, **kwargs)
+        return T.train_items(lm.model, items, mem.lowest_layer, prefixes,
+                             memory_scope=lambda: mem._scope(sparse=True), optimizers=opts, params=params,
+                             batch_size=4, required=own, **kwargs)
 
 
 def test_with_a_share_the_stop_rule_reads_the_margins_after_each_epochs_steps_not_before(lm, monkeypatch):

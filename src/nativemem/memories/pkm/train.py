@@ -393,10 +393,10 @@ def train_items(model, items: Sequence[Item], lowest: int, prefixes: PrefixCache
     again (no gradients) every ``recheck_every`` epochs and whenever every item looks recalled; training
     stops when that check finds every item recalled. With ``share`` < 1 each epoch checks a sample of the
     items left out instead (:class:`_SampleCheck`), and stops once the required items and the share are
-    recalled, the unchecked items discounted by the share of the sample that slipped (near the share the rule
-    looks met at every late epoch, and a check of every left-out phrasing each time cost 43 % of a 1,000-fact
-    add); once an epoch trains few items (no more than the sample's floor) they are measured again after its
-    steps, so the rule reads margins after training, not before each item's step. The final margins are measured by ``final_check`` (default: without autocast).
+    recalled, the unchecked items discounted by the share of the sample that slipped; once an epoch trains few
+    items (no more than the sample's floor) they are measured again after its steps, so the rule reads margins
+    after training, not before each item's step. The final margins are measured by ``final_check`` (default:
+    without autocast).
 
     Args:
         memory_scope: returns the context manager that registers the memory hooks (gradients on).
