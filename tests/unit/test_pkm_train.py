@@ -170,6 +170,31 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_state():
     assert all(p.grad is None and not p.requires_grad for p in mem.parameters())
 
 
+def test_the_gradient_check_finds_a_nan_among_rows_and_coalesces_the_sparse_gradient_once():
+    """A NaN or an inf in one row of a sparse or dense gradient fails the check; finite values whose sum
+    overflows float32 pass it; the sparse gradient is left coalesced for the optimiser."""
+    from nativemem.memories.pkm.train import _finite_grad
+
+    def sparse(values):
+        p = torch.nn.Parameter(torch.zeros(10, 3))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), values, (10, 3))
+        return p
+
+    ok = sparse(torch.ones(3, 3))
+    assert _finite_grad(ok) and ok.grad.is_coalesced() and ok.grad._nnz() == 2
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(3, 3)
+        values[2, 1] = bad
+        assert not _finite_grad(sparse(values))
+        dense = torch.nn.Parameter(torch.zeros(4, 3))
+        dense.grad = torch.zeros(4, 3)
+        dense.grad[3, 0] = bad
+        assert not _finite_grad(dense)
+    huge = torch.nn.Parameter(torch.zeros(4, 3))
+    huge.grad = torch.full((4, 3), 3e38)
+    assert not torch.isfinite(huge.grad.sum()) and _finite_grad(huge)
+
+
 def test_add_reports_a_nan_stop_in_its_receipt(monkeypatch):
     lm = tiny_lm()
     mem = small(lm, layers=(0, 1), lr=0.1)
