@@ -177,7 +177,7 @@ def test_the_gradient_check_finds_a_nan_among_rows_and_coalesces_the_sparse_grad
 
     def sparse(values):
         p = torch.nn.Parameter(torch.zeros(10, 3))
-        p.grad = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), values, (10, 3))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), values, (10, 3), check_invariants=True)
         return p
 
     ok = sparse(torch.ones(3, 3))
