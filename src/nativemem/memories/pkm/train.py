@@ -620,9 +620,9 @@ def _no_cast() -> Iterator[None]:
 
 def _finite_grad(p: nn.Parameter) -> bool:
     """Whether ``p``'s gradient is finite. A sparse gradient is coalesced in place, so the optimiser's own coalesce
-    finds it done (each cost ~15 ms of a ~630 ms step at 1,000 facts); the test is a sum (0.5 ms against 20 ms
-    for ``isfinite().all()`` on ~16,000 rows), with the element-wise test only when the sum is not finite (an
-    overflow of finite values)."""
+    finds it done (each cost ~15 ms of a ~630 ms step, measured at 60 facts); the test is a sum (0.5 ms against
+    20 ms for ``isfinite().all()`` on ~16,000 rows), with the element-wise test only when the sum is not finite
+    (an overflow of finite values)."""
     g = p.grad
     if g is None:
         return True
